@@ -39,7 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/levels.py
 
 conf: install
-	$(BIN)/python -m lightning_quantum.levels --write conf/level
+	$(BIN)/python -c "from lightning_quantum.levels import write_level_configs; write_level_configs('conf/level')"
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs

@@ -1,0 +1,27 @@
+"""lightning-quantum: compression and efficient-training callbacks for PyTorch Lightning.
+
+Example:
+    >>> import lightning_quantum as lq
+    >>> kwargs = lq.recipe("advanced").trainer_kwargs()  # doctest: +SKIP
+"""
+
+from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model
+from lightning_quantum.gpu import gpu_status
+from lightning_quantum.levels import OptimizationLevel, Recipe, recipe
+from lightning_quantum.precision import PrecisionDecision, resolve_precision
+from lightning_quantum.report import OptimizationReportData
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OptimizationLevel",
+    "OptimizationPerformanceMetrics",
+    "OptimizationReportData",
+    "PrecisionDecision",
+    "Recipe",
+    "benchmark_model",
+    "gpu_status",
+    "recipe",
+    "resolve_precision",
+    "__version__",
+]

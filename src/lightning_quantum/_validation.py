@@ -1,0 +1,45 @@
+"""Argument checks shared by the whole package.
+
+Each check raises with a message that names the argument in backticks, shows the value it got and
+says what is valid. Pure functions raise ``ValueError``; callbacks pass
+``MisconfigurationException`` as ``error`` so Lightning users see the error type they expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["check_choice", "check_positive", "check_non_negative", "check_fraction"]
+
+
+def check_choice(
+    name: str, value: Any, choices: Iterable[Any], *, error: type[Exception] = ValueError
+) -> Any:
+    """Return ``value`` when it is one of ``choices``; raise ``error`` naming all choices otherwise."""
+    options = list(choices)
+    if value not in options:
+        listed = ", ".join(repr(c) for c in options)
+        raise error(f"`{name}`={value!r} is not valid. Choose one of: {listed}.")
+    return value
+
+
+def check_positive(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
+    """Return ``value`` when it is a number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise error(f"`{name}`={value!r} is not valid. It must be a number greater than 0.")
+    return value
+
+
+def check_non_negative(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
+    """Return ``value`` when it is a number greater than or equal to zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise error(f"`{name}`={value!r} is not valid. It must be a number greater than or equal to 0.")
+    return value
+
+
+def check_fraction(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
+    """Return ``value`` when it lies in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise error(f"`{name}`={value!r} is not valid. It must lie in [0, 1).")
+    return value

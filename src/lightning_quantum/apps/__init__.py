@@ -1,0 +1,1 @@
+"""Applications: the only modules that import hydra (and, later, fastapi)."""

@@ -1,0 +1,74 @@
+"""``lq-train``: the Hydra training app.
+
+    lq-train level=advanced trainer.max_epochs=3 callbacks.report.batch_size=64
+    lq-train -m level=basic,advanced
+    python -m lightning_quantum.apps.train experiment=digits_cnn debug=fdr
+
+It builds the DataModule, model, callbacks, loggers and Trainer from the config with
+``hydra.utils.instantiate``, resolves ``trainer.precision=auto``, fits, tests the final weights
+and returns the metrics. The level config adds the level's callbacks; see ``conf/level/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_quantum.apps._config import config_dir
+from lightning_quantum.levels import recipe
+from lightning_quantum.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate each entry of a ``callbacks`` or ``logger`` group that has a ``_target_``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test as the config says; return the trainer's metrics as floats.
+
+    Raises:
+        ValueError: for a level that is unknown or not built yet, or an unknown precision.
+    """
+    recipe(cfg.level)  # fails early, naming the valid levels, for an unknown or unbuilt level
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    trainer_cfg = cfg.trainer
+    decision = resolve_precision(trainer_cfg.precision, accelerator=str(trainer_cfg.get("accelerator", "auto")))
+    log.info("precision=%s resolved to %s: %s", trainer_cfg.precision, decision.precision, decision.reason)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        trainer_cfg, precision=decision.precision, callbacks=callbacks, logger=loggers or False
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("Final metrics: %s", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("test/acc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,559 @@
+"""Measure a model: serialized size, latency, throughput, memory, accuracy and sparsity.
+
+Everything here is measured, nothing is estimated. Report rendering lives in
+:mod:`lightning_quantum.report`; this module only measures.
+
+Example:
+    >>> import torch
+    >>> from lightning_quantum.benchmark import benchmark_model
+    >>> net = torch.nn.Linear(64, 10)
+    >>> m = benchmark_model(net, torch.randn(32, 64), warmup=1, repeats=3)
+    >>> m.model_size_bytes > 64 * 10 * 4
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import Tensor, nn
+
+from lightning_quantum._validation import check_non_negative, check_positive
+from lightning_quantum.precision import AUTOCAST_DTYPES
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OptimizationPerformanceMetrics",
+    "benchmark_model",
+    "serialized_size_bytes",
+    "measure_latency_ms",
+    "measure_peak_memory_mb",
+    "evaluate_accuracy",
+    "global_sparsity",
+    "time_calls_ms",
+    "percentile",
+    "split_batch",
+]
+
+_MB = 1024 * 1024
+_TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+@dataclass
+class OptimizationPerformanceMetrics:
+    """What :func:`benchmark_model` measured for one model.
+
+    Attributes:
+        model_size_mb: bytes of the serialized weights (safetensors), in MiB.
+        model_size_bytes: the same, in bytes.
+        num_parameters: parameters of the model (unique tensors).
+        inference_latency_ms: median latency of one batch, in milliseconds.
+        inference_latency_p95_ms: 95th percentile latency of one batch.
+        requests_per_second: samples per second over the timed repetitions.
+        memory_consumption_mb: resident bytes of the model's tensors plus the peak working memory of
+            one forward pass (CUDA peak allocated, or the CPU peak RSS increase), in MiB.
+        accuracy: top-1 accuracy (or the given metric) on the evaluation data; ``None`` without it.
+        sparsity: fraction of exact zeros in the weight matrices and kernels (tensors of 2+ dims).
+        precision: the precision the model ran under, as a Lightning precision string.
+        device: where it ran, for example ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``.
+        batch_size: samples in each timed batch.
+        num_threads: torch intra-op threads during timing.
+        repeats: timed repetitions after warm-up.
+    """
+
+    model_size_mb: float
+    model_size_bytes: int
+    num_parameters: int
+    inference_latency_ms: float
+    inference_latency_p95_ms: float
+    requests_per_second: float
+    memory_consumption_mb: float
+    accuracy: float | None
+    sparsity: float
+    precision: str
+    device: str
+    batch_size: int
+    num_threads: int
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values`` with linear interpolation, as numpy computes it."""
+    if not values:
+        raise ValueError("`values` is empty: there is nothing to take a percentile of.")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def serialized_size_bytes(module: nn.Module) -> int:
+    """Bytes the module's ``state_dict`` takes when saved with safetensors.
+
+    Tensors that share storage (tied weights) are counted once, as ``safetensors.torch.save_model``
+    stores them. Tensor subclasses that safetensors cannot store (packed quantized weights) are
+    measured with ``torch.save`` instead, so the figure is always the size of a real file.
+    """
+    from safetensors.torch import save
+
+    state = module.state_dict()
+    unique: dict[str, Tensor] = {}
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    plain = True
+    for name, tensor in state.items():
+        if not isinstance(tensor, Tensor):
+            continue
+        if type(tensor) is not Tensor and not isinstance(tensor, nn.Parameter):
+            plain = False
+            break
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous().cpu()
+    if plain:
+        return len(save(unique))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def global_sparsity(module: nn.Module) -> float:
+    """Fraction of exact zeros over the floating-point tensors of two or more dims (weights, kernels)."""
+    zeros = total = 0
+    for tensor in module.state_dict().values():
+        if isinstance(tensor, Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():
+            zeros += int((tensor == 0).sum())
+            total += tensor.numel()
+    return zeros / total if total else 0.0
+
+
+def _num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _resident_bytes(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """Split a batch into ``(inputs, targets)``: a tensor, an ``(x, y)`` pair, or a dict with ``x``/``y``.
+
+    Raises:
+        ValueError: for any other batch layout.
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"], batch.get("y")
+    raise ValueError(
+        f"Cannot split a batch of type {type(batch).__name__} into inputs and targets. "
+        "Valid layouts: a Tensor, an (inputs, targets) pair, or a dict with keys 'x' and 'y'."
+    )
+
+
+def _to_device(inputs: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    if isinstance(inputs, Tensor):
+        moved = inputs.to(device)
+        return moved.to(dtype) if dtype is not None and moved.is_floating_point() else moved
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(x, device, dtype) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device, dtype) for k, v in inputs.items()}
+    return inputs
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _leading_dim(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return _leading_dim(inputs[0])
+    if isinstance(inputs, dict) and inputs:
+        return _leading_dim(next(iter(inputs.values())))
+    raise ValueError(f"Cannot find the batch dimension of inputs of type {type(inputs).__name__}.")
+
+
+def _concat(parts: list[Any], size: int) -> Any:
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)[:size]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts], size) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts], size) for k in first}
+    raise ValueError(f"Cannot batch inputs of type {type(first).__name__}.")
+
+
+def _gather_inputs(eval_data: Iterable[Any], batch_size: int) -> Any:
+    parts: list[Any] = []
+    count = 0
+    for batch in eval_data:
+        inputs, _ = split_batch(batch)
+        parts.append(inputs)
+        count += _leading_dim(inputs)
+        if count >= batch_size:
+            break
+    if not parts:
+        raise ValueError("`eval_data` yielded no batches, so there are no inputs to time.")
+    if count < batch_size:
+        # Fewer samples than asked: repeat them, timing still runs at the stated batch size.
+        parts = parts * (batch_size // count + 1)
+    return _concat(parts, batch_size)
+
+
+def _forward_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _threads(num_threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls_ms(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, device: torch.device | None = None
+) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; return each time in ms.
+
+    CUDA is synchronized before and after each timed call, so the times cover the device work.
+    """
+    check_non_negative("warmup", warmup)
+    check_positive("repeats", repeats)
+    dev = device if device is not None else torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def measure_latency_ms(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+    precision: str = "32-true",
+) -> list[float]:
+    """Latency of each of ``repeats`` forward passes on ``inputs`` in eval mode, in ms."""
+    device = _module_device(model)
+    inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
+    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+        return time_calls_ms(lambda: _call(model, inputs), warmup=warmup, repeats=repeats, device=device)
+
+
+class _CPUPeakRSS:
+    """Peak resident memory of this process while the block runs, above what it held before.
+
+    On Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs`` and read back
+    from ``VmHWM``; elsewhere a thread samples ``psutil`` RSS every millisecond.
+    """
+
+    def __init__(self) -> None:
+        self.peak_increase_bytes = 0
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._sampled_peak = 0
+        self._thread: threading.Thread | None = None
+        self._kernel = Path("/proc/self/clear_refs").exists()
+
+    @staticmethod
+    def _vm_hwm_bytes() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise OSError("VmHWM missing from /proc/self/status")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled_peak = max(self._sampled_peak, self._proc.memory_info().rss)
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> _CPUPeakRSS:
+        self._before = self._proc.memory_info().rss
+        if self._kernel:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            except OSError:
+                self._kernel = False
+        if not self._kernel:
+            self._sampled_peak = self._before
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._kernel:
+            peak = self._vm_hwm_bytes()
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            peak = self._sampled_peak
+        self.peak_increase_bytes = max(0, peak - self._before)
+
+
+def measure_peak_memory_mb(model: nn.Module, inputs: Any, *, precision: str = "32-true") -> float:
+    """Resident bytes of the model's tensors plus the peak working memory of one forward pass, in MiB.
+
+    On CUDA the working memory is ``torch.cuda.max_memory_allocated`` above the allocation before
+    the pass; on CPU it is the peak RSS increase of the process.
+    """
+    device = _module_device(model)
+    inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
+    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            _call(model, inputs)
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) / _MB
+        with _CPUPeakRSS() as rss:
+            _call(model, inputs)
+    return (_resident_bytes(model) + rss.peak_increase_bytes) / _MB
+
+
+def _top1_correct(outputs: Tensor, targets: Tensor) -> float:
+    return float((outputs.argmax(dim=-1) == targets).sum())
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    metric: Callable[[Tensor, Tensor], float] | None = None,
+    precision: str = "32-true",
+    max_batches: int | None = None,
+) -> float:
+    """Sample-weighted mean of ``metric`` over ``data`` (top-1 accuracy by default).
+
+    ``metric(outputs, targets)`` returns the mean over the batch; the default counts argmax hits.
+
+    Raises:
+        ValueError: when ``data`` is empty or its batches carry no targets.
+    """
+    device = _module_device(model)
+    total = 0
+    score = 0.0
+    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+        for index, batch in enumerate(data):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs, targets = split_batch(batch)
+            if targets is None:
+                raise ValueError("The evaluation batches carry no targets, so accuracy cannot be measured.")
+            outputs = _call(model, _to_device(inputs, device, _TRUE_DTYPES.get(precision)))
+            targets = targets.to(device)
+            n = int(targets.shape[0])
+            score += _top1_correct(outputs, targets) if metric is None else float(metric(outputs, targets)) * n
+            total += n
+    if total == 0:
+        raise ValueError("`eval_data` yielded no samples, so accuracy cannot be measured.")
+    return score / total
+
+
+def benchmark_model(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    eval_data: Iterable[Any] | None = None,
+    batch_size: int = 64,
+    num_threads: int | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+    precision: str = "32-true",
+    metric: Callable[[Tensor, Tensor], float] | None = None,
+    max_eval_batches: int | None = None,
+) -> OptimizationPerformanceMetrics:
+    """Measure ``model`` the same way every time, so two models can be compared as ratios.
+
+    Args:
+        model: the model to measure; it is put in eval mode during the measurement and restored after.
+        example_inputs: one batch of inputs to time. When ``None`` the timed batch is assembled from
+            ``eval_data`` to ``batch_size`` samples.
+        eval_data: ``(inputs, targets)`` batches for accuracy; optional when ``example_inputs`` is given.
+        batch_size: samples per timed batch when the batch is assembled from ``eval_data``.
+        num_threads: torch intra-op threads while timing; the current setting when ``None``.
+        warmup: untimed forward passes before timing.
+        repeats: timed forward passes; latency is their median (p50) and 95th percentile.
+        precision: the Lightning precision to run under (``"bf16-mixed"`` runs under autocast).
+        metric: ``metric(outputs, targets) -> float`` for the accuracy field; top-1 by default.
+        max_eval_batches: stop the accuracy pass after this many batches.
+
+    Raises:
+        ValueError: for a non-positive ``batch_size``, ``repeats`` or ``num_threads``, or when neither
+            ``example_inputs`` nor ``eval_data`` is given.
+    """
+    check_positive("batch_size", batch_size)
+    check_positive("repeats", repeats)
+    check_non_negative("warmup", warmup)
+    if num_threads is not None:
+        check_positive("num_threads", num_threads)
+    if example_inputs is None and eval_data is None:
+        raise ValueError("Give `example_inputs` or `eval_data`: there is nothing to time the model on.")
+    inputs = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
+    timed_batch = _leading_dim(inputs)
+    threads = num_threads or torch.get_num_threads()
+    device = _module_device(model)
+    with _threads(threads):
+        times = measure_latency_ms(model, inputs, warmup=warmup, repeats=repeats, precision=precision)
+        memory = measure_peak_memory_mb(model, inputs, precision=precision)
+        accuracy = (
+            evaluate_accuracy(model, eval_data, metric=metric, precision=precision, max_batches=max_eval_batches)
+            if eval_data is not None
+            else None
+        )
+    size = serialized_size_bytes(model)
+    total_seconds = sum(times) / 1000.0
+    return OptimizationPerformanceMetrics(
+        model_size_mb=size / _MB,
+        model_size_bytes=size,
+        num_parameters=_num_parameters(model),
+        inference_latency_ms=statistics.median(times),
+        inference_latency_p95_ms=percentile(times, 95),
+        requests_per_second=timed_batch * len(times) / total_seconds,
+        memory_consumption_mb=memory,
+        accuracy=accuracy,
+        sparsity=global_sparsity(model),
+        precision=precision,
+        device=_describe_device(device),
+        batch_size=timed_batch,
+        num_threads=threads,
+        repeats=repeats,
+    )
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict) and "optimizer" in configured:
+        return _first_optimizer(configured["optimizer"])
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    raise ValueError(f"`configure_optimizers()` returned {type(configured).__name__}, which holds no optimizer.")
+
+
+def make_train_step(
+    module: nn.Module, batch: Any, *, forward_context: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Callable[[], None]:
+    """One training step of a LightningModule, outside any Trainer: forward, loss, backward, step.
+
+    The optimizer comes from the module's own ``configure_optimizers``, and ``training_step`` runs
+    under ``forward_context`` (autocast for mixed precision). Use it on a copy: it updates weights.
+    """
+    import warnings
+
+    optimizer = _first_optimizer(module.configure_optimizers())  # type: ignore[operator]
+    module.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # `self.log` without a Trainer warns on every call
+            with forward_context():
+                out = module.training_step(batch, 0)  # type: ignore[operator]
+        loss = out["loss"] if isinstance(out, dict) else out
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def compare_train_step_ms(
+    steps: dict[str, Callable[[], None]], *, warmup: int = 3, repeats: int = 20, rounds: int = 4,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Median step time of each named step function, timed in alternating rounds so drift hits all alike."""
+    check_positive("rounds", rounds)
+    per_round = max(1, repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, fn in steps.items():
+        time_calls_ms(fn, warmup=warmup, repeats=1, device=device)
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name] += time_calls_ms(fn, warmup=0, repeats=per_round, device=device)
+    return {name: statistics.median(values) for name, values in times.items()}

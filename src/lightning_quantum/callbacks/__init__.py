@@ -1,0 +1,8 @@
+"""Lightning callbacks: each decides *when* to call a pure transform from the library."""
+
+from lightning_quantum.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_quantum.callbacks.grad_scaler_monitor import GradScalerMonitor
+from lightning_quantum.callbacks.memory_monitor import MemoryMonitor
+from lightning_quantum.callbacks.report import OptimizationReport
+
+__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport"]

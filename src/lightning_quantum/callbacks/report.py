@@ -1,0 +1,249 @@
+"""Benchmark the model at fit start against the model at fit end, and write the report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_quantum._validation import check_choice, check_non_negative, check_positive
+from lightning_quantum.benchmark import (
+    OptimizationPerformanceMetrics,
+    benchmark_model,
+    compare_train_step_ms,
+    make_train_step,
+)
+from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
+from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OptimizationReport"]
+
+_EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
+
+
+class OptimizationReport(Callback):
+    """Measure the model before and after ``fit`` and write ``report.json`` and ``report.md``.
+
+    At ``on_fit_start`` it snapshots the model, before any compression callback has changed it; the
+    snapshot's weights are kept in the checkpoint so a resumed run compares against the same
+    baseline. At ``on_fit_end`` it benchmarks the snapshot (fp32) and the final model (under the
+    trainer's precision) with :func:`~lightning_quantum.benchmark.benchmark_model` on the
+    DataModule's test (or val) loader, and times one training step of each configuration side by
+    side. Then, on rank zero only, it writes the report, prints a rich table and logs the figures.
+    Put it last among the callbacks, so every other ``on_fit_end`` has run before it measures.
+
+    Args:
+        output_dir: where the report goes; the trainer's ``log_dir`` (or ``default_root_dir``) if ``None``.
+        batch_size: samples per timed inference batch.
+        num_threads: torch threads while timing; the current setting if ``None``.
+        warmup: untimed passes before timing.
+        repeats: timed passes; latency is their p50 and p95.
+        eval_split: ``"test"`` or ``"val"``: which DataModule loader gives accuracy.
+        max_eval_batches: cap on the batches of the accuracy pass; all when ``None``.
+        compare_train_step: time a training step of the baseline (fp32) and final configuration.
+        train_step_repeats: timed training steps per configuration.
+        reference_accuracy: the accuracy that ``accuracy_degradation`` is measured against, for
+            example the test accuracy of a BASIC run; the fit-start snapshot's accuracy when ``None``.
+        print_table: print the rich table on rank zero.
+        log_to_logger: log the figures to the trainer's loggers as ``report/*``.
+        keep_baseline_in_checkpoint: store the snapshot's weights in the callback state, so that
+            resume compares against the real baseline.
+        stem: file name stem of the report files.
+        level: the optimization level to name in the report, when a recipe built the trainer.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[OptimizationReport(batch_size=256)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path | None = None,
+        batch_size: int = 64,
+        num_threads: int | None = None,
+        warmup: int = 10,
+        repeats: int = 50,
+        eval_split: Literal["test", "val"] = "test",
+        max_eval_batches: int | None = None,
+        compare_train_step: bool = True,
+        train_step_repeats: int = 20,
+        reference_accuracy: float | None = None,
+        print_table: bool = True,
+        log_to_logger: bool = True,
+        keep_baseline_in_checkpoint: bool = True,
+        stem: str = "report",
+        level: str | None = None,
+    ) -> None:
+        err = MisconfigurationException
+        check_positive("batch_size", batch_size, error=err)
+        if num_threads is not None:
+            check_positive("num_threads", num_threads, error=err)
+        check_non_negative("warmup", warmup, error=err)
+        check_positive("repeats", repeats, error=err)
+        check_choice("eval_split", eval_split, _EVAL_LOADERS, error=err)
+        if max_eval_batches is not None:
+            check_positive("max_eval_batches", max_eval_batches, error=err)
+        check_positive("train_step_repeats", train_step_repeats, error=err)
+        if reference_accuracy is not None and not 0 <= reference_accuracy <= 1:
+            raise err(f"`reference_accuracy`={reference_accuracy!r} is not valid. It must lie in [0, 1].")
+        if not stem or "/" in stem:
+            raise err(f"`stem`={stem!r} is not valid. Give a plain file name without '/'.")
+        self.output_dir = output_dir
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.warmup = warmup
+        self.repeats = repeats
+        self.eval_split = eval_split
+        self.max_eval_batches = max_eval_batches
+        self.compare_train_step = compare_train_step
+        self.train_step_repeats = train_step_repeats
+        self.reference_accuracy = reference_accuracy
+        self.print_table = print_table
+        self.log_to_logger = log_to_logger
+        self.keep_baseline_in_checkpoint = keep_baseline_in_checkpoint
+        self.stem = stem
+        self.level = level
+        self.report: OptimizationReportData | None = None
+        self.paths: dict[str, Path] = {}
+        self._baseline: nn.Module | None = None
+        self._baseline_state: dict[str, torch.Tensor] | None = None
+        self._elapsed_before = 0.0
+        self._started: float | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._take_baseline_snapshot(pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._baseline is None:
+            return
+        if not trainer.is_global_zero:
+            return
+        self._run_report(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"elapsed_seconds": self._elapsed()}
+        if self.keep_baseline_in_checkpoint and self._baseline is not None:
+            state["baseline_state_dict"] = {k: v.detach().cpu() for k, v in self._baseline.state_dict().items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._elapsed_before = float(state_dict.get("elapsed_seconds", 0.0))
+        self._baseline_state = state_dict.get("baseline_state_dict")
+
+    # -- work ----------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self._elapsed_before + running
+
+    def _take_baseline_snapshot(self, pl_module: pl.LightningModule) -> None:
+        baseline = detached_copy(pl_module)
+        if self._baseline_state is not None:
+            # Resumed: the baseline is the model as it was when the first fit started.
+            baseline.load_state_dict(self._baseline_state)
+            self._baseline_state = None
+        self._baseline = baseline
+
+    def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
+        quick = is_fast_dev_run(trainer)
+        return {
+            "batch_size": self.batch_size,
+            "num_threads": self.num_threads,
+            "warmup": 1 if quick else self.warmup,
+            "repeats": 2 if quick else self.repeats,
+            "max_eval_batches": 1 if quick else self.max_eval_batches,
+        }
+
+    def _eval_loader(self, trainer: pl.Trainer) -> Any:
+        datamodule = trainer.datamodule
+        source = datamodule if datamodule is not None else trainer.lightning_module
+        loader_fn = getattr(source, _EVAL_LOADERS[self.eval_split], None)
+        if loader_fn is None:
+            raise RuntimeError(
+                f"OptimizationReport needs a `{_EVAL_LOADERS[self.eval_split]}` on the DataModule or "
+                f"LightningModule to measure accuracy (`eval_split`={self.eval_split!r})."
+            )
+        return loader_fn()
+
+    def _benchmark(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[OptimizationPerformanceMetrics, OptimizationPerformanceMetrics]:
+        assert self._baseline is not None
+        settings = self._settings(trainer)
+        loader = self._eval_loader(trainer)
+        baseline = self._baseline.to(pl_module.device)
+        precision = str(trainer.precision)
+        baseline_metrics = benchmark_model(baseline, eval_data=loader, precision="32-true", **settings)
+        final_metrics = benchmark_model(pl_module, eval_data=loader, precision=precision, **settings)
+        return baseline_metrics, final_metrics
+
+    def _train_step_times(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        if not self.compare_train_step:
+            return None
+        assert self._baseline is not None
+        batch = next(iter(trainer.datamodule.train_dataloader() if trainer.datamodule else trainer.train_dataloader))
+        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        steps = {
+            "baseline": make_train_step(
+                detached_copy(self._baseline), batch, forward_context=contextlib.nullcontext
+            ),
+            "optimized": make_train_step(
+                detached_copy(pl_module), batch, forward_context=trainer.precision_plugin.forward_context
+            ),
+        }
+        quick = is_fast_dev_run(trainer)
+        return compare_train_step_ms(
+            steps, warmup=1 if quick else 3, repeats=2 if quick else self.train_step_repeats,
+            rounds=1 if quick else 4, device=pl_module.device,
+        )
+
+    def _run_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        duration = self._elapsed()
+        baseline_metrics, final_metrics = self._benchmark(trainer, pl_module)
+        step_times = self._train_step_times(trainer, pl_module)
+        extra: dict[str, Any] = {"fast_dev_run": bool(trainer.fast_dev_run), "global_step": trainer.global_step}
+        self.report = build_report(
+            baseline_metrics,
+            final_metrics,
+            optimization_duration_seconds=duration,
+            reference_accuracy=self.reference_accuracy,
+            accuracy_reference="reference_accuracy" if self.reference_accuracy is not None else "baseline",
+            train_step_time_ms=step_times,
+            level=self.level,
+            extra=extra,
+        )
+        out = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        self.paths = write_report(self.report, out, stem=self.stem)
+        log.info("Optimization report written to %s", self.paths["json"])
+        if self.print_table:
+            from rich.console import Console
+
+            Console().print(render_rich_table(self.report))
+        if self.log_to_logger:
+            self._log_figures(trainer)
+
+    def _log_figures(self, trainer: pl.Trainer) -> None:
+        assert self.report is not None
+        figures = {
+            f"report/{key}": float(value)
+            for key, value in self.report.to_dict().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
+            logger.save()

@@ -1,0 +1,157 @@
+"""The digits DataModule: 1,797 real 8x8 handwritten digits shipped with scikit-learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
+
+__all__ = ["DigitsDataModule", "load_digits_arrays"]
+
+_FILE_NAMES = ("digits.csv.gz", "digits.csv")
+
+
+def load_digits_arrays(data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (N, 64) as float32 in 0..16 and labels (N,) as int64.
+
+    Args:
+        data_dir: a directory holding ``digits.csv.gz`` (or ``digits.csv``) in scikit-learn's format,
+            64 pixel columns then the label; ``None`` reads the copy bundled with scikit-learn.
+
+    Raises:
+        FileNotFoundError: when ``data_dir`` does not exist or holds no digits file.
+    """
+    if data_dir is None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"`data_dir`={str(data_dir)!r} does not exist or is not a directory. Point it at a directory "
+            f"holding one of {list(_FILE_NAMES)}, or set it to null to use the copy bundled with scikit-learn."
+        )
+    for name in _FILE_NAMES:
+        if (root / name).is_file():
+            table = np.loadtxt(root / name, delimiter=",", dtype=np.float32)
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    raise FileNotFoundError(
+        f"`data_dir`={str(data_dir)!r} holds none of {list(_FILE_NAMES)}. Valid choices: a directory with one "
+        "of those files, or null for the copy bundled with scikit-learn."
+    )
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Seeded train/val/test split of the digits, standardized with the training split's statistics.
+
+    Args:
+        batch_size: samples per training batch.
+        eval_batch_size: samples per val/test batch; ``batch_size`` when ``None``.
+        val_fraction: share of the samples held out for validation.
+        test_fraction: share of the samples held out for test.
+        seed: seed of the split permutation (the same seed always gives the same split).
+        layout: ``"flat"`` gives (N, 64) inputs for MLPs, ``"image"`` gives (N, 1, 8, 8) for convnets.
+        num_workers: DataLoader workers.
+        data_dir: see :func:`load_digits_arrays`.
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), tuple(y.shape)
+        ((32, 64), (32,))
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        layout: Literal["flat", "image"] = "flat",
+        num_workers: int = 0,
+        data_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("batch_size", batch_size)
+        if not isinstance(batch_size, int):
+            raise ValueError(f"`batch_size`={batch_size!r} is not valid. It must be a positive integer.")
+        if eval_batch_size is not None:
+            check_positive("eval_batch_size", eval_batch_size)
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction)
+        if val_fraction + test_fraction >= 0.9:
+            raise ValueError(
+                f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave under 10% for training."
+            )
+        check_choice("layout", layout, ("flat", "image"))
+        check_non_negative("num_workers", num_workers)
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+            load_digits_arrays(data_dir)  # raises the FileNotFoundError that names `data_dir`
+        self.save_hyperparameters(logger=False)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.layout = layout
+        self.num_workers = num_workers
+        self.data_dir = data_dir
+        self.splits: dict[str, TensorDataset] = {}
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    def split_indices(self, n: int) -> dict[str, np.ndarray]:
+        """The index sets of the seeded split of ``n`` samples."""
+        order = np.random.RandomState(self.seed).permutation(n)
+        n_test = int(round(n * self.test_fraction))
+        n_val = int(round(n * self.val_fraction))
+        return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y = load_digits_arrays(self.data_dir)
+        indices = self.split_indices(len(y))
+        train_x = torch.from_numpy(x[indices["train"]])
+        self.mean = train_x.mean(dim=0)
+        self.std = train_x.std(dim=0).clamp_min(1e-3)  # border pixels are always 0 in training
+        for name, idx in indices.items():
+            inputs = (torch.from_numpy(x[idx]) - self.mean) / self.std
+            if self.layout == "image":
+                inputs = inputs.view(-1, 1, 8, 8)
+            self.splits[name] = TensorDataset(inputs, torch.from_numpy(y[idx]))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,258 @@
+"""The optimization levels, defined once.
+
+Each level names the callbacks it adds and the ``Trainer`` settings it changes; levels are
+cumulative. :func:`recipe` turns a level into callbacks and trainer arguments for people who do
+not use Hydra, and :func:`write_level_configs` (``make conf``) writes the Hydra
+files ``conf/level/<level>.yaml`` from the same definitions (a test checks the two agree). The
+arguments of each callback are its Python defaults, which ``conf/callbacks/<name>.yaml`` lists.
+
+Example:
+    >>> import lightning_quantum as lq
+    >>> r = lq.recipe("advanced", report={"batch_size": 128})
+    >>> sorted(r.callbacks)
+    ['activation_checkpointing', 'grad_scaler_monitor', 'memory_monitor', 'report']
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_quantum.callbacks import ActivationCheckpointing, GradScalerMonitor, MemoryMonitor, OptimizationReport
+from lightning_quantum.precision import PrecisionDecision, resolve_precision
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OptimizationLevel", "LevelDefinition", "LEVELS", "CALLBACKS", "Recipe", "recipe", "render_level_yaml", "write_level_configs"]
+
+
+class OptimizationLevel(str, Enum):
+    """The four levels, each adding to the one before it."""
+
+    BASIC = "basic"
+    ADVANCED = "advanced"
+    QUANTUM = "quantum"
+    ULTRA = "ultra"
+
+    @classmethod
+    def parse(cls, value: str | OptimizationLevel) -> OptimizationLevel:
+        """The level named by ``value`` (case-insensitive), or a ``ValueError`` listing the levels."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"`level`={value!r} is not valid. Choose one of: {choices}.") from None
+
+
+#: The callbacks a level can add, by the name used in recipes and under ``callbacks.`` in Hydra.
+CALLBACKS: dict[str, type[Callback]] = {
+    "memory_monitor": MemoryMonitor,
+    "grad_scaler_monitor": GradScalerMonitor,
+    "activation_checkpointing": ActivationCheckpointing,
+    "report": OptimizationReport,  # last, so it measures after every other callback's on_fit_end
+}
+
+
+@dataclass(frozen=True)
+class LevelDefinition:
+    """What one level adds on top of the previous one.
+
+    Attributes:
+        level: the level.
+        adds: one line on what it adds, for people.
+        callbacks: callbacks added here, by name, with the arguments that differ from their defaults.
+        trainer: ``Trainer`` arguments set here (``precision="auto"`` is resolved by :func:`resolve_precision`).
+        missing: empty when the level is built; otherwise what it still lacks, shown in the error.
+    """
+
+    level: OptimizationLevel
+    adds: str
+    callbacks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    trainer: Mapping[str, Any] = field(default_factory=dict)
+    missing: str = ""
+
+
+LEVELS: tuple[LevelDefinition, ...] = (
+    LevelDefinition(
+        OptimizationLevel.BASIC,
+        adds="baseline snapshot, benchmark and report, memory monitor, gradient clipping",
+        callbacks={"memory_monitor": {}, "report": {}},
+        trainer={"precision": "32-true", "gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"},
+    ),
+    LevelDefinition(
+        OptimizationLevel.ADVANCED,
+        adds="mixed precision (bf16, or fp16 with GradScaler), grad-scaler monitor, activation checkpointing",
+        callbacks={"grad_scaler_monitor": {}, "activation_checkpointing": {}},
+        trainer={"precision": "auto"},
+    ),
+    LevelDefinition(
+        OptimizationLevel.QUANTUM,
+        adds="quantization-aware training, static int8 calibration, dynamic int8, export",
+        missing="quantization-aware training and int8 calibration come with issue 4",
+    ),
+    LevelDefinition(
+        OptimizationLevel.ULTRA,
+        adds="gradual pruning, knowledge distillation, 4-bit weights",
+        missing="pruning, distillation and 4-bit weights come with issues 3, 5 and 7",
+    ),
+)
+_BY_LEVEL = {d.level: d for d in LEVELS}
+
+
+def _built_levels() -> list[str]:
+    return [d.level.value for d in LEVELS if not d.missing]
+
+
+def _cumulative(level: OptimizationLevel) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    definition = _BY_LEVEL[level]
+    if definition.missing:
+        raise ValueError(
+            f"`level`={level.value!r} is not available yet: {definition.missing}. "
+            f"Available levels: {', '.join(map(repr, _built_levels()))}."
+        )
+    callbacks: dict[str, dict[str, Any]] = {}
+    trainer: dict[str, Any] = {}
+    for d in LEVELS:
+        for name, kwargs in d.callbacks.items():
+            callbacks.setdefault(name, {}).update(copy.deepcopy(dict(kwargs)))
+        trainer.update(d.trainer)
+        if d.level == level:
+            break
+    callbacks["report"]["level"] = level.value
+    ordered = {name: callbacks[name] for name in CALLBACKS if name in callbacks}
+    return ordered, trainer
+
+
+def _trainer_arguments() -> set[str]:
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+@dataclass
+class Recipe:
+    """Callbacks and ``Trainer`` arguments for one level.
+
+    Attributes:
+        level: the level.
+        callbacks: callback name to the keyword arguments it will be built with.
+        trainer: ``Trainer`` keyword arguments; ``precision`` may be ``"auto"``.
+    """
+
+    level: OptimizationLevel
+    callbacks: dict[str, dict[str, Any]]
+    trainer: dict[str, Any]
+
+    def build_callbacks(self) -> list[Callback]:
+        """Fresh callback objects, in the order they must run."""
+        return [CALLBACKS[name](**kwargs) for name, kwargs in self.callbacks.items()]
+
+    def precision_decision(self) -> PrecisionDecision:
+        """The precision ``trainer_kwargs`` will use, with the reason."""
+        return resolve_precision(
+            self.trainer.get("precision", "32-true"), accelerator=str(self.trainer.get("accelerator", "auto"))
+        )
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``lightning.Trainer``: callbacks, a resolved precision and the rest."""
+        decision = self.precision_decision()
+        log.info("precision=%r resolved to %r: %s", self.trainer.get("precision"), decision.precision, decision.reason)
+        return {**self.trainer, "precision": decision.precision, "callbacks": self.build_callbacks()}
+
+
+def recipe(level: str | OptimizationLevel = "basic", **overrides: Any) -> Recipe:
+    """The callbacks and trainer settings of ``level``, with ``overrides`` applied.
+
+    Args:
+        level: ``"basic"``, ``"advanced"``, ``"quantum"`` or ``"ultra"`` (or an :class:`OptimizationLevel`).
+        **overrides: ``<callback name>={...}`` merges arguments into that callback (``False`` or
+            ``None`` drops it); any ``Trainer`` argument (``precision="32-true"``, ``max_epochs=5``)
+            sets it.
+
+    Raises:
+        ValueError: for an unknown level, a level that is not built yet, an unknown override, or
+            callback arguments that are not a mapping.
+
+    Example:
+        >>> import lightning as L, lightning_quantum as lq
+        >>> trainer = L.Trainer(**lq.recipe("basic", max_epochs=1).trainer_kwargs())  # doctest: +SKIP
+    """
+    parsed = OptimizationLevel.parse(level)
+    callbacks, trainer = _cumulative(parsed)
+    trainer_args = _trainer_arguments()
+    for key, value in overrides.items():
+        if key in CALLBACKS:
+            if value is False or value is None:
+                callbacks.pop(key, None)
+            elif isinstance(value, Mapping):
+                callbacks.setdefault(key, {}).update(value)
+                callbacks = {name: callbacks[name] for name in CALLBACKS if name in callbacks}
+            else:
+                raise ValueError(
+                    f"`{key}`={value!r} is not valid. Give a dict of {CALLBACKS[key].__name__} arguments, or False."
+                )
+        elif key in trainer_args:
+            if key == "callbacks":
+                raise ValueError("`callbacks` cannot be overridden as a whole; override each callback by name.")
+            trainer[key] = value
+        else:
+            raise ValueError(
+                f"`{key}` is not a callback of the recipe nor a Trainer argument. Callbacks: "
+                f"{', '.join(CALLBACKS)}; Trainer arguments: see lightning.Trainer."
+            )
+    return Recipe(level=parsed, callbacks=callbacks, trainer=trainer)
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def render_level_yaml(level: str | OptimizationLevel) -> str:
+    """The Hydra file ``conf/level/<level>.yaml`` for ``level``, generated from :data:`LEVELS`."""
+    parsed = OptimizationLevel.parse(level)
+    definition = _BY_LEVEL[parsed]
+    lines = [
+        "# @package _global_",
+        "# Generated from lightning_quantum/levels.py by `make conf`. Do not edit by hand:",
+        "# change the Python definition and regenerate (tests/test_levels.py checks they agree).",
+        f"# {parsed.value}: {definition.adds}.",
+    ]
+    if definition.missing:
+        lines += [f"# Not available yet: {definition.missing}.", f"level: {parsed.value}", ""]
+        return "\n".join(lines)
+    callbacks, trainer = _cumulative(parsed)
+    lines.append("defaults:")
+    lines += [f"  - /callbacks@callbacks.{name}: {name}" for name in callbacks]
+    lines += ["  - _self_", "", f"level: {parsed.value}", "trainer:"]
+    lines += [f"  {key}: {_yaml_scalar(value)}" for key, value in trainer.items()]
+    lines.append("callbacks:")
+    for name, kwargs in callbacks.items():
+        if kwargs:
+            lines.append(f"  {name}:")
+            lines += [f"    {key}: {_yaml_scalar(value)}" for key, value in kwargs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_level_configs(directory: str | Path) -> list[Path]:
+    """Write ``<directory>/<level>.yaml`` for every level; return the paths written."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for definition in LEVELS:
+        path = out / f"{definition.level.value}.yaml"
+        path.write_text(render_level_yaml(definition.level))
+        paths.append(path)
+    return paths

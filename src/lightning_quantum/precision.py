@@ -1,0 +1,133 @@
+"""Resolve ``precision="auto"`` to a real Lightning precision, with the reason.
+
+The rules, first match wins:
+
+* CUDA with compute capability 8.0 or higher: ``bf16-mixed``;
+* older CUDA: ``16-mixed`` (Lightning adds a ``GradScaler``);
+* a CPU with AVX512-BF16 or AMX: ``bf16-mixed``;
+* otherwise ``32-true``.
+
+Example:
+    >>> from lightning_quantum.precision import HardwareInfo, resolve_precision
+    >>> resolve_precision("auto", hardware=HardwareInfo(cpu_flags=frozenset())).precision
+    '32-true'
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightning_quantum._validation import check_choice
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HardwareInfo", "PrecisionDecision", "resolve_precision", "VALID_PRECISIONS", "AUTOCAST_DTYPES"]
+
+#: Every value ``resolve_precision`` accepts, Lightning's short aliases included.
+VALID_PRECISIONS = (
+    "auto",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
+_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+#: The dtype ``torch.autocast`` runs under for each mixed precision.
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+#: CPU flags (as in /proc/cpuinfo) that give native bf16 matrix math.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_VALID_ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """What the precision rules look at. Build it by hand to test the rules on other hardware."""
+
+    cuda_available: bool = False
+    cuda_capability: tuple[int, int] | None = None
+    cuda_name: str | None = None
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def detect(cls) -> HardwareInfo:
+        """Read the hardware of this process: CUDA device 0 and the CPU flags."""
+        if torch.cuda.is_available():
+            return cls(
+                cuda_available=True,
+                cuda_capability=torch.cuda.get_device_capability(0),
+                cuda_name=torch.cuda.get_device_name(0),
+                cpu_flags=_read_cpu_flags(),
+            )
+        return cls(cpu_flags=_read_cpu_flags())
+
+
+@dataclass(frozen=True)
+class PrecisionDecision:
+    """The precision to hand to ``Trainer(precision=...)`` and why it was chosen."""
+
+    precision: str
+    reason: str
+
+
+def resolve_precision(
+    precision: str | int = "auto",
+    *,
+    accelerator: str = "auto",
+    hardware: HardwareInfo | None = None,
+) -> PrecisionDecision:
+    """Turn ``precision`` into a concrete Lightning precision string.
+
+    Args:
+        precision: ``"auto"``, a Lightning precision such as ``"bf16-mixed"``, or an alias
+            (``"32"``, ``16``, ``"bf16"``).
+        accelerator: the ``Trainer`` accelerator; ``"cpu"`` applies the CPU rules even when CUDA is there.
+        hardware: the hardware to decide for; detected when not given.
+
+    Raises:
+        ValueError: for an unknown precision or accelerator.
+    """
+    precision = str(precision)
+    check_choice("precision", precision, VALID_PRECISIONS)
+    check_choice("accelerator", accelerator, _VALID_ACCELERATORS)
+    if precision != "auto":
+        resolved = _ALIASES.get(precision, precision)
+        return PrecisionDecision(resolved, f"asked for {precision!r}")
+    hw = hardware if hardware is not None else HardwareInfo.detect()
+    if hw.cuda_available and accelerator != "cpu":
+        major, minor = hw.cuda_capability or (0, 0)
+        name = hw.cuda_name or "CUDA device"
+        if major >= 8:
+            return PrecisionDecision(
+                "bf16-mixed", f"{name} has compute capability {major}.{minor} >= 8.0, which runs bf16 natively"
+            )
+        return PrecisionDecision(
+            "16-mixed",
+            f"{name} has compute capability {major}.{minor} < 8.0: fp16 autocast with a GradScaler",
+        )
+    bf16_flags = sorted(hw.cpu_flags & CPU_BF16_FLAGS)
+    if bf16_flags:
+        return PrecisionDecision("bf16-mixed", f"the CPU has {', '.join(bf16_flags)}, which runs bf16 natively")
+    return PrecisionDecision("32-true", "no CUDA device and no CPU bf16 support (avx512_bf16 or amx_bf16)")

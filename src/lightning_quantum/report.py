@@ -1,0 +1,230 @@
+"""The optimization report: baseline against optimized, as data, JSON, Markdown and a rich table.
+
+The field names are the ones users look for (see the design): ``original_model_size_mb``,
+``optimized_model_size_mb``, ``compression_ratio``, ``inference_latency_ms`` (p50, with
+``inference_latency_p95_ms`` beside it), ``requests_per_second``, ``memory_consumption_mb``,
+``accuracy``, ``accuracy_degradation``, ``optimization_duration_seconds``, ``sparsity``,
+``precision`` and ``device``. Measuring happens in :mod:`lightning_quantum.benchmark`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_quantum.benchmark import OptimizationPerformanceMetrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OptimizationReportData", "build_report", "write_report", "render_markdown", "render_rich_table"]
+
+REPORT_FIELDS = (
+    "original_model_size_mb",
+    "optimized_model_size_mb",
+    "compression_ratio",
+    "inference_latency_ms",
+    "inference_latency_p95_ms",
+    "requests_per_second",
+    "memory_consumption_mb",
+    "accuracy",
+    "accuracy_degradation",
+    "optimization_duration_seconds",
+    "sparsity",
+    "precision",
+    "device",
+)
+
+
+@dataclass
+class OptimizationReportData:
+    """Baseline against optimized model, with the headline figures flattened for quick reading.
+
+    ``accuracy_degradation`` is ``reference_accuracy - accuracy`` (positive means worse), where the
+    reference is named by ``accuracy_reference``. ``train_step_time_ratio`` is the optimized
+    configuration's training step time over the baseline's (fp32, no callbacks), measured side by
+    side in the same process.
+    """
+
+    original_model_size_mb: float
+    optimized_model_size_mb: float
+    compression_ratio: float
+    inference_latency_ms: float
+    inference_latency_p95_ms: float
+    requests_per_second: float
+    memory_consumption_mb: float
+    accuracy: float | None
+    accuracy_degradation: float | None
+    optimization_duration_seconds: float
+    sparsity: float
+    precision: str
+    device: str
+    speedup: float
+    reference_accuracy: float | None
+    accuracy_reference: str
+    baseline: dict[str, Any]
+    optimized: dict[str, Any]
+    train_step_time_ms: dict[str, float] | None = None
+    train_step_time_ratio: float | None = None
+    level: str | None = None
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_report(
+    baseline: OptimizationPerformanceMetrics,
+    optimized: OptimizationPerformanceMetrics,
+    *,
+    optimization_duration_seconds: float,
+    reference_accuracy: float | None = None,
+    accuracy_reference: str = "baseline",
+    train_step_time_ms: dict[str, float] | None = None,
+    level: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> OptimizationReportData:
+    """Combine two measurements into the report.
+
+    Args:
+        baseline: the model before optimization.
+        optimized: the model after it.
+        optimization_duration_seconds: wall time of the optimization (the ``fit``, or the transform).
+        reference_accuracy: the accuracy to measure degradation against; ``baseline.accuracy`` when ``None``.
+        accuracy_reference: a word on where ``reference_accuracy`` came from, shown in the report.
+        train_step_time_ms: ``{"baseline": ms, "optimized": ms}`` median training step times.
+        level: the optimization level, when one was used.
+        extra: anything else to keep with the report (for example the per-layer sparsity table).
+    """
+    reference = reference_accuracy if reference_accuracy is not None else baseline.accuracy
+    degradation = (
+        reference - optimized.accuracy if reference is not None and optimized.accuracy is not None else None
+    )
+    ratio = None
+    if train_step_time_ms is not None:
+        ratio = train_step_time_ms["optimized"] / train_step_time_ms["baseline"]
+    return OptimizationReportData(
+        original_model_size_mb=baseline.model_size_mb,
+        optimized_model_size_mb=optimized.model_size_mb,
+        compression_ratio=baseline.model_size_bytes / optimized.model_size_bytes,
+        inference_latency_ms=optimized.inference_latency_ms,
+        inference_latency_p95_ms=optimized.inference_latency_p95_ms,
+        requests_per_second=optimized.requests_per_second,
+        memory_consumption_mb=optimized.memory_consumption_mb,
+        accuracy=optimized.accuracy,
+        accuracy_degradation=degradation,
+        optimization_duration_seconds=optimization_duration_seconds,
+        sparsity=optimized.sparsity,
+        precision=optimized.precision,
+        device=optimized.device,
+        speedup=baseline.inference_latency_ms / optimized.inference_latency_ms,
+        reference_accuracy=reference,
+        accuracy_reference=accuracy_reference if reference_accuracy is not None else "baseline",
+        baseline=baseline.to_dict(),
+        optimized=optimized.to_dict(),
+        train_step_time_ms=train_step_time_ms,
+        train_step_time_ratio=ratio,
+        level=level,
+        extra=dict(extra or {}),
+    )
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _rows(report: OptimizationReportData) -> list[tuple[str, str, str, str]]:
+    """(figure, baseline, optimized, change) rows shared by the Markdown and rich renderings."""
+    b, o = report.baseline, report.optimized
+    step = report.train_step_time_ms or {}
+    acc_change = "n/a" if report.accuracy_degradation is None else f"{-report.accuracy_degradation:+.4f}"
+    return [
+        ("size (MB)", _fmt(b["model_size_mb"]), _fmt(o["model_size_mb"]), f"{report.compression_ratio:.2f}x smaller"),
+        ("parameters", str(b["num_parameters"]), str(o["num_parameters"]), ""),
+        (
+            f"latency p50 (ms, batch {o['batch_size']}, {o['num_threads']} threads)",
+            _fmt(b["inference_latency_ms"]),
+            _fmt(o["inference_latency_ms"]),
+            f"{report.speedup:.2f}x faster",
+        ),
+        ("latency p95 (ms)", _fmt(b["inference_latency_p95_ms"]), _fmt(o["inference_latency_p95_ms"]), ""),
+        ("throughput (samples/s)", _fmt(b["requests_per_second"], 6), _fmt(o["requests_per_second"], 6), ""),
+        ("memory (MB)", _fmt(b["memory_consumption_mb"]), _fmt(o["memory_consumption_mb"]), ""),
+        ("accuracy", _fmt(b["accuracy"]), _fmt(o["accuracy"]), acc_change),
+        ("sparsity", _fmt(b["sparsity"]), _fmt(o["sparsity"]), ""),
+        ("precision", b["precision"], o["precision"], ""),
+        (
+            "train step (ms)",
+            _fmt(step.get("baseline")),
+            _fmt(step.get("optimized")),
+            "" if report.train_step_time_ratio is None else f"{report.train_step_time_ratio:.2f}x baseline",
+        ),
+    ]
+
+
+def render_markdown(report: OptimizationReportData) -> str:
+    """The report as a Markdown document."""
+    title = f"# Optimization report{f' ({report.level})' if report.level else ''}"
+    lines = [
+        title,
+        "",
+        f"Device: {report.device}. Optimization took {report.optimization_duration_seconds:.1f} s. "
+        f"Accuracy change is against {report.accuracy_reference} "
+        f"(reference accuracy {_fmt(report.reference_accuracy)}).",
+        "",
+        "| figure | baseline | optimized | change |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)]
+    for name, table in report.extra.items():
+        if isinstance(table, list) and table and isinstance(table[0], dict):
+            headers = list(table[0])
+            lines += ["", f"## {name}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(_fmt(row.get(h)) for h in headers) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def render_rich_table(report: OptimizationReportData) -> Any:
+    """The report as a ``rich.table.Table`` for the console."""
+    from rich.table import Table
+
+    table = Table(title=f"Optimization report{f' ({report.level})' if report.level else ''} on {report.device}")
+    for header, justify in (("figure", "left"), ("baseline", "right"), ("optimized", "right"), ("change", "right")):
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for row in _rows(report):
+        table.add_row(*row)
+    return table
+
+
+def _keep_existing(path: Path) -> None:
+    """Move an earlier file at ``path`` aside (``name.<mtime>.ext``) so nothing the user had is lost."""
+    if not path.exists():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    path.rename(target)
+    log.info("Kept the earlier %s as %s", path.name, target.name)
+
+
+def write_report(report: OptimizationReportData, directory: str | Path, *, stem: str = "report") -> dict[str, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``directory``; earlier files are kept, renamed."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    for path in paths.values():
+        _keep_existing(path)
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
+    paths["md"].write_text(render_markdown(report))
+    return paths

@@ -41,6 +41,7 @@ __all__ = [
     "serialized_size_bytes",
     "measure_latency_ms",
     "measure_peak_memory_mb",
+    "measure_training_peak_memory_mb",
     "evaluate_accuracy",
     "global_sparsity",
     "time_calls_ms",
@@ -390,6 +391,29 @@ def measure_peak_memory_mb(model: nn.Module, inputs: Any, *, precision: str = "3
         with _CPUPeakRSS() as rss:
             _call(model, inputs)
     return (_resident_bytes(model) + rss.peak_increase_bytes) / _MB
+
+
+def measure_training_peak_memory_mb(model: nn.Module, inputs: Any) -> float:
+    """Peak working memory of one forward and backward pass in train mode, in MiB.
+
+    CUDA: peak allocated above what was allocated before. CPU: the peak RSS increase of the
+    process. For a CPU figure that follows live tensor memory, run each configuration in a fresh
+    process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc's default moving threshold keeps
+    freed blocks resident, which hides memory that was in fact released.
+    """
+    device = _module_device(model)
+    inputs = _to_device(inputs, device)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _call(model, inputs).float().sum().backward()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / _MB
+    with _CPUPeakRSS() as rss:
+        _call(model, inputs).float().sum().backward()
+    return rss.peak_increase_bytes / _MB
 
 
 def _top1_correct(outputs: Tensor, targets: Tensor) -> float:

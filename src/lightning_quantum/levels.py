@@ -235,7 +235,7 @@ def render_level_yaml(level: str | OptimizationLevel) -> str:
         return "\n".join(lines)
     callbacks, trainer = _cumulative(parsed)
     lines.append("defaults:")
-    lines += [f"  - /callbacks@callbacks.{name}: {name}" for name in callbacks]
+    lines += [f"  - /callbacks/{name}" for name in callbacks]
     lines += ["  - _self_", "", f"level: {parsed.value}", "trainer:"]
     lines += [f"  {key}: {_yaml_scalar(value)}" for key, value in trainer.items()]
     lines.append("callbacks:")

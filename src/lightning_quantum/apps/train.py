@@ -16,7 +16,8 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_quantum.apps._config import config_dir
@@ -24,6 +25,22 @@ from lightning_quantum.levels import recipe
 from lightning_quantum.precision import resolve_precision
 
 log = logging.getLogger(__name__)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own argument errors through unwrapped.
+
+    Hydra wraps any error raised while building an object; a ``ValueError`` or
+    ``FileNotFoundError`` from our validation already names the argument and the valid choices,
+    so the user gets that one directly.
+    """
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -56,7 +73,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=True: a checkpoint is data, never code (Lightning would unpickle anything otherwise).
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_quantum.data import DigitsDataModule  # noqa: E402
+from lightning_quantum.models import Classifier, DigitsMLP  # noqa: E402
+
+
+@pytest.fixture
+def tiny_classifier():
+    """A BoringModel-sized classifier on the digits."""
+    torch.manual_seed(0)
+    return Classifier(DigitsMLP(hidden=(32,), dropout=0.0), num_classes=10)
+
+
+@pytest.fixture
+def digits():
+    return DigitsDataModule(batch_size=32, eval_batch_size=128)
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    """Quiet, CPU-only Trainer arguments for tests."""
+    kwargs = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+    )
+    kwargs.update(overrides)
+    return kwargs

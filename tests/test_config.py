@@ -1,0 +1,91 @@
+"""Every config group composes, and every node in it instantiates."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_quantum.apps._config import config_dir
+
+CONF = Path(config_dir())
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(tmp_path, overrides=()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+def _instantiate_all(cfg: DictConfig):
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c and "_target_" in c]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c and "_target_" in c]
+    trainer_cfg = dict(cfg.trainer)
+    trainer_cfg["precision"] = "32-true"
+    return dm, model, callbacks, loggers, trainer_cfg
+
+
+def test_default_config(tmp_path):
+    cfg = _compose(tmp_path)
+    dm, model, callbacks, loggers, trainer_cfg = _instantiate_all(cfg)
+    assert isinstance(dm, pl.LightningDataModule) and isinstance(model, pl.LightningModule)
+    assert cfg.level == "basic"
+    assert {type(c).__name__ for c in callbacks} >= {"OptimizationReport", "MemoryMonitor", "RichProgressBar"}
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
+    trainer = instantiate(DictConfig(trainer_cfg), callbacks=callbacks, logger=loggers)
+    assert isinstance(trainer, pl.Trainer)
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, o) for g in ("data", "model", "trainer", "callbacks", "logger", "level", "experiment", "debug")
+     for o in _options(g) if not (g == "level" and o in ("quantum", "ultra"))],
+)
+def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
+    cfg = _compose(tmp_path, [f"{group}={option}"])
+    _instantiate_all(cfg)
+
+
+@pytest.mark.parametrize("level", ["quantum", "ultra"])
+def test_unbuilt_level_configs_compose_and_name_themselves(tmp_path, level):
+    assert _compose(tmp_path, [f"level={level}"]).level == level
+
+
+def test_every_callback_argument_is_overridable(tmp_path):
+    cfg = _compose(tmp_path, ["level=advanced", "callbacks.report.batch_size=32",
+                              "callbacks.grad_scaler_monitor.max_skip_rate=0.2",
+                              "callbacks.activation_checkpointing.block_types=[MLPBlock]",
+                              "callbacks.memory_monitor.log_every_n_steps=5"])
+    assert cfg.trainer.precision == "auto"
+    report = instantiate(cfg.callbacks.report)
+    assert report.batch_size == 32 and report.level == "advanced"
+    assert instantiate(cfg.callbacks.grad_scaler_monitor).max_skip_rate == 0.2
+    assert instantiate(cfg.callbacks.activation_checkpointing).block_types == ["MLPBlock"]
+
+
+def test_experiment_switches_to_cnn(tmp_path):
+    cfg = _compose(tmp_path, ["experiment=digits_cnn"])
+    _, model, *_ = _instantiate_all(cfg)
+    assert type(model.net).__name__ == "DigitsCNN" and cfg.data.layout == "image"
+
+
+def test_hydra_is_only_imported_by_apps():
+    src = CONF.parent / "src" / "lightning_quantum"
+    if not src.is_dir():
+        pytest.skip("installed from a wheel")
+    offenders = [
+        p for p in src.rglob("*.py") if "apps" not in p.parts
+        and any(line.lstrip().startswith(("import hydra", "from hydra", "import omegaconf", "from omegaconf",
+                                          "import fastapi", "from fastapi"))
+                for line in p.read_text().splitlines())
+    ]
+    assert offenders == []

@@ -1,0 +1,87 @@
+import sys
+import types
+
+import pytest
+import torch
+
+from lightning_quantum.gpu import gpu_status, memory_stats
+
+
+def test_gpu_status_without_a_gpu_reports_unavailable():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    status = gpu_status()
+    assert status["available"] is False
+    assert status["devices"] == []
+    assert isinstance(status["reason"], str) and status["reason"]
+
+
+def _fake_pynvml(fail_init=False):
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    nvml.NVMLError = NVMLError
+    nvml.NVML_TEMPERATURE_GPU = 0
+    calls = {"shutdown": 0}
+
+    def init():
+        if fail_init:
+            raise NVMLError("Driver Not Loaded")
+
+    def unsupported(*_):
+        raise NVMLError("Not Supported")
+
+    nvml.nvmlInit = init
+    nvml.nvmlShutdown = lambda: calls.__setitem__("shutdown", calls["shutdown"] + 1)
+    nvml.nvmlSystemGetDriverVersion = lambda: "575.51"
+    nvml.nvmlDeviceGetCount = lambda: 1
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
+    nvml.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2 * 2**30, total=80 * 2**30)
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=37)
+    nvml.nvmlDeviceGetTemperature = lambda h, kind: 41
+    nvml.nvmlDeviceGetPowerUsage = lambda h: 123_400
+    nvml.nvmlDeviceGetEnforcedPowerLimit = unsupported
+    return nvml, calls
+
+
+def test_gpu_status_reads_every_field(monkeypatch):
+    nvml, calls = _fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    status = gpu_status()
+    assert status["available"] is True and status["driver_version"] == "575.51"
+    (device,) = status["devices"]
+    assert device == {
+        "index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 2048.0, "memory_total_mb": 81920.0,
+        "utilization_percent": 37, "temperature_c": 41, "power_w": 123.4, "power_limit_w": None,
+    }
+    assert calls["shutdown"] == 1
+
+
+def test_gpu_status_when_driver_fails(monkeypatch):
+    nvml, _ = _fake_pynvml(fail_init=True)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    status = gpu_status()
+    assert status == {"available": False, "reason": "NVML could not start: Driver Not Loaded",
+                      "driver_version": None, "devices": []}
+
+
+def test_gpu_status_without_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    status = gpu_status()
+    assert status["available"] is False and "nvidia-ml-py" in status["reason"]
+
+
+def test_memory_stats_on_cpu():
+    stats = memory_stats("cpu")
+    assert set(stats) == {"memory/rss_mb"} and stats["memory/rss_mb"] > 10
+
+
+@pytest.mark.gpu
+def test_gpu_status_on_a_real_gpu():
+    status = gpu_status()
+    assert status["available"] and status["devices"][0]["memory_total_mb"] > 0
+    stats = memory_stats("cuda:0")
+    assert "memory/cuda_allocated_mb" in stats

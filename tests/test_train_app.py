@@ -1,0 +1,111 @@
+"""The lq-train app end to end: fast_dev_run per level, the report, multirun and the errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lightning_quantum.apps._config import config_dir
+from lightning_quantum.apps.train import train
+from lightning_quantum.report import REPORT_FIELDS
+
+BUILT_LEVELS = ["basic", "advanced"]
+
+
+def _cfg(tmp_path, *overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("level", BUILT_LEVELS)
+def test_fast_dev_run_each_level_writes_a_measured_report(tmp_path, level):
+    cfg = _cfg(tmp_path, f"level={level}", "debug=fdr", "logger=none")
+    metrics = train(cfg)
+    assert "test/acc" in metrics
+    report = json.loads((tmp_path / "report.json").read_text())
+    for field in REPORT_FIELDS:
+        assert report[field] is not None, field
+    assert report["level"] == level
+    assert report["extra"]["fast_dev_run"] is True
+    assert (tmp_path / "report.md").read_text().startswith(f"# Optimization report ({level})")
+
+
+def test_fast_dev_run_cnn_experiment(tmp_path):
+    metrics = train(_cfg(tmp_path, "experiment=digits_cnn", "level=advanced", "debug=fdr", "logger=none"))
+    assert "test/acc" in metrics
+
+
+def test_short_advanced_run_reports_precision_and_step_ratio(tmp_path):
+    cfg = _cfg(tmp_path, "level=advanced", "trainer.max_epochs=1", "trainer.precision=bf16-mixed",
+               "callbacks.report.repeats=5", "callbacks.report.train_step_repeats=4", "callbacks.rich_progress_bar=null")
+    train(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["precision"] == "bf16-mixed" and report["baseline"]["precision"] == "32-true"
+    assert report["train_step_time_ratio"] > 0
+    assert report["train_step_time_ms"]["optimized"] > 0
+    # CSV logger got the report figures
+    metrics_csv = next(tmp_path.glob("csv/**/metrics.csv")).read_text()
+    assert "report/compression_ratio" in metrics_csv
+
+
+def test_unknown_precision_from_the_shell(tmp_path):
+    with pytest.raises(ValueError, match=r"`precision`='fp8' is not valid\. Choose one of"):
+        train(_cfg(tmp_path, "trainer.precision=fp8", "debug=fdr"))
+
+
+@pytest.mark.parametrize("level", ["quantum", "ultra"])
+def test_unbuilt_level_from_the_shell_says_so(tmp_path, level):
+    with pytest.raises(ValueError, match=rf"`level`='{level}' is not available yet"):
+        train(_cfg(tmp_path, f"level={level}", "debug=fdr"))
+
+
+def test_missing_data_directory_names_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`data_dir`='.*nowhere' does not exist"):
+        train(_cfg(tmp_path, f"paths.data_dir={tmp_path / 'nowhere'}", "debug=fdr"))
+
+
+def _run_cli(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lightning_quantum.apps.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_multirun_over_levels(tmp_path):
+    out = _run_cli(["-m", "level=basic,advanced", "debug=fdr", "logger=none",
+                    f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = sorted(Path(tmp_path).glob("*/report.json"))
+    assert [json.loads(p.read_text())["level"] for p in reports] == ["basic", "advanced"]
+
+
+def test_unknown_level_on_the_command_line_lists_choices(tmp_path):
+    out = _run_cli(["level=mega", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "level/mega" in out.stderr and "advanced" in out.stderr and "basic" in out.stderr
+
+
+def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
+    import torch
+
+    first = tmp_path / "first"
+    train(_cfg(first, "trainer.max_epochs=1", "callbacks.report.repeats=2", "callbacks.report.warmup=0",
+               "callbacks.report.compare_train_step=false", "logger=none", "test=false"))
+    last = first / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # nothing in it needs unpickling of code
+    baseline = next(v for k, v in state["callbacks"].items() if k.startswith("OptimizationReport"))
+    assert "baseline_state_dict" in baseline
+    second = tmp_path / "second"
+    train(_cfg(second, "trainer.max_epochs=2", f"ckpt_path={last}", "callbacks.report.repeats=2",
+               "callbacks.report.compare_train_step=false", "logger=none", "test=false"))
+    report = json.loads((second / "report.json").read_text())
+    first_report = json.loads((first / "report.json").read_text())
+    # The resumed run compares against the same fit-start baseline, not the mid-run weights.
+    assert report["baseline"]["accuracy"] == first_report["baseline"]["accuracy"]
+    assert report["extra"]["global_step"] == 2 * first_report["extra"]["global_step"] > 0
+    assert report["optimization_duration_seconds"] > first_report["optimization_duration_seconds"]

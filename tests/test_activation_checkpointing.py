@@ -102,8 +102,14 @@ def test_callback_error_at_setup_names_what_was_searched(tmp_path, digits):
 def test_hugging_face_model_uses_its_own_switch():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     bert = BertModel(config)
     holder = nn.ModuleDict({"encoder_model": bert})
     assert enable_activation_checkpointing(holder) == ["encoder_model"]
@@ -136,8 +142,9 @@ def _peak_mb(mode):
     # A fixed mmap threshold makes glibc hand big blocks back to the OS when torch frees them, so the
     # process RSS follows live tensor memory (its default moving threshold keeps freed blocks resident).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode], capture_output=True, text=True, check=True,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, mode], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -47,8 +47,12 @@ def test_default_config(tmp_path):
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [(g, o) for g in ("data", "model", "trainer", "callbacks", "logger", "level", "experiment", "debug")
-     for o in _options(g) if not (g == "level" and o in ("quantum", "ultra"))],
+    [
+        (g, o)
+        for g in ("data", "model", "trainer", "callbacks", "logger", "level", "experiment", "debug")
+        for o in _options(g)
+        if not (g == "level" and o in ("quantum", "ultra"))
+    ],
 )
 def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
     cfg = _compose(tmp_path, [f"{group}={option}"])
@@ -61,10 +65,16 @@ def test_unbuilt_level_configs_compose_and_name_themselves(tmp_path, level):
 
 
 def test_every_callback_argument_is_overridable(tmp_path):
-    cfg = _compose(tmp_path, ["level=advanced", "callbacks.report.batch_size=32",
-                              "callbacks.grad_scaler_monitor.max_skip_rate=0.2",
-                              "callbacks.activation_checkpointing.block_types=[MLPBlock]",
-                              "callbacks.memory_monitor.log_every_n_steps=5"])
+    cfg = _compose(
+        tmp_path,
+        [
+            "level=advanced",
+            "callbacks.report.batch_size=32",
+            "callbacks.grad_scaler_monitor.max_skip_rate=0.2",
+            "callbacks.activation_checkpointing.block_types=[MLPBlock]",
+            "callbacks.memory_monitor.log_every_n_steps=5",
+        ],
+    )
     assert cfg.trainer.precision == "auto"
     report = instantiate(cfg.callbacks.report)
     assert report.batch_size == 32 and report.level == "advanced"
@@ -83,9 +93,14 @@ def test_hydra_is_only_imported_by_apps():
     if not src.is_dir():
         pytest.skip("installed from a wheel")
     offenders = [
-        p for p in src.rglob("*.py") if "apps" not in p.parts
-        and any(line.lstrip().startswith(("import hydra", "from hydra", "import omegaconf", "from omegaconf",
-                                          "import fastapi", "from fastapi"))
-                for line in p.read_text().splitlines())
+        p
+        for p in src.rglob("*.py")
+        if "apps" not in p.parts
+        and any(
+            line.lstrip().startswith(
+                ("import hydra", "from hydra", "import omegaconf", "from omegaconf", "import fastapi", "from fastapi")
+            )
+            for line in p.read_text().splitlines()
+        )
     ]
     assert offenders == []

@@ -54,8 +54,14 @@ def test_gpu_status_reads_every_field(monkeypatch):
     assert status["available"] is True and status["driver_version"] == "575.51"
     (device,) = status["devices"]
     assert device == {
-        "index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 2048.0, "memory_total_mb": 81920.0,
-        "utilization_percent": 37, "temperature_c": 41, "power_w": 123.4, "power_limit_w": None,
+        "index": 0,
+        "name": "NVIDIA H100 80GB HBM3",
+        "memory_used_mb": 2048.0,
+        "memory_total_mb": 81920.0,
+        "utilization_percent": 37,
+        "temperature_c": 41,
+        "power_w": 123.4,
+        "power_limit_w": None,
     }
     assert calls["shutdown"] == 1
 
@@ -64,8 +70,12 @@ def test_gpu_status_when_driver_fails(monkeypatch):
     nvml, _ = _fake_pynvml(fail_init=True)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     status = gpu_status()
-    assert status == {"available": False, "reason": "NVML could not start: Driver Not Loaded",
-                      "driver_version": None, "devices": []}
+    assert status == {
+        "available": False,
+        "reason": "NVML could not start: Driver Not Loaded",
+        "driver_version": None,
+        "devices": [],
+    }
 
 
 def test_gpu_status_without_the_package(monkeypatch):

@@ -13,8 +13,9 @@ class InfGradientClassifier(Classifier):
     """Poisons one gradient with inf on chosen optimizer steps."""
 
     def __init__(self, poison_steps):
-        super().__init__(DigitsMLP(hidden=(16,), dropout=0.0), num_classes=10,
-                         optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+        super().__init__(
+            DigitsMLP(hidden=(16,), dropout=0.0), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.01)
+        )
         self.poison_steps = set(poison_steps)
         self._calls = 0
 
@@ -33,8 +34,16 @@ def test_scaler_counts_skipped_steps_after_injected_inf(tmp_path, digits):
     monitor = GradScalerMonitor(min_steps=1, max_skip_rate=0.5)
     model = InfGradientClassifier(poison_steps={1, 3})
     before = model.net.head.weight.detach().clone()
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, limit_train_batches=6, limit_val_batches=0,
-                                          plugins=[_fp16_scaler_plugin()], callbacks=[monitor]))
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_steps=6,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            plugins=[_fp16_scaler_plugin()],
+            callbacks=[monitor],
+        )
+    )
     trainer.fit(model, digits)
     assert monitor.optimizer_steps == 6
     assert monitor.skipped_steps == 2
@@ -61,8 +70,16 @@ def test_counters_survive_resume(tmp_path, digits):
     ckpt = tmp_path / "mid.ckpt"
     first = GradScalerMonitor(min_steps=100)
     model = InfGradientClassifier(poison_steps={1})
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, limit_train_batches=10, limit_val_batches=0,
-                                          plugins=[_fp16_scaler_plugin()], callbacks=[first]))
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_steps=3,
+            limit_train_batches=10,
+            limit_val_batches=0,
+            plugins=[_fp16_scaler_plugin()],
+            callbacks=[first],
+        )
+    )
     trainer.fit(model, digits)
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
@@ -71,8 +88,17 @@ def test_counters_survive_resume(tmp_path, digits):
 
     second = GradScalerMonitor(min_steps=100)
     model = InfGradientClassifier(poison_steps={0})  # poisons the first step after resume
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, max_epochs=5, limit_train_batches=10,
-                                          limit_val_batches=0, plugins=[_fp16_scaler_plugin()], callbacks=[second]))
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_steps=6,
+            max_epochs=5,
+            limit_train_batches=10,
+            limit_val_batches=0,
+            plugins=[_fp16_scaler_plugin()],
+            callbacks=[second],
+        )
+    )
     trainer.fit(model, digits, ckpt_path=ckpt, weights_only=True)
     assert second.optimizer_steps == 6
     assert second.skipped_steps == 2

@@ -51,8 +51,9 @@ def test_trainer_kwargs_builds_callbacks_and_resolves_precision():
 
 
 def test_overrides_merge_drop_and_set():
-    r = lq.recipe("advanced", report={"batch_size": 8}, activation_checkpointing=False, precision="32-true",
-                  max_epochs=3)
+    r = lq.recipe(
+        "advanced", report={"batch_size": 8}, activation_checkpointing=False, precision="32-true", max_epochs=3
+    )
     assert r.callbacks["report"]["batch_size"] == 8
     assert "activation_checkpointing" not in r.callbacks
     assert r.trainer["precision"] == "32-true" and r.trainer["max_epochs"] == 3
@@ -60,13 +61,17 @@ def test_overrides_merge_drop_and_set():
 
 
 def test_unknown_level_names_argument_and_choices():
-    with pytest.raises(ValueError, match=r"`level`='mega' is not valid\. Choose one of: 'basic', 'advanced', 'quantum', 'ultra'"):
+    with pytest.raises(
+        ValueError, match=r"`level`='mega' is not valid\. Choose one of: 'basic', 'advanced', 'quantum', 'ultra'"
+    ):
         lq.recipe("mega")
 
 
 @pytest.mark.parametrize("level", ["quantum", "ultra"])
 def test_unbuilt_levels_say_so(level):
-    with pytest.raises(ValueError, match=rf"`level`='{level}' is not available yet: .*Available levels: 'basic', 'advanced'"):
+    with pytest.raises(
+        ValueError, match=rf"`level`='{level}' is not available yet: .*Available levels: 'basic', 'advanced'"
+    ):
         lq.recipe(level)
 
 

@@ -25,14 +25,17 @@ def test_auto_precision_rules(hardware, accelerator, expected):
 
 
 def test_reason_names_the_hardware():
-    decision = resolve_precision("auto", hardware=HardwareInfo(cuda_available=True, cuda_capability=(7, 5), cuda_name="T4"))
+    decision = resolve_precision(
+        "auto", hardware=HardwareInfo(cuda_available=True, cuda_capability=(7, 5), cuda_name="T4")
+    )
     assert "T4" in decision.reason and "7.5" in decision.reason and "GradScaler" in decision.reason
     decision = resolve_precision("auto", hardware=HardwareInfo(cpu_flags=frozenset({"avx512_bf16"})))
     assert "avx512_bf16" in decision.reason
 
 
-@pytest.mark.parametrize(("given", "expected"), [("32", "32-true"), (16, "16-mixed"), ("bf16", "bf16-mixed"),
-                                                 ("bf16-true", "bf16-true")])
+@pytest.mark.parametrize(
+    ("given", "expected"), [("32", "32-true"), (16, "16-mixed"), ("bf16", "bf16-mixed"), ("bf16-true", "bf16-true")]
+)
 def test_explicit_precision_and_aliases(given, expected):
     assert resolve_precision(given).precision == expected
 

@@ -42,8 +42,15 @@ def test_fast_dev_run_cnn_experiment(tmp_path):
 
 
 def test_short_advanced_run_reports_precision_and_step_ratio(tmp_path):
-    cfg = _cfg(tmp_path, "level=advanced", "trainer.max_epochs=1", "trainer.precision=bf16-mixed",
-               "callbacks.report.repeats=5", "callbacks.report.train_step_repeats=4", "callbacks.rich_progress_bar=null")
+    cfg = _cfg(
+        tmp_path,
+        "level=advanced",
+        "trainer.max_epochs=1",
+        "trainer.precision=bf16-mixed",
+        "callbacks.report.repeats=5",
+        "callbacks.report.train_step_repeats=4",
+        "callbacks.rich_progress_bar=null",
+    )
     train(cfg)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["precision"] == "bf16-mixed" and report["baseline"]["precision"] == "32-true"
@@ -72,13 +79,20 @@ def test_missing_data_directory_names_the_argument(tmp_path):
 
 def _run_cli(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_quantum.apps.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_quantum.apps.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_multirun_over_levels(tmp_path):
-    out = _run_cli(["-m", "level=basic,advanced", "debug=fdr", "logger=none",
-                    f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    out = _run_cli(
+        ["-m", "level=basic,advanced", "debug=fdr", "logger=none", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     reports = sorted(Path(tmp_path).glob("*/report.json"))
     assert [json.loads(p.read_text())["level"] for p in reports] == ["basic", "advanced"]
@@ -94,15 +108,33 @@ def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
     import torch
 
     first = tmp_path / "first"
-    train(_cfg(first, "trainer.max_epochs=1", "callbacks.report.repeats=2", "callbacks.report.warmup=0",
-               "callbacks.report.compare_train_step=false", "logger=none", "test=false"))
+    train(
+        _cfg(
+            first,
+            "trainer.max_epochs=1",
+            "callbacks.report.repeats=2",
+            "callbacks.report.warmup=0",
+            "callbacks.report.compare_train_step=false",
+            "logger=none",
+            "test=false",
+        )
+    )
     last = first / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)  # nothing in it needs unpickling of code
     baseline = next(v for k, v in state["callbacks"].items() if k.startswith("OptimizationReport"))
     assert "baseline_state_dict" in baseline
     second = tmp_path / "second"
-    train(_cfg(second, "trainer.max_epochs=2", f"ckpt_path={last}", "callbacks.report.repeats=2",
-               "callbacks.report.compare_train_step=false", "logger=none", "test=false"))
+    train(
+        _cfg(
+            second,
+            "trainer.max_epochs=2",
+            f"ckpt_path={last}",
+            "callbacks.report.repeats=2",
+            "callbacks.report.compare_train_step=false",
+            "logger=none",
+            "test=false",
+        )
+    )
     report = json.loads((second / "report.json").read_text())
     first_report = json.loads((first / "report.json").read_text())
     # The resumed run compares against the same fit-start baseline, not the mid-run weights.

@@ -13,9 +13,7 @@ from typing import Any
 __all__ = ["check_choice", "check_positive", "check_non_negative", "check_fraction"]
 
 
-def check_choice(
-    name: str, value: Any, choices: Iterable[Any], *, error: type[Exception] = ValueError
-) -> Any:
+def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type[Exception] = ValueError) -> Any:
     """Return ``value`` when it is one of ``choices``; raise ``error`` naming all choices otherwise."""
     options = list(choices)
     if value not in options:

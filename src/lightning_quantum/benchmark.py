@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import statistics
@@ -116,7 +117,7 @@ def serialized_size_bytes(module: nn.Module) -> int:
 
     state = module.state_dict()
     unique: dict[str, Tensor] = {}
-    seen: set[tuple[int, int, torch.dtype]] = set()
+    seen: set[tuple[int, Any, torch.dtype]] = set()
     plain = True
     for name, tensor in state.items():
         if not isinstance(tensor, Tensor):
@@ -153,7 +154,7 @@ def _num_parameters(module: nn.Module) -> int:
 def _resident_bytes(module: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         storage = tensor.untyped_storage()
         if storage.data_ptr() in seen:
             continue
@@ -163,11 +164,8 @@ def _resident_bytes(module: nn.Module) -> int:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _describe_device(device: torch.device) -> str:
@@ -568,14 +566,18 @@ def make_train_step(
 
 
 def compare_train_step_ms(
-    steps: dict[str, Callable[[], None]], *, warmup: int = 3, repeats: int = 20, rounds: int = 4,
+    steps: dict[str, Callable[[], None]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 4,
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """Median step time of each named step function, timed in alternating rounds so drift hits all alike."""
     check_positive("rounds", rounds)
     per_round = max(1, repeats // rounds)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for name, fn in steps.items():
+    for fn in steps.values():
         time_calls_ms(fn, warmup=warmup, repeats=1, device=device)
     for _ in range(rounds):
         for name, fn in steps.items():

@@ -96,7 +96,7 @@ def enable_activation_checkpointing(model: nn.Module, block_types: BlockTypes | 
                 f"holds no Hugging Face model. Name the blocks to wrap; the model has these module types: {types}."
             )
     already = {name for name, m in model.named_modules() if isinstance(m, CheckpointWrapper)}
-    targets = []
+    targets: list[str] = []
     for name, module in model.named_modules():
         if not name or isinstance(module, CheckpointWrapper) or not _matches(module, block_types):
             continue
@@ -112,7 +112,9 @@ def enable_activation_checkpointing(model: nn.Module, block_types: BlockTypes | 
             f"{type(model).__name__}. Its module types are: {types}."
         )
     for name in targets:
-        _replace(model, name, checkpoint_wrapper(model.get_submodule(name), checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        _replace(
+            model, name, checkpoint_wrapper(model.get_submodule(name), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        )
     log.debug("Activation checkpointing wraps %d blocks: %s", len(targets), targets)
     return sorted(already | set(targets))
 
@@ -126,6 +128,6 @@ def disable_activation_checkpointing(model: nn.Module) -> int:
             restored += 1
     for module in model.modules():
         if _is_hf_model(module) and getattr(module, "is_gradient_checkpointing", False):
-            module.gradient_checkpointing_disable()
+            module.gradient_checkpointing_disable()  # type: ignore[operator]
             restored += 1
     return restored

@@ -61,8 +61,12 @@ def gpu_status() -> dict[str, Any]:
     try:
         import pynvml as nvml
     except ImportError as err:
-        return {"available": False, "reason": f"nvidia-ml-py is not installed ({err})", "driver_version": None,
-                "devices": []}
+        return {
+            "available": False,
+            "reason": f"nvidia-ml-py is not installed ({err})",
+            "driver_version": None,
+            "devices": [],
+        }
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as err:

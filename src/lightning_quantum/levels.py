@@ -32,7 +32,16 @@ from lightning_quantum.precision import PrecisionDecision, resolve_precision
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OptimizationLevel", "LevelDefinition", "LEVELS", "CALLBACKS", "Recipe", "recipe", "render_level_yaml", "write_level_configs"]
+__all__ = [
+    "OptimizationLevel",
+    "LevelDefinition",
+    "LEVELS",
+    "CALLBACKS",
+    "Recipe",
+    "recipe",
+    "render_level_yaml",
+    "write_level_configs",
+]
 
 
 class OptimizationLevel(str, Enum):

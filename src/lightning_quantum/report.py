@@ -101,9 +101,7 @@ def build_report(
         extra: anything else to keep with the report (for example the per-layer sparsity table).
     """
     reference = reference_accuracy if reference_accuracy is not None else baseline.accuracy
-    degradation = (
-        reference - optimized.accuracy if reference is not None and optimized.accuracy is not None else None
-    )
+    degradation = reference - optimized.accuracy if reference is not None and optimized.accuracy is not None else None
     ratio = None
     if train_step_time_ms is not None:
         ratio = train_step_time_ms["optimized"] / train_step_time_ms["baseline"]

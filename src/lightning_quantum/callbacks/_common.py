@@ -14,7 +14,7 @@ def is_sanity_checking(trainer: pl.Trainer) -> bool:
 
 
 def is_fast_dev_run(trainer: pl.Trainer) -> bool:
-    return bool(trainer.fast_dev_run)
+    return bool(getattr(trainer, "fast_dev_run", False))
 
 
 def detached_copy(module: nn.Module) -> nn.Module:

@@ -88,7 +88,9 @@ class GradScalerMonitor(Callback):
         return bad / self.optimizer_steps if self.optimizer_steps else 0.0
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         if is_sanity_checking(trainer):
             return
         self._record_before_step(trainer, optimizer)

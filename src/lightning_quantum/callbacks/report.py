@@ -170,7 +170,7 @@ class OptimizationReport(Callback):
         }
 
     def _eval_loader(self, trainer: pl.Trainer) -> Any:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         source = datamodule if datamodule is not None else trainer.lightning_module
         loader_fn = getattr(source, _EVAL_LOADERS[self.eval_split], None)
         if loader_fn is None:
@@ -196,27 +196,32 @@ class OptimizationReport(Callback):
         if not self.compare_train_step:
             return None
         assert self._baseline is not None
-        batch = next(iter(trainer.datamodule.train_dataloader() if trainer.datamodule else trainer.train_dataloader))
+        datamodule = getattr(trainer, "datamodule", None)
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+        if loader is None:
+            return None
+        batch = next(iter(loader))
         batch = trainer.strategy.batch_to_device(batch, pl_module.device)
         steps = {
-            "baseline": make_train_step(
-                detached_copy(self._baseline), batch, forward_context=contextlib.nullcontext
-            ),
+            "baseline": make_train_step(detached_copy(self._baseline), batch, forward_context=contextlib.nullcontext),
             "optimized": make_train_step(
                 detached_copy(pl_module), batch, forward_context=trainer.precision_plugin.forward_context
             ),
         }
         quick = is_fast_dev_run(trainer)
         return compare_train_step_ms(
-            steps, warmup=1 if quick else 3, repeats=2 if quick else self.train_step_repeats,
-            rounds=1 if quick else 4, device=pl_module.device,
+            steps,
+            warmup=1 if quick else 3,
+            repeats=2 if quick else self.train_step_repeats,
+            rounds=1 if quick else 4,
+            device=pl_module.device,
         )
 
     def _run_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         duration = self._elapsed()
         baseline_metrics, final_metrics = self._benchmark(trainer, pl_module)
         step_times = self._train_step_times(trainer, pl_module)
-        extra: dict[str, Any] = {"fast_dev_run": bool(trainer.fast_dev_run), "global_step": trainer.global_step}
+        extra: dict[str, Any] = {"fast_dev_run": is_fast_dev_run(trainer), "global_step": trainer.global_step}
         self.report = build_report(
             baseline_metrics,
             final_metrics,
@@ -227,7 +232,9 @@ class OptimizationReport(Callback):
             level=self.level,
             extra=extra,
         )
-        out = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        out = (
+            Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        )
         self.paths = write_report(self.report, out, stem=self.stem)
         log.info("Optimization report written to %s", self.paths["json"])
         if self.print_table:

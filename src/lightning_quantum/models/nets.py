@@ -48,7 +48,10 @@ class DigitsMLP(nn.Module):
     activation_checkpoint_blocks = (MLPBlock,)
 
     def __init__(
-        self, in_features: int = 64, hidden: tuple[int, ...] | list[int] = (512, 512), num_classes: int = 10,
+        self,
+        in_features: int = 64,
+        hidden: tuple[int, ...] | list[int] = (512, 512),
+        num_classes: int = 10,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -80,7 +83,10 @@ class DigitsCNN(nn.Module):
     activation_checkpoint_blocks = (ConvBlock,)
 
     def __init__(
-        self, channels: tuple[int, int, int] | list[int] = (32, 64, 64), hidden: int = 128, num_classes: int = 10,
+        self,
+        channels: tuple[int, int, int] | list[int] = (32, 64, 64),
+        hidden: int = 128,
+        num_classes: int = 10,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -90,9 +96,7 @@ class DigitsCNN(nn.Module):
         check_positive("num_classes", num_classes)
         check_fraction("dropout", dropout)
         c1, c2, c3 = channels
-        self.features = nn.Sequential(
-            ConvBlock(1, c1), ConvBlock(c1, c2), nn.MaxPool2d(2), ConvBlock(c2, c3)
-        )
+        self.features = nn.Sequential(ConvBlock(1, c1), ConvBlock(c1, c2), nn.MaxPool2d(2), ConvBlock(c2, c3))
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c3 * 4 * 4, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )

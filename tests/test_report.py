@@ -1,0 +1,94 @@
+import json
+
+import pytest
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_quantum.benchmark import OptimizationPerformanceMetrics
+from lightning_quantum.callbacks import OptimizationReport
+from lightning_quantum.report import REPORT_FIELDS, build_report, render_markdown, render_rich_table, write_report
+
+
+def _metrics(**kw):
+    base = dict(
+        model_size_mb=4.0,
+        model_size_bytes=4 * 2**20,
+        num_parameters=10**6,
+        inference_latency_ms=2.0,
+        inference_latency_p95_ms=2.5,
+        requests_per_second=32000.0,
+        memory_consumption_mb=5.0,
+        accuracy=0.98,
+        sparsity=0.0,
+        precision="32-true",
+        device="cpu",
+        batch_size=64,
+        num_threads=2,
+        repeats=50,
+    )
+    base.update(kw)
+    return OptimizationPerformanceMetrics(**base)
+
+
+def test_report_figures_by_hand():
+    report = build_report(
+        _metrics(),
+        _metrics(
+            model_size_mb=1.0,
+            model_size_bytes=2**20,
+            inference_latency_ms=0.5,
+            accuracy=0.97,
+            sparsity=0.5,
+            precision="bf16-mixed",
+        ),
+        optimization_duration_seconds=12.0,
+        train_step_time_ms={"baseline": 4.0, "optimized": 5.0},
+        level="advanced",
+    )
+    assert report.compression_ratio == 4.0
+    assert report.speedup == 4.0
+    assert report.accuracy_degradation == pytest.approx(0.01)
+    assert report.train_step_time_ratio == 1.25
+    assert report.precision == "bf16-mixed" and report.sparsity == 0.5
+
+
+def test_write_keeps_earlier_reports(tmp_path):
+    report = build_report(_metrics(), _metrics(), optimization_duration_seconds=1.0)
+    first = write_report(report, tmp_path)
+    first_text = first["json"].read_text()
+    report2 = build_report(_metrics(), _metrics(accuracy=0.5), optimization_duration_seconds=2.0)
+    write_report(report2, tmp_path)
+    kept = sorted(p for p in tmp_path.glob("report.*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first_text
+    assert len(list(tmp_path.glob("report.*.md"))) == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["accuracy"] == 0.5
+    assert set(REPORT_FIELDS) <= set(data)
+
+
+def test_markdown_and_rich_rendering():
+    report = build_report(
+        _metrics(),
+        _metrics(model_size_mb=2.0, model_size_bytes=2 * 2**20),
+        optimization_duration_seconds=1.0,
+        level="basic",
+    )
+    md = render_markdown(report)
+    assert md.startswith("# Optimization report (basic)")
+    assert "| size (MB) | 4.0000 | 2.0000 | 2.00x smaller |" in md
+    table = render_rich_table(report)
+    assert table.row_count == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": -1}, r"`batch_size`=-1 is not valid"),
+        ({"eval_split": "train"}, r"`eval_split`='train' is not valid. Choose one of: 'test', 'val'"),
+        ({"repeats": 0}, r"`repeats`=0 is not valid"),
+        ({"reference_accuracy": 97.0}, r"`reference_accuracy`=97.0 is not valid. It must lie in \[0, 1\]"),
+        ({"stem": "a/b"}, r"`stem`='a/b' is not valid"),
+    ],
+)
+def test_report_callback_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        OptimizationReport(**kwargs)

@@ -92,3 +92,20 @@ def test_markdown_and_rich_rendering():
 def test_report_callback_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         OptimizationReport(**kwargs)
+
+
+def test_baseline_snapshot_is_the_plain_model(tmp_path, digits):
+    import lightning.pytorch as pl
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from lightning_quantum.callbacks import ActivationCheckpointing
+    from lightning_quantum.models import Classifier, DigitsMLP
+    from tests.conftest import trainer_kwargs
+
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, train_step_repeats=2, print_table=False)
+    model = Classifier(DigitsMLP(hidden=(16,), dropout=0.0))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ActivationCheckpointing(), report]))
+    trainer.fit(model, digits)
+    assert not any(isinstance(m, CheckpointWrapper) for m in report._baseline.modules())
+    assert report.report is not None and report.paths["json"].exists()
+    assert report.report.extra["fit_step_time_ms_median"] > 0

@@ -121,7 +121,7 @@ def resolve_precision(
         name = hw.cuda_name or "CUDA device"
         if major >= 8:
             return PrecisionDecision(
-                "bf16-mixed", f"{name} has compute capability {major}.{minor} >= 8.0, which runs bf16 natively"
+                "bf16-mixed", f"{name} has compute capability {major}.{minor} >= 8.0 (native bf16)"
             )
         return PrecisionDecision(
             "16-mixed",
@@ -129,5 +129,5 @@ def resolve_precision(
         )
     bf16_flags = sorted(hw.cpu_flags & CPU_BF16_FLAGS)
     if bf16_flags:
-        return PrecisionDecision("bf16-mixed", f"the CPU has {', '.join(bf16_flags)}, which runs bf16 natively")
+        return PrecisionDecision("bf16-mixed", f"the CPU has {', '.join(bf16_flags)} (native bf16 matrix math)")
     return PrecisionDecision("32-true", "no CUDA device and no CPU bf16 support (avx512_bf16 or amx_bf16)")

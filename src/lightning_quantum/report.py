@@ -121,7 +121,7 @@ def build_report(
         device=optimized.device,
         speedup=baseline.inference_latency_ms / optimized.inference_latency_ms,
         reference_accuracy=reference,
-        accuracy_reference=accuracy_reference if reference_accuracy is not None else "baseline",
+        accuracy_reference=accuracy_reference,
         baseline=baseline.to_dict(),
         optimized=optimized.to_dict(),
         train_step_time_ms=train_step_time_ms,
@@ -135,7 +135,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.{digits}f}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -154,7 +156,7 @@ def _rows(report: OptimizationReportData) -> list[tuple[str, str, str, str]]:
             f"{report.speedup:.2f}x faster",
         ),
         ("latency p95 (ms)", _fmt(b["inference_latency_p95_ms"]), _fmt(o["inference_latency_p95_ms"]), ""),
-        ("throughput (samples/s)", _fmt(b["requests_per_second"], 6), _fmt(o["requests_per_second"], 6), ""),
+        ("throughput (samples/s)", _fmt(b["requests_per_second"]), _fmt(o["requests_per_second"]), ""),
         ("memory (MB)", _fmt(b["memory_consumption_mb"]), _fmt(o["memory_consumption_mb"]), ""),
         ("accuracy", _fmt(b["accuracy"]), _fmt(o["accuracy"]), acc_change),
         ("sparsity", _fmt(b["sparsity"]), _fmt(o["sparsity"]), ""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from lightning_quantum.benchmark import (
     make_train_step,
 )
 from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
+from lightning_quantum.checkpointing import disable_activation_checkpointing
 from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,9 @@ _EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
 class OptimizationReport(Callback):
     """Measure the model before and after ``fit`` and write ``report.json`` and ``report.md``.
 
-    At ``on_fit_start`` it snapshots the model, before any compression callback has changed it; the
-    snapshot's weights are kept in the checkpoint so a resumed run compares against the same
-    baseline. At ``on_fit_end`` it benchmarks the snapshot (fp32) and the final model (under the
+    At ``setup("fit")`` it snapshots the model, before any compression has changed it (training-only
+    wrappers such as activation checkpointing are taken off the copy); the snapshot's weights are
+    kept in the checkpoint so a resumed run compares against the same baseline. At ``on_fit_end`` it benchmarks the snapshot (fp32) and the final model (under the
     trainer's precision) with :func:`~lightning_quantum.benchmark.benchmark_model` on the
     DataModule's test (or val) loader, and times one training step of each configuration side by
     side. Then, on rank zero only, it writes the report, prints a rich table and logs the figures.
@@ -119,12 +121,37 @@ class OptimizationReport(Callback):
         self._baseline_state: dict[str, torch.Tensor] | None = None
         self._elapsed_before = 0.0
         self._started: float | None = None
+        self._batch_started: float | None = None
+        self.fit_step_times_ms: list[float] = []
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._take_baseline_snapshot(pl_module)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
-        self._take_baseline_snapshot(pl_module)
+        self.fit_step_times_ms = []
+        if self._baseline is not None and self._baseline_state is not None:
+            # Resumed: the checkpoint (restored after `setup`) holds the model as the first fit found it.
+            self._baseline.load_state_dict(self._baseline_state)
+        self._baseline_state = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._batch_started is not None:
+            self.fit_step_times_ms.append((time.perf_counter() - self._batch_started) * 1000.0)
+            self._batch_started = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,10 +180,9 @@ class OptimizationReport(Callback):
 
     def _take_baseline_snapshot(self, pl_module: pl.LightningModule) -> None:
         baseline = detached_copy(pl_module)
-        if self._baseline_state is not None:
-            # Resumed: the baseline is the model as it was when the first fit started.
-            baseline.load_state_dict(self._baseline_state)
-            self._baseline_state = None
+        # Callbacks set up before this one may have wrapped blocks for training only; the baseline
+        # is the plain model, so such wrappers come off the copy (the model itself keeps them).
+        disable_activation_checkpointing(baseline)
         self._baseline = baseline
 
     def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -221,13 +247,20 @@ class OptimizationReport(Callback):
         duration = self._elapsed()
         baseline_metrics, final_metrics = self._benchmark(trainer, pl_module)
         step_times = self._train_step_times(trainer, pl_module)
-        extra: dict[str, Any] = {"fast_dev_run": is_fast_dev_run(trainer), "global_step": trainer.global_step}
+        extra: dict[str, Any] = {
+            "fast_dev_run": is_fast_dev_run(trainer),
+            "global_step": trainer.global_step,
+            # Median wall time of a training batch inside this fit, Lightning's loop included.
+            "fit_step_time_ms_median": statistics.median(self.fit_step_times_ms) if self.fit_step_times_ms else None,
+        }
         self.report = build_report(
             baseline_metrics,
             final_metrics,
             optimization_duration_seconds=duration,
             reference_accuracy=self.reference_accuracy,
-            accuracy_reference="reference_accuracy" if self.reference_accuracy is not None else "baseline",
+            accuracy_reference="the given reference_accuracy"
+            if self.reference_accuracy is not None
+            else "the model at fit start",
             train_step_time_ms=step_times,
             level=self.level,
             extra=extra,

@@ -1,0 +1,126 @@
+"""Run the available levels on digits side by side and write benchmarks/results/levels.json.
+
+    python benchmarks/levels.py                 # BASIC and ADVANCED, 2 alternating rounds
+    python benchmarks/levels.py --rounds 3 --epochs 30
+
+Each level is trained with the same config, seed and epochs through the `lq-train` app code, in
+alternating rounds (basic, advanced, basic, advanced, ...) so that drift of this shared machine hits
+every level alike. Figures are medians over rounds; ratios are to BASIC, measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+import lightning_quantum  # noqa: E402
+from lightning_quantum.apps._config import config_dir  # noqa: E402
+from lightning_quantum.apps.train import train  # noqa: E402
+from lightning_quantum.levels import LEVELS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "levels.json"
+
+
+def run_level(level: str, epochs: int, out: Path) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"level={level}",
+                f"trainer.max_epochs={epochs}",
+                f"paths.output_dir={out}",
+                "logger=none",
+                "callbacks.rich_progress_bar=null",
+                "callbacks.model_checkpoint=null",
+                "callbacks.report.print_table=false",
+                "callbacks.report.batch_size=256",
+                "callbacks.report.repeats=100",
+            ],
+        )
+    started = time.perf_counter()
+    metrics = train(cfg)
+    wall = time.perf_counter() - started
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "test_accuracy": metrics["test/acc"],
+        "size_mb": report["optimized_model_size_mb"],
+        "latency_p50_ms": report["inference_latency_ms"],
+        "latency_p95_ms": report["inference_latency_p95_ms"],
+        "throughput_samples_per_s": report["requests_per_second"],
+        "peak_memory_mb": report["memory_consumption_mb"],
+        "precision": report["precision"],
+        "fit_step_time_ms": report["extra"]["fit_step_time_ms_median"],
+        "report_train_step_ratio_vs_fp32": report["train_step_time_ratio"],
+        "optimization_duration_seconds": report["optimization_duration_seconds"],
+        "wall_seconds": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    levels = [d.level.value for d in LEVELS if not d.missing]
+    runs: dict[str, list[dict]] = {level: [] for level in levels}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for level in levels:
+                runs[level].append(run_level(level, args.epochs, Path(tmp) / f"{level}-{r}"))
+                print(f"round {r} {level}: {runs[level][-1]}", file=sys.stderr)
+    summary = {}
+    for level, results in runs.items():
+        summary[level] = {
+            key: statistics.median(r[key] for r in results)
+            if isinstance(results[0][key], (int, float))
+            else results[0][key]
+            for key in results[0]
+        }
+    basic = summary["basic"]
+    for level, figures in summary.items():
+        figures["size_ratio_to_basic"] = figures["size_mb"] / basic["size_mb"]
+        figures["latency_ratio_to_basic"] = figures["latency_p50_ms"] / basic["latency_p50_ms"]
+        figures["fit_step_time_ratio_to_basic"] = figures["fit_step_time_ms"] / basic["fit_step_time_ms"]
+        figures["accuracy_change_vs_basic"] = figures["test_accuracy"] - basic["test_accuracy"]
+    result = {
+        "benchmark": "levels on digits (DigitsMLP 64-512-512-10, seed 42)",
+        "command": f"python benchmarks/levels.py --epochs {args.epochs} --rounds {args.rounds}",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "lightning_quantum": lightning_quantum.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
+        "levels": summary,
+        "runs": runs,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    for level, f in summary.items():
+        print(
+            f"{level:9s} acc {f['test_accuracy']:.4f}  size {f['size_mb']:.3f} MB  p50 {f['latency_p50_ms']:.3f} ms "
+            f"({f['latency_ratio_to_basic']:.2f}x)  {f['throughput_samples_per_s']:.0f} samples/s  "
+            f"step {f['fit_step_time_ms']:.2f} ms ({f['fit_step_time_ratio_to_basic']:.2f}x)  {f['precision']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -92,7 +92,7 @@ def main() -> None:
             for key in results[0]
         }
     basic = summary["basic"]
-    for level, figures in summary.items():
+    for figures in summary.values():
         figures["size_ratio_to_basic"] = figures["size_mb"] / basic["size_mb"]
         figures["latency_ratio_to_basic"] = figures["latency_p50_ms"] / basic["latency_p50_ms"]
         figures["fit_step_time_ratio_to_basic"] = figures["fit_step_time_ms"] / basic["fit_step_time_ms"]

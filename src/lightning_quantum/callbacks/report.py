@@ -39,11 +39,12 @@ class OptimizationReport(Callback):
 
     At ``setup("fit")`` it snapshots the model, before any compression has changed it (training-only
     wrappers such as activation checkpointing are taken off the copy); the snapshot's weights are
-    kept in the checkpoint so a resumed run compares against the same baseline. At ``on_fit_end`` it benchmarks the snapshot (fp32) and the final model (under the
-    trainer's precision) with :func:`~lightning_quantum.benchmark.benchmark_model` on the
-    DataModule's test (or val) loader, and times one training step of each configuration side by
-    side. Then, on rank zero only, it writes the report, prints a rich table and logs the figures.
-    Put it last among the callbacks, so every other ``on_fit_end`` has run before it measures.
+    kept in the checkpoint so a resumed run compares against the same baseline. At ``on_fit_end``
+    it benchmarks the snapshot (fp32) and the final model (under the trainer's precision) with
+    :func:`~lightning_quantum.benchmark.benchmark_model` on the DataModule's test (or val) loader,
+    and times one training step of each configuration side by side. Then, on rank zero only, it
+    writes the report, prints a rich table and logs the figures. Put it last among the callbacks,
+    so every other ``on_fit_end`` has run before it measures.
 
     Args:
         output_dir: where the report goes; the trainer's ``log_dir`` (or ``default_root_dir``) if ``None``.

@@ -83,13 +83,13 @@ class Classifier(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._shared_step(batch)
         self.val_acc(logits, y)
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._shared_step(batch)
         self.test_acc(logits, y)
-        self.log("test/loss", loss)
+        self.log("test/loss", loss, sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -3,6 +3,7 @@
 from lightning_quantum.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_quantum.callbacks.grad_scaler_monitor import GradScalerMonitor
 from lightning_quantum.callbacks.memory_monitor import MemoryMonitor
+from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.callbacks.report import OptimizationReport
 
-__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport"]
+__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport", "Pruning"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
 
-__all__ = ["DigitsDataModule", "load_digits_arrays"]
+__all__ = ["DigitsDataModule", "EpochSeededSampler", "load_digits_arrays"]
 
 _FILE_NAMES = ("digits.csv.gz", "digits.csv")
 
@@ -46,6 +47,29 @@ def load_digits_arrays(data_dir: str | Path | None = None) -> tuple[np.ndarray, 
         f"`data_dir`={str(data_dir)!r} holds none of {list(_FILE_NAMES)}. Valid choices: a directory with one "
         "of those files, or null for the copy bundled with scikit-learn."
     )
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
+    sees exactly the batches the uninterrupted run saw, with no RNG state to restore.
+    """
+
+    def __init__(self, data: Sized, seed: int) -> None:
+        self.size = len(data)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -137,13 +161,12 @@ class DigitsDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
             self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=generator,
             persistent_workers=self.num_workers > 0,
         )
 

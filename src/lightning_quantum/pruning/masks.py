@@ -1,0 +1,270 @@
+"""Pruning masks as pure functions: choose parameters, compute masks, apply them, measure sparsity.
+
+Masks are boolean tensors shaped like the weight they belong to (``True`` keeps the weight). They
+are kept outside the model (in the callback's state), so the forward pass does no extra work and
+``deepcopy`` or pickling of the model works at any time; applying a mask is an in-place multiply.
+
+Example:
+    >>> import torch
+    >>> w = {"fc.weight": torch.tensor([[0.1, -2.0], [0.5, 3.0]])}
+    >>> unstructured_masks(w, 0.5)["fc.weight"].tolist()
+    [[False, True], [False, True]]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+from lightning_quantum._validation import check_choice, check_fraction
+
+__all__ = [
+    "PRUNING_METHODS",
+    "select_parameters",
+    "unstructured_masks",
+    "structured_masks",
+    "nm_masks",
+    "apply_masks",
+    "mask_gradients",
+    "masks_sparsity",
+    "sparsity_report",
+    "make_pruning_permanent",
+]
+
+Method = Literal["l1_unstructured", "l1_structured", "l2_structured", "nm"]
+#: The pruning methods: how weights are scored and what is removed together.
+PRUNING_METHODS: dict[str, str] = {
+    "l1_unstructured": "single weights with the smallest magnitude",
+    "l1_structured": "whole output channels (rows) with the smallest L1 norm",
+    "l2_structured": "whole output channels (rows) with the smallest L2 norm",
+    "nm": "N of every M consecutive weights kept (2:4 by default), by magnitude",
+}
+
+
+def select_parameters(
+    model: nn.Module,
+    module_types: Sequence[str] = ("Linear", "Conv1d", "Conv2d", "Conv3d"),
+    names: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+    parameter_name: str = "weight",
+) -> dict[str, nn.Module]:
+    """The modules whose ``parameter_name`` will be pruned, by qualified module name.
+
+    Args:
+        model: the model to search.
+        module_types: class names of the modules to prune.
+        names: ``fnmatch`` patterns on module names; every module type when ``None``.
+        ignore: ``fnmatch`` patterns of module names to leave alone (the classifier head, say).
+        parameter_name: the parameter of each module to prune.
+
+    Raises:
+        ValueError: when a pattern (of ``names`` or ``ignore``) matches nothing, or nothing is left
+            to prune, with what was searched.
+    """
+    candidates = {
+        name: m
+        for name, m in model.named_modules()
+        if name and type(m).__name__ in set(module_types) and isinstance(getattr(m, parameter_name, None), Tensor)
+    }
+    all_names = [name for name, _ in model.named_modules() if name]
+    for label, patterns in (("names", names or ()), ("ignore", ignore)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+                raise ValueError(
+                    f"`{label}` pattern {pattern!r} matches no module of {type(model).__name__}. "
+                    f"Module names: {all_names[:40]}{' ...' if len(all_names) > 40 else ''}"
+                )
+    selected = {
+        name: m
+        for name, m in candidates.items()
+        if (names is None or any(fnmatch.fnmatchcase(name, p) for p in names))
+        and not any(fnmatch.fnmatchcase(name, p) for p in ignore)
+    }
+    if not selected:
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"Nothing to prune in {type(model).__name__}: no module of `module_types`={list(module_types)} with a "
+            f"`{parameter_name}` is left after `names`={names} and `ignore`={list(ignore)}. Module types present: "
+            f"{found}."
+        )
+    return selected
+
+
+def _keep_lowest_out(scores: Tensor, n_prune: int) -> Tensor:
+    """Boolean keep-mask that drops exactly the ``n_prune`` lowest scores."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune > 0:
+        idx = torch.topk(scores.flatten(), n_prune, largest=False).indices
+        keep.view(-1)[idx] = False
+    return keep
+
+
+def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
+    scores = weight.detach().abs().float()
+    if previous is not None:
+        scores = scores.masked_fill(~previous, -1.0)  # pruned weights go first: masks only grow
+    return scores
+
+
+def unstructured_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: Literal["global", "layer"] = "global",
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Magnitude masks removing ``sparsity`` of the weights, over all of them or in each layer.
+
+    Exactly ``round(sparsity * n)`` weights are removed (ties broken by position). With ``previous``
+    masks, weights already removed stay removed.
+    """
+    check_fraction("sparsity", sparsity)
+    check_choice("scope", scope, ("global", "layer"))
+    previous = previous or {}
+    if scope == "layer":
+        return {
+            name: _keep_lowest_out(_scores(w, previous.get(name)), round(sparsity * w.numel()))
+            for name, w in weights.items()
+        }
+    names = list(weights)
+    flat = torch.cat([_scores(weights[n], previous.get(n)).flatten().cpu() for n in names])
+    keep = _keep_lowest_out(flat, round(sparsity * flat.numel()))
+    masks, offset = {}, 0
+    for n in names:
+        w = weights[n]
+        masks[n] = keep[offset : offset + w.numel()].view_as(w).to(w.device)
+        offset += w.numel()
+    return masks
+
+
+def structured_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    norm: Literal[1, 2] = 1,
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Masks removing ``sparsity`` of the output channels (dim 0) of each weight, by L1 or L2 norm.
+
+    At least one channel of each layer is kept. With ``previous`` masks, channels already removed stay
+    removed.
+    """
+    check_fraction("sparsity", sparsity)
+    check_choice("norm", norm, (1, 2))
+    previous = previous or {}
+    masks = {}
+    for name, w in weights.items():
+        rows = w.detach().float().flatten(1).norm(p=norm, dim=1)
+        prev = previous.get(name)
+        if prev is not None:
+            rows = rows.masked_fill(~prev.flatten(1).any(dim=1), -1.0)
+        n_prune = min(round(sparsity * rows.numel()), rows.numel() - 1)
+        keep_rows = _keep_lowest_out(rows, n_prune)
+        masks[name] = keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
+    return masks
+
+
+def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
+    """Keep the ``n`` largest of every ``m`` consecutive weights along the input dim (2:4 by default).
+
+    Raises:
+        ValueError: when ``n >= m``, or a layer's input size (per output row) is not divisible by ``m``.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"`nm`={n}:{m} is not valid. It needs 0 < N < M, for example 2:4.")
+    masks = {}
+    for name, w in weights.items():
+        rows = w.detach().abs().float().flatten(1)
+        if rows.shape[1] % m:
+            raise ValueError(
+                f"`nm`={n}:{m} cannot split layer {name!r}: its {rows.shape[1]} inputs per output are not a "
+                f"multiple of {m}. Add it to `ignore`."
+            )
+        groups = rows.view(rows.shape[0], -1, m)
+        keep_idx = torch.topk(groups, n, dim=-1).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True)
+        masks[name] = keep.view_as(w)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Zero the masked weights in place (``masks`` in the weights' dtype, for one fused multiply)."""
+    if params:
+        torch._foreach_mul_(list(params), list(masks))
+
+
+@torch.no_grad()
+def mask_gradients(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Zero the gradients of masked weights, so optimizer state never builds up on them."""
+    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+def masks_sparsity(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of masked-out weights over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def sparsity_report(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per-layer sparsity of the weight matrices and kernels, with a ``(global)`` row last.
+
+    Args:
+        model: the model to measure (exact zeros are counted).
+        names: module names to report; every module with a weight of 2+ dims when ``None``.
+    """
+    rows = []
+    zeros_total = numel_total = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() < 2 or (names is not None and name not in names):
+            continue
+        zeros = int((weight == 0).sum())
+        rows.append(
+            {
+                "layer": name,
+                "shape": "x".join(map(str, weight.shape)),
+                "params": weight.numel(),
+                "zeros": zeros,
+                "sparsity": zeros / weight.numel(),
+            }
+        )
+        zeros_total += zeros
+        numel_total += weight.numel()
+    rows.append(
+        {
+            "layer": "(global)",
+            "shape": "",
+            "params": numel_total,
+            "zeros": zeros_total,
+            "sparsity": zeros_total / numel_total if numel_total else 0.0,
+        }
+    )
+    return rows
+
+
+def make_pruning_permanent(model: nn.Module, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """A plain ``state_dict`` with the pruning baked in: no ``*_orig`` or ``*_mask`` keys.
+
+    Applies ``masks`` (parameter name to mask) if given, and removes any ``torch.nn.utils.prune``
+    reparametrization (as Lightning's ``ModelPruning`` leaves behind). The result loads into an
+    unpruned copy of the model.
+    """
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                torch_prune.remove(module, hook._tensor_name)
+    if masks:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask.to(params[name].dtype))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

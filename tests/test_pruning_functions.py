@@ -135,7 +135,7 @@ def test_select_parameters_and_its_errors():
 def test_apply_masks_and_sparsity_report_by_hand():
     net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 5))
     masks = unstructured_masks({"0.weight": net[0].weight, "1.weight": net[1].weight}, 0.6, scope="layer")
-    apply_masks([net[0].weight, net[1].weight], [masks["0.weight"].float(), masks["1.weight"].float()])
+    apply_masks([net[0].weight, net[1].weight], [masks["0.weight"], masks["1.weight"]])
     rows = sparsity_report(net)
     assert rows[0] == {"layer": "0", "shape": "10x10", "params": 100, "zeros": 60, "sparsity": 0.6}
     assert rows[1]["zeros"] == 30
@@ -178,7 +178,7 @@ def test_masked_model_equals_slimmed_model_and_reloads():
     full = coupled_channel_masks(model, graph, channels)
     assert {"features.0.bn.weight", "features.0.bn.bias", "classifier.1.bias"} <= set(full)
     params = dict(model.named_parameters())
-    apply_masks([params[k] for k in full], [full[k].float() for k in full])
+    apply_masks([params[k] for k in full], [full[k] for k in full])
     masked_out = model(x)
     before = sum(p.numel() for p in model.parameters())
     removed = slim_model(model, graph, channels)

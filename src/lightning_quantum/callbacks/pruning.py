@@ -301,14 +301,14 @@ class Pruning(Callback):
         return schedule
 
     def _bind(self, pl_module: pl.LightningModule) -> None:
-        """Point at the live parameters and rebuild the dtype masks used for the fused multiply."""
+        """Point at the live parameters, move the masks to their device, and apply them."""
         params = dict(pl_module.named_parameters())
         missing = [name for name in self.masks if name not in params]
         if missing:
             raise RuntimeError(f"Pruning masks name parameters this model lacks: {missing[:5]}.")
         names = list(self.masks)
         self._params = [params[n] for n in names]
-        self._mask_list = [self.masks[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
+        self._mask_list = [self.masks[n].to(device=params[n].device) for n in names]
         if self._mask_list:
             apply_masks(self._params, self._mask_list)
 

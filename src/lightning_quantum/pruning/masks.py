@@ -194,17 +194,20 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
 
 @torch.no_grad()
 def apply_masks(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Zero the masked weights in place (``masks`` in the weights' dtype, for one fused multiply)."""
-    if params:
-        torch._foreach_mul_(list(params), list(masks))
+    """Set the masked-out weights (``False`` in the boolean ``masks``) to exactly zero, in place.
+
+    A fill, not a multiply: a weight that overflowed to inf or NaN is still zeroed.
+    """
+    for param, mask in zip(params, masks):
+        param.masked_fill_(~mask, 0.0)
 
 
 @torch.no_grad()
 def mask_gradients(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Zero the gradients of masked weights, so optimizer state never builds up on them."""
-    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
-    if pairs:
-        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+    """Zero the gradients of masked-out weights, so optimizer state never builds up on them."""
+    for param, mask in zip(params, masks):
+        if param.grad is not None:
+            param.grad.masked_fill_(~mask, 0.0)
 
 
 def masks_sparsity(masks: Mapping[str, Tensor]) -> float:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_quantum.callbacks import OptimizationReport, Pruning
 from lightning_quantum.data import DigitsDataModule
@@ -17,16 +16,33 @@ pl.seed_everything(0)
 model = Classifier(DigitsMLP(hidden=(64,), dropout=0.0))
 pruning = Pruning(final_sparsity=0.7, start_step=2, end_step=12, frequency=2)
 report = OptimizationReport(output_dir=out, warmup=0, repeats=2, train_step_repeats=2, print_table=False)
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=8,
-                     limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[pruning, report], default_root_dir=out)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+    max_epochs=2,
+    limit_train_batches=8,
+    limit_val_batches=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[pruning, report],
+    default_root_dir=out,
+)
 trainer.fit(model, DigitsDataModule(batch_size=32))
 digest = hashlib.sha256()
 for name in sorted(pruning.masks):
     digest.update(pruning.masks[name].numpy().tobytes())
 zeros = sum(int((dict(model.named_parameters())[n] == 0).sum()) for n in pruning.masks)
 total = sum(m.numel() for m in pruning.masks.values())
-(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-    "masks": digest.hexdigest(), "sparsity": zeros / total, "target": pruning.current_sparsity,
-    "weights": float(sum(p.double().sum() for p in model.parameters())),
-}))
+(out / f"rank{trainer.global_rank}.json").write_text(
+    json.dumps(
+        {
+            "masks": digest.hexdigest(),
+            "sparsity": zeros / total,
+            "target": pruning.current_sparsity,
+            "weights": float(sum(p.double().sum() for p in model.parameters())),
+        }
+    )
+)

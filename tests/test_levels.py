@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import lightning_quantum as lq
-from lightning_quantum.callbacks import GradScalerMonitor, MemoryMonitor, OptimizationReport
+from lightning_quantum.callbacks import GradScalerMonitor, MemoryMonitor, OptimizationReport, Pruning
 from lightning_quantum.levels import CALLBACKS, LEVELS, OptimizationLevel, render_level_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -19,9 +19,12 @@ def test_level_yaml_is_generated_from_python(definition):
     assert on_disk == render_level_yaml(definition.level), "run `make conf` to regenerate conf/level"
 
 
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
+_OUR_CALLBACKS = {**CALLBACKS, "pruning": Pruning}
+
+
+@pytest.mark.parametrize("name", sorted(_OUR_CALLBACKS))
 def test_callback_yaml_lists_every_argument_with_python_defaults(name):
-    cls = CALLBACKS[name]
+    cls = _OUR_CALLBACKS[name]
     cfg = yaml.safe_load((CONF / "callbacks" / f"{name}.yaml").read_text())[name]
     params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
     assert set(cfg) - {"_target_"} == set(params)
@@ -29,7 +32,8 @@ def test_callback_yaml_lists_every_argument_with_python_defaults(name):
         value = cfg[key]
         if isinstance(value, str) and value.startswith("${"):
             continue  # interpolated from paths, set by the app
-        assert value == param.default, f"{name}.{key}: yaml {value!r} != python {param.default!r}"
+        default = list(param.default) if isinstance(param.default, tuple) else param.default
+        assert value == default, f"{name}.{key}: yaml {value!r} != python {default!r}"
 
 
 def test_levels_are_cumulative():

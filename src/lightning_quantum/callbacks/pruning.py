@@ -61,10 +61,11 @@ def _parse_nm(nm: str) -> tuple[int, int]:
 class Pruning(Callback):
     """Prune weights gradually while training, with masks that survive checkpoints and DDP.
 
-    Every optimizer step, gradients of removed weights are zeroed before the step and the weights
-    are zeroed again after it, so removed weights are exactly zero at every step (also with
-    gradient accumulation, skipped AMP steps and clipping). When the schedule says so, the masks
-    are recomputed from the current weights; a weight once removed stays removed. Masks live in
+    Every optimizer step the removed weights are zeroed again after the step (and, when gradients
+    are clipped, their gradients before clipping, so the clip norm counts live weights only): removed
+    weights are exactly zero at every step, also with gradient accumulation and skipped AMP steps.
+    When the schedule says so, the masks are recomputed from the current weights; a weight once
+    removed stays removed. Masks live in
     this callback's state, never in forward hooks: the forward pass does no extra work, the model
     deep-copies and pickles at any time, and the checkpoint holds the masks and the schedule
     position, so a resumed run ends with the same masks and weights as an uninterrupted one.
@@ -109,7 +110,7 @@ class Pruning(Callback):
         scope: Literal["global", "layer"] = "global",
         start_step: int | None = None,
         end_step: int | None = None,
-        frequency: int = 10,
+        frequency: int = 25,
         unit: Literal["step", "epoch"] = "step",
         nm: str = "2:4",
         module_types: Sequence[str] = ("Linear", "Conv1d", "Conv2d", "Conv3d"),
@@ -205,7 +206,9 @@ class Pruning(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self._mask_list:
+        # Only clipping reads the gradients of removed weights (the weights are zeroed after the step
+        # anyway), so the extra pass is paid only when the clip norm must count live weights alone.
+        if self._mask_list and trainer.gradient_clip_val:
             mask_gradients(self._params, self._mask_list)
 
     @override
@@ -308,7 +311,8 @@ class Pruning(Callback):
             raise RuntimeError(f"Pruning masks name parameters this model lacks: {missing[:5]}.")
         names = list(self.masks)
         self._params = [params[n] for n in names]
-        self._mask_list = [self.masks[n].to(device=params[n].device) for n in names]
+        # Hot path: keep-masks in each weight's dtype, built once per mask change, for one fused multiply.
+        self._mask_list = [self.masks[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
         if self._mask_list:
             apply_masks(self._params, self._mask_list)
 
@@ -361,6 +365,8 @@ class Pruning(Callback):
         return self._graph
 
     def _check_ranks_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size == 1:
+            return
         params = dict(pl_module.named_parameters())
         zeros = sum(int((params[n] == 0).sum()) for n in self.masks)
         gathered = trainer.strategy.all_gather(torch.tensor(float(zeros), device=pl_module.device))
@@ -368,17 +374,15 @@ class Pruning(Callback):
             raise RuntimeError(f"Ranks disagree on the pruned weights: zero counts per rank {gathered.tolist()}.")
 
     def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log.debug("Pruning at %s %d: target sparsity %.4f", self.unit, self.history[-1][0], self.current_sparsity)
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
         stats = {"pruning/target_sparsity": self.current_sparsity, "pruning/mask_sparsity": masks_sparsity(self.masks)}
         if self.log_per_layer:
             for name, mask in self.masks.items():
                 stats[f"pruning/sparsity/{name.removesuffix('.weight')}"] = 1.0 - float(mask.float().mean())
-        rank_zero_info(
-            f"Pruning at {self.unit} {self._last_step if self.unit == 'step' else trainer.current_epoch}: "
-            f"target sparsity {self.current_sparsity:.3f}"
-        )
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(stats, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=trainer.global_step)
 
     def _slim(self, pl_module: pl.LightningModule) -> None:
         channel_masks = {name: self.masks[name] for name in self._targets if name in self.masks}

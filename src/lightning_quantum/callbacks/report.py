@@ -254,7 +254,7 @@ class OptimizationReport(Callback):
             # Median wall time of a training batch inside this fit, Lightning's loop included.
             "fit_step_time_ms_median": statistics.median(self.fit_step_times_ms) if self.fit_step_times_ms else None,
         }
-        for callback in trainer.callbacks:  # e.g. Pruning adds its per-layer sparsity table
+        for callback in getattr(trainer, "callbacks", []):  # e.g. Pruning adds its per-layer sparsity table
             report_extra = getattr(callback, "report_extra", None)
             if callable(report_extra) and callback is not self:
                 extra.update(report_extra(pl_module))

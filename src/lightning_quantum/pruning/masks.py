@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
@@ -95,20 +96,31 @@ def select_parameters(
     return selected
 
 
-def _keep_lowest_out(scores: Tensor, n_prune: int) -> Tensor:
-    """Boolean keep-mask that drops exactly the ``n_prune`` lowest scores."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if n_prune > 0:
-        idx = torch.topk(scores.flatten(), n_prune, largest=False).indices
-        keep.view(-1)[idx] = False
+def _lowest(flat: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` lowest values of a 1-D tensor.
+
+    On CPU this is numpy's introselect (``argpartition``), about 40x faster than ``torch.topk`` with
+    a large ``k`` on 300k scores (0.85 ms against 33 ms here); on CUDA, ``torch.topk``.
+    """
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.argpartition(flat.numpy(), k - 1)[:k])
+    return torch.topk(flat, k, largest=False).indices
+
+
+def _grow_mask(scores: Tensor, n_prune: int, previous: Tensor | None) -> Tensor:
+    """Keep-mask with exactly ``n_prune`` removed: everything ``previous`` removed, then the lowest scores.
+
+    Only the weights still kept are ranked, so masks only grow (and selection does not wade through
+    the many equal scores of weights already removed).
+    """
+    keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.clone()
+    flat_keep = keep.view(-1)
+    kept = torch.nonzero(flat_keep).flatten()
+    n_new = n_prune - (flat_keep.numel() - kept.numel())
+    if n_new > 0:
+        candidates = scores.flatten()[kept]
+        flat_keep[kept[_lowest(candidates, n_new).to(kept.device)]] = False
     return keep
-
-
-def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
-    scores = weight.detach().abs().float()
-    if previous is not None:
-        scores = scores.masked_fill(~previous, -1.0)  # pruned weights go first: masks only grow
-    return scores
 
 
 def unstructured_masks(
@@ -120,20 +132,23 @@ def unstructured_masks(
 ) -> dict[str, Tensor]:
     """Magnitude masks removing ``sparsity`` of the weights, over all of them or in each layer.
 
-    Exactly ``round(sparsity * n)`` weights are removed (ties broken by position). With ``previous``
-    masks, weights already removed stay removed.
+    Exactly ``round(sparsity * n)`` weights are removed. With ``previous`` masks, weights already
+    removed stay removed and count toward the target.
     """
     check_fraction("sparsity", sparsity)
     check_choice("scope", scope, ("global", "layer"))
     previous = previous or {}
     if scope == "layer":
         return {
-            name: _keep_lowest_out(_scores(w, previous.get(name)), round(sparsity * w.numel()))
+            name: _grow_mask(w.detach().abs().float(), round(sparsity * w.numel()), previous.get(name))
             for name, w in weights.items()
         }
     names = list(weights)
-    flat = torch.cat([_scores(weights[n], previous.get(n)).flatten().cpu() for n in names])
-    keep = _keep_lowest_out(flat, round(sparsity * flat.numel()))
+    flat = torch.cat([weights[n].detach().abs().float().flatten().cpu() for n in names])
+    prev = None
+    if all(n in previous for n in names) and names:
+        prev = torch.cat([previous[n].flatten().cpu() for n in names])
+    keep = _grow_mask(flat, round(sparsity * flat.numel()), prev)
     masks, offset = {}, 0
     for n in names:
         w = weights[n]
@@ -161,10 +176,9 @@ def structured_masks(
     for name, w in weights.items():
         rows = w.detach().float().flatten(1).norm(p=norm, dim=1)
         prev = previous.get(name)
-        if prev is not None:
-            rows = rows.masked_fill(~prev.flatten(1).any(dim=1), -1.0)
+        prev_rows = prev.flatten(1).any(dim=1) if prev is not None else None
         n_prune = min(round(sparsity * rows.numel()), rows.numel() - 1)
-        keep_rows = _keep_lowest_out(rows, n_prune)
+        keep_rows = _grow_mask(rows, n_prune, prev_rows)
         masks[name] = keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
     return masks
 
@@ -192,22 +206,31 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
     return masks
 
 
+def _as_factors(params: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    return [m.to(p.dtype) if m.dtype == torch.bool else m for p, m in zip(params, masks)]
+
+
 @torch.no_grad()
 def apply_masks(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Set the masked-out weights (``False`` in the boolean ``masks``) to exactly zero, in place.
+    """Zero the masked-out weights in place with one fused multiply.
 
-    A fill, not a multiply: a weight that overflowed to inf or NaN is still zeroed.
+    Args:
+        params: the weights.
+        masks: keep-masks, boolean or already in the weights' dtype (1 keeps, 0 removes); the
+            training loop passes dtype masks, built once per mask change, since a fused multiply is
+            about ten times faster on CPU than ``masked_fill_``. A weight that is already inf or NaN
+            stays NaN: such a step has broken the model anyway, and ``GradScalerMonitor`` counts it.
     """
-    for param, mask in zip(params, masks):
-        param.masked_fill_(~mask, 0.0)
+    if params:
+        torch._foreach_mul_(list(params), _as_factors(params, masks))
 
 
 @torch.no_grad()
 def mask_gradients(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Zero the gradients of masked-out weights, so optimizer state never builds up on them."""
-    for param, mask in zip(params, masks):
-        if param.grad is not None:
-            param.grad.masked_fill_(~mask, 0.0)
+    """Zero the gradients of masked-out weights, so clipping and optimizer state ignore them."""
+    pairs = [(p.grad, m) for p, m in zip(params, _as_factors(params, masks)) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
 
 def masks_sparsity(masks: Mapping[str, Tensor]) -> float:

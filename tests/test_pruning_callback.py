@@ -251,3 +251,31 @@ def test_pattern_matching_nothing_fails_at_setup(tmp_path, digits):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         Pruning(**kwargs)
+
+
+def test_per_epoch_schedule_updates_at_epoch_starts(tmp_path, digits):
+    pruning = Pruning(final_sparsity=0.6, schedule="linear", unit="epoch", start_step=1, end_step=3, frequency=1)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(round(pruning.current_sparsity, 3))
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[pruning, Spy()]))
+    trainer.fit(_mlp(), digits)
+    # linear: 0 at epoch 1 (the start), 0.3 at epoch 2, 0.6 at epoch 3 (the end); the spy runs after the update
+    assert seen == [0.0, 0.0, 0.3, 0.6]
+    assert pruning.history == [(2, pytest.approx(0.3)), (3, pytest.approx(0.6))]
+
+
+def test_report_carries_the_sparsity_table(tmp_path, digits):
+    pruning = Pruning(final_sparsity=0.5, start_step=1, end_step=2, frequency=1)
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, compare_train_step=False, print_table=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, callbacks=[pruning, report]))
+    trainer.fit(_mlp(), digits)
+    data = json.loads((tmp_path / "report.json").read_text())
+    table = data["extra"]["sparsity_table"]
+    assert [row["layer"] for row in table] == ["net.blocks.0.linear", "net.head", "(global)"]
+    assert table[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert data["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "## sparsity_table" in (tmp_path / "report.md").read_text()

@@ -96,30 +96,27 @@ def select_parameters(
     return selected
 
 
-def _lowest(flat: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` lowest values of a 1-D tensor.
-
-    On CPU this is numpy's introselect (``argpartition``), about 40x faster than ``torch.topk`` with
-    a large ``k`` on 300k scores (0.85 ms against 33 ms here); on CUDA, ``torch.topk``.
-    """
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.argpartition(flat.numpy(), k - 1)[:k])
-    return torch.topk(flat, k, largest=False).indices
-
-
 def _grow_mask(scores: Tensor, n_prune: int, previous: Tensor | None) -> Tensor:
     """Keep-mask with exactly ``n_prune`` removed: everything ``previous`` removed, then the lowest scores.
 
-    Only the weights still kept are ranked, so masks only grow (and selection does not wade through
-    the many equal scores of weights already removed).
+    Only the weights still kept are ranked, so masks only grow, and the selection never wades through
+    the many equal scores of weights already removed. On CPU the selection is numpy's introselect
+    (``argpartition``), about 40x faster than ``torch.topk`` with a large ``k`` on 300k scores
+    (0.85 ms against 33 ms here); on CUDA it is ``torch.topk``.
     """
     keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.clone()
-    flat_keep = keep.view(-1)
-    kept = torch.nonzero(flat_keep).flatten()
-    n_new = n_prune - (flat_keep.numel() - kept.numel())
-    if n_new > 0:
-        candidates = scores.flatten()[kept]
-        flat_keep[kept[_lowest(candidates, n_new).to(kept.device)]] = False
+    n_new = n_prune - int(keep.numel() - keep.sum()) if previous is not None else n_prune
+    if n_new <= 0:
+        return keep
+    if scores.device.type == "cpu":
+        flat_keep = keep.numpy().reshape(-1)  # shares memory with `keep`
+        kept = np.flatnonzero(flat_keep)
+        candidates = scores.detach().numpy().reshape(-1)[kept]
+        flat_keep[kept[np.argpartition(candidates, n_new - 1)[:n_new]]] = False
+        return keep
+    flat = keep.view(-1)
+    kept_idx = torch.nonzero(flat).flatten()
+    flat[kept_idx[torch.topk(scores.flatten()[kept_idx], n_new, largest=False).indices]] = False
     return keep
 
 

@@ -13,41 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from lightning_quantum.checkpointing_probe import run_probe
+
 RESULTS = Path(__file__).resolve().parent / "results" / "activation_checkpointing.json"
-
-_CHILD = """
-import json, sys, time, torch
-from torch import nn
-from lightning_quantum.benchmark import measure_training_peak_memory_mb
-from lightning_quantum.checkpointing import enable_activation_checkpointing
-from lightning_quantum.models.nets import MLPBlock
-torch.manual_seed(0)
-torch.set_num_threads(2)
-net = nn.Sequential(*[MLPBlock(256, 256, dropout=0.1) for _ in range(8)])
-if sys.argv[1] == "on":
-    enable_activation_checkpointing(net, ["MLPBlock"])
-x = torch.randn(16384, 256)
-peak = measure_training_peak_memory_mb(net, x)
-times = []
-for _ in range(6):
-    net.zero_grad(set_to_none=True)
-    t = time.perf_counter()
-    net(x).sum().backward()
-    times.append((time.perf_counter() - t) * 1000)
-print(json.dumps({"peak_mb": peak, "step_ms": sorted(times[1:])[len(times[1:]) // 2]}))
-"""
-
-
-def _run(mode: str) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -57,7 +28,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for _ in range(args.rounds):
         for mode in runs:
-            runs[mode].append(_run(mode))
+            runs[mode].append(run_probe(mode, steps=5))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     result = {
         "benchmark": "activation checkpointing, 8 x MLPBlock(256), batch 16384, CPU, 2 threads",

@@ -1,8 +1,3 @@
-import json
-import os
-import subprocess
-import sys
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -122,35 +117,11 @@ def test_hugging_face_model_uses_its_own_switch():
     assert not bert.is_gradient_checkpointing
 
 
-_MEMORY_SCRIPT = """
-import json, sys, torch
-from torch import nn
-from lightning_quantum.benchmark import measure_training_peak_memory_mb
-from lightning_quantum.checkpointing import enable_activation_checkpointing
-from lightning_quantum.models.nets import MLPBlock
-torch.manual_seed(0)
-torch.set_num_threads(2)
-net = nn.Sequential(*[MLPBlock(256, 256, dropout=0.1) for _ in range(8)])
-if sys.argv[1] == "on":
-    enable_activation_checkpointing(net, ["MLPBlock"])
-x = torch.randn(16384, 256)
-print(json.dumps(measure_training_peak_memory_mb(net, x)))
-"""
-
-
-def _peak_mb(mode):
-    # A fixed mmap threshold makes glibc hand big blocks back to the OS when torch frees them, so the
-    # process RSS follows live tensor memory (its default moving threshold keeps freed blocks resident).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, mode], capture_output=True, text=True, check=True, env=env
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_checkpointing_cuts_peak_training_memory_on_cpu():
+    from lightning_quantum.checkpointing_probe import run_probe
+
     # 8 blocks, activations of 16384 x 256 fp32 = 16 MiB each. Without checkpointing each block keeps
     # its linear input, ReLU output and dropout mask for backward; with it only block inputs are kept.
-    off, on = _peak_mb("off"), _peak_mb("on")
+    off, on = run_probe("off")["peak_mb"], run_probe("on")["peak_mb"]
     assert off > 150, off
     assert on < 0.6 * off, (on, off)

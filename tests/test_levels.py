@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import lightning_quantum as lq
-from lightning_quantum.callbacks import GradScalerMonitor, MemoryMonitor, OptimizationReport, Pruning
+from lightning_quantum.callbacks import GradScalerMonitor, MemoryMonitor, OptimizationReport, Pruning, QuantizationAwareTraining
 from lightning_quantum.levels import CALLBACKS, LEVELS, OptimizationLevel, render_level_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -19,7 +19,7 @@ def test_level_yaml_is_generated_from_python(definition):
     assert on_disk == render_level_yaml(definition.level), "run `make conf` to regenerate conf/level"
 
 
-_OUR_CALLBACKS = {**CALLBACKS, "pruning": Pruning}
+_OUR_CALLBACKS = {**CALLBACKS, "pruning": Pruning, "qat": QuantizationAwareTraining}
 
 
 @pytest.mark.parametrize("name", sorted(_OUR_CALLBACKS))

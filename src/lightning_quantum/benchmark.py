@@ -48,6 +48,7 @@ __all__ = [
     "time_calls_ms",
     "percentile",
     "split_batch",
+    "plain_tensors",
 ]
 
 _MB = 1024 * 1024
@@ -141,6 +142,8 @@ def global_sparsity(module: nn.Module) -> float:
     """Fraction of exact zeros over the floating-point tensors of two or more dims (weights, kernels)."""
     zeros = total = 0
     for tensor in module.state_dict().values():
+        if isinstance(tensor, Tensor) and type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
+            tensor = tensor.dequantize()  # a quantized weight: count the zeros of the values it stands for
         if isinstance(tensor, Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():
             zeros += int((tensor == 0).sum())
             total += tensor.numel()
@@ -151,10 +154,23 @@ def _num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def plain_tensors(tensor: Tensor) -> list[Tensor]:
+    """The plain tensors holding a tensor's data: itself, or the inner tensors of a tensor subclass.
+
+    Quantized weights (torchao) are tensor subclasses whose bytes live in inner tensors (the packed
+    values, scales, zero points), listed by ``__tensor_flatten__``.
+    """
+    if type(tensor) in (Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [inner for name in names for inner in plain_tensors(getattr(tensor, name))]
+
+
 def _resident_bytes(module: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
+    params = itertools.chain(module.parameters(), module.buffers())
+    for tensor in (inner for t in params for inner in plain_tensors(t)):
         storage = tensor.untyped_storage()
         if storage.data_ptr() in seen:
             continue

@@ -4,6 +4,7 @@ from lightning_quantum.callbacks.activation_checkpointing import ActivationCheck
 from lightning_quantum.callbacks.grad_scaler_monitor import GradScalerMonitor
 from lightning_quantum.callbacks.memory_monitor import MemoryMonitor
 from lightning_quantum.callbacks.pruning import Pruning
+from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.callbacks.report import OptimizationReport
 
-__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport", "Pruning"]
+__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport", "Pruning", "QuantizationAwareTraining"]

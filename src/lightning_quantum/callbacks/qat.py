@@ -1,0 +1,187 @@
+"""Quantization-aware training on torchao: prepare, train with fake quantization, convert at fit end."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_quantum._validation import check_choice
+from lightning_quantum.quantization.qat import (
+    convert_qat,
+    dequantize_linears,
+    is_converted,
+    prepare_qat,
+    set_fake_quant_enabled,
+)
+from lightning_quantum.quantization.schemes import QAT_SCHEMES
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantizationAwareTraining"]
+
+Phase = Literal["float", "prepared", "converted"]
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with torchao fake quantization, then convert to a really quantized model.
+
+    ``setup("fit")`` swaps the chosen ``nn.Linear`` layers for torchao ``FakeQuantizedLinear``
+    (through ``QATConfig(step="prepare")``, a module swap: ``forward`` is never patched), with the
+    fake quantizers off until ``start_step`` (or ``start_epoch``). At fit end the model is converted
+    with ``QATConfig(step="convert")`` unless ``convert_on_fit_end=False``; the converted outputs match
+    the fake-quantized ones. The phase is part of the checkpoint; prepared layers keep the plain
+    layers' state_dict keys, so checkpoints load with ``weights_only=True`` into plain or prepared
+    models. ``fit`` can run twice (a converted model is dequantized and prepared again), and
+    ``trainer.test(ckpt_path=...)`` with a checkpoint written during QAT loads into the converted
+    model (which is prepared again to take the float weights).
+
+    Args:
+        scheme: ``"int8_dynamic_int8_weight"`` (int8 per-token activations, int8 per-channel weights;
+            the CPU default), ``"int8_dynamic_int4_weight"`` (int4 weights in groups) or
+            ``"int4_weight_only"``.
+        group_size: weights per scale for the int4 schemes; must divide each layer's input features.
+        start_step: optimizer step at which fake quantization begins.
+        start_epoch: epoch at which it begins instead, when given.
+        convert_on_fit_end: convert to the real quantized model when fit ends.
+        names: ``fnmatch`` patterns of the linear layers to quantize; all when ``None``.
+        ignore: ``fnmatch`` patterns of layers to keep in full precision (the classifier head, say).
+
+    Raises:
+        MisconfigurationException: for an unknown scheme, a bad group size or start; at ``setup``, a group
+            size that does not divide a layer, or a model with nothing to quantize.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(start_step=100)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        scheme: Literal["int8_dynamic_int8_weight", "int8_dynamic_int4_weight", "int4_weight_only"] = (
+            "int8_dynamic_int8_weight"
+        ),
+        group_size: int = 32,
+        start_step: int = 0,
+        start_epoch: int | None = None,
+        convert_on_fit_end: bool = True,
+        names: Sequence[str] | None = None,
+        ignore: Sequence[str] = (),
+    ) -> None:
+        err = MisconfigurationException
+        check_choice("scheme", scheme, QAT_SCHEMES, error=err)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise err(f"`group_size`={group_size!r} is not valid. It must be a positive integer.")
+        for label, value in (("start_step", start_step), ("start_epoch", start_epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise err(f"`{label}`={value!r} is not valid. It must be an integer >= 0.")
+        if isinstance(ignore, str) or isinstance(names, str):
+            raise err("`names` and `ignore` take lists of strings, not a single string.")
+        self.scheme = scheme
+        self.group_size = group_size
+        self.start_step = start_step
+        self.start_epoch = start_epoch
+        self.convert_on_fit_end = convert_on_fit_end
+        self.names = list(names) if names is not None else None
+        self.ignore = list(ignore)
+        self.phase: Phase = "float"
+        self.fake_quant_enabled = False
+        self.layers: list[str] = []
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._prepare(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_enabled(pl_module, self._should_be_enabled(trainer))  # after a resume too
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.fake_quant_enabled and self._should_be_enabled(trainer):
+            self._set_enabled(pl_module, True)
+            rank_zero_info(f"QAT: fake quantization on at step {trainer.global_step} ({self.scheme})")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.convert_on_fit_end and self.phase == "prepared":
+            self._set_enabled(pl_module, True)
+            convert_qat(pl_module, self.scheme, group_size=self.group_size)
+            self.phase = "converted"
+            self._watch_for_float_checkpoints(pl_module)
+            rank_zero_info(f"QAT: converted {len(self.layers)} layers to {self.scheme}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "fake_quant_enabled": self.fake_quant_enabled, "scheme": self.scheme,
+                "group_size": self.group_size, "layers": list(self.layers)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        scheme = state_dict.get("scheme", self.scheme)
+        if scheme != self.scheme or state_dict.get("group_size", self.group_size) != self.group_size:
+            raise MisconfigurationException(
+                f"The checkpoint was trained with `scheme`={scheme!r}, `group_size`={state_dict.get('group_size')}; "
+                f"this callback has `scheme`={self.scheme!r}, `group_size`={self.group_size}."
+            )
+        self.fake_quant_enabled = bool(state_dict.get("fake_quant_enabled", False))
+
+    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Figures for the optimization report."""
+        return {"quantization": {"scheme": self.scheme, "group_size": self.group_size, "phase": self.phase,
+                                 "layers": len(self.layers)}}
+
+    # -- work ----------------------------------------------------------------------------------
+    def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
+        if self.start_epoch is not None:
+            return trainer.current_epoch >= self.start_epoch
+        return trainer.global_step >= self.start_step
+
+    def _set_enabled(self, pl_module: pl.LightningModule, enabled: bool) -> None:
+        set_fake_quant_enabled(pl_module, enabled)
+        self.fake_quant_enabled = enabled
+
+    def _watch_for_float_checkpoints(self, pl_module: pl.LightningModule) -> None:
+        """Let a checkpoint written during QAT (float weights) load into the converted model.
+
+        ``trainer.test(ckpt_path=...)`` loads the weights after every callback hook has run, so the
+        converted model is prepared again by a ``load_state_dict`` pre-hook on the root module, which
+        torch runs before it loads any child: it sees float weights where the model has quantized
+        ones, dequantizes and prepares the layers, and the loading goes on into fake-quantized
+        layers, which compute what the converted ones did.
+        """
+
+        def reprepare_for_float_weights(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            weights = [state_dict.get(f"{prefix}{layer}.weight") for layer in self.layers]
+            if any(type(w) is torch.Tensor for w in weights) and is_converted(module):
+                log.info("QAT: loading float QAT weights; preparing the converted layers again")
+                self._prepare(module)
+
+        self._remove_load_hook()
+        self._load_hook = pl_module._register_load_state_dict_pre_hook(reprepare_for_float_weights, with_module=True)
+
+    def _remove_load_hook(self) -> None:
+        handle = getattr(self, "_load_hook", None)
+        if handle is not None:
+            handle.remove()
+            self._load_hook = None
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
+        if is_converted(pl_module):
+            dequantize_linears(pl_module)  # fit again, or load float QAT weights into a converted model
+        try:
+            self.layers = prepare_qat(pl_module, self.scheme, group_size=self.group_size, names=self.names,
+                                      ignore=self.ignore)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+        self.phase = "prepared"
+        self._set_enabled(pl_module, self.fake_quant_enabled)

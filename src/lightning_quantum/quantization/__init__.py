@@ -1,0 +1,22 @@
+"""Quantization with torchao, as pure functions the callbacks call."""
+
+from lightning_quantum.quantization.qat import (
+    convert_qat,
+    dequantize_linears,
+    is_converted,
+    is_prepared,
+    prepare_qat,
+    set_fake_quant_enabled,
+)
+from lightning_quantum.quantization.schemes import QAT_SCHEMES, qat_base_config
+
+__all__ = [
+    "QAT_SCHEMES",
+    "convert_qat",
+    "dequantize_linears",
+    "is_converted",
+    "is_prepared",
+    "prepare_qat",
+    "qat_base_config",
+    "set_fake_quant_enabled",
+]

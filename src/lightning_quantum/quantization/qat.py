@@ -1,0 +1,125 @@
+"""Quantization-aware training with torchao's ``QATConfig``, as pure functions.
+
+``prepare_qat`` swaps each chosen ``nn.Linear`` for torchao's ``FakeQuantizedLinear`` (a module swap,
+never a patched ``forward``); its state_dict keys are those of the plain layer, so checkpoints move
+freely between plain and prepared models. ``set_fake_quant_enabled`` switches the fake quantizers
+on and off (QAT can start late). ``convert_qat`` swaps them back and applies the real torchao
+quantization; its outputs match the fake-quantized ones (bit for bit with torchao 0.18 on CPU).
+``dequantize_linears`` undoes a conversion, so a converted model can be prepared and trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quantum.pruning.masks import select_parameters
+from lightning_quantum.quantization.schemes import check_group_size, qat_base_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "select_linears",
+    "prepare_qat",
+    "convert_qat",
+    "set_fake_quant_enabled",
+    "is_prepared",
+    "is_converted",
+    "dequantize_linears",
+]
+
+
+def _fake_quantized_linear() -> type[nn.Module]:
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    return FakeQuantizedLinear
+
+
+def select_linears(
+    model: nn.Module, names: Sequence[str] | None = None, ignore: Sequence[str] = ()
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers (prepared or not) to quantize, by module name.
+
+    Raises:
+        ValueError: when a pattern matches nothing, or no layer is left to quantize.
+    """
+    types = ("Linear", "FakeQuantizedLinear")
+    return select_parameters(model, module_types=types, names=names, ignore=ignore)  # type: ignore[return-value]
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a torchao ``FakeQuantizedLinear``."""
+    cls = _fake_quantized_linear()
+    return any(isinstance(m, cls) for m in model.modules())
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether any ``Linear`` weight of ``model`` is a torchao quantized tensor."""
+    return any(
+        isinstance(m, nn.Linear) and type(m.weight) not in (Tensor, nn.Parameter) for m in model.modules()
+    )
+
+
+def prepare_qat(
+    model: nn.Module, scheme: str, *, group_size: int = 32, names: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+) -> list[str]:
+    """Swap the chosen linears for fake-quantized ones, in place; return their names.
+
+    Safe to call twice: layers already prepared are left alone.
+
+    Raises:
+        ValueError: for an unknown scheme, a group size that does not divide a layer, or nothing to quantize.
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    base = qat_base_config(scheme, group_size)
+    linears = select_linears(model, names, ignore)
+    check_group_size(scheme, group_size, linears)
+    cls = _fake_quantized_linear()
+    todo = {name for name, m in linears.items() if not isinstance(m, cls)}
+    if todo:
+        quantize_(model, QATConfig(base, step="prepare"), filter_fn=lambda m, fqn: fqn in todo)
+    return sorted(linears)
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> int:
+    """Turn the fake quantizers of every prepared layer on or off; return how many layers."""
+    cls = _fake_quantized_linear()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, cls):
+            for quantizer in (module.activation_fake_quantizer, module.weight_fake_quantizer):
+                if quantizer is not None:
+                    quantizer.enabled = enabled
+            count += 1
+    return count
+
+
+def convert_qat(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
+    """Replace the fake-quantized layers with really quantized ones, in place; return how many."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    cls = _fake_quantized_linear()
+    count = sum(isinstance(m, cls) for m in model.modules())
+    if count:
+        quantize_(model, QATConfig(qat_base_config(scheme, group_size), step="convert"))
+    return count
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module) -> int:
+    """Give converted linears plain float weights again (their dequantized values); return how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and type(module.weight) not in (Tensor, nn.Parameter):
+            weight: Any = module.weight
+            module.weight = nn.Parameter(weight.dequantize().to(torch.float32).contiguous())
+            count += 1
+    return count

@@ -1,0 +1,71 @@
+"""Quantization schemes by name, each a torchao config built on demand.
+
+torchao is imported lazily, so importing lightning_quantum stays light; torchao 0.18 prints
+"Failed to load ... .so" lines on CPU-only machines, which are harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["QAT_SCHEMES", "qat_base_config", "check_group_size"]
+
+
+def _int8_dynamic_int8_weight(group_size: int) -> Any:
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+
+def _int8_dynamic_int4_weight(group_size: int) -> Any:
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+
+
+def _int4_weight_only(group_size: int) -> Any:
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+
+
+#: QAT schemes: name -> (builder of the torchao base config, whether weights are grouped).
+QAT_SCHEMES: dict[str, tuple[Callable[[int], Any], bool]] = {
+    "int8_dynamic_int8_weight": (_int8_dynamic_int8_weight, False),  # the CPU default
+    "int8_dynamic_int4_weight": (_int8_dynamic_int4_weight, True),
+    "int4_weight_only": (_int4_weight_only, True),
+}
+
+
+def qat_base_config(scheme: str, group_size: int = 32) -> Any:
+    """The torchao post-training config that QAT prepares for and converts to.
+
+    Raises:
+        ValueError: for an unknown scheme.
+    """
+    if scheme not in QAT_SCHEMES:
+        raise ValueError(f"`scheme`={scheme!r} is not valid. Choose one of: {', '.join(map(repr, QAT_SCHEMES))}.")
+    return QAT_SCHEMES[scheme][0](group_size)
+
+
+def check_group_size(scheme: str, group_size: int, linears: dict[str, nn.Linear]) -> None:
+    """Raise when a grouped scheme's ``group_size`` does not divide a layer's input features."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"`group_size`={group_size!r} is not valid. It must be a positive integer.")
+    if not QAT_SCHEMES[scheme][1]:
+        return
+    bad = {name: m.in_features for name, m in linears.items() if m.in_features % group_size}
+    if bad:
+        raise ValueError(
+            f"`group_size`={group_size} does not divide the input features of {bad}. Choose a group size that "
+            "divides them (32 and 64 are common), or add those layers to `ignore`."
+        )

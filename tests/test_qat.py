@@ -1,0 +1,168 @@
+"""QuantizationAwareTraining on torchao: numerics, phases, fit twice, test(ckpt_path), resume, errors."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
+from lightning_quantum.data import DigitsDataModule
+from lightning_quantum.models import Classifier, DigitsMLP
+from lightning_quantum.quantization import (
+    QAT_SCHEMES,
+    convert_qat,
+    dequantize_linears,
+    is_converted,
+    is_prepared,
+    prepare_qat,
+    set_fake_quant_enabled,
+)
+from tests.conftest import trainer_kwargs
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return Classifier(DigitsMLP(hidden=(64,), dropout=0.0), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+
+
+@pytest.mark.parametrize("scheme", sorted(QAT_SCHEMES))
+def test_fake_quantized_output_matches_converted_output(scheme):
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
+    x = torch.randn(16, 64)
+    ref = net(x)
+    assert prepare_qat(net, scheme) == ["blocks.0.linear", "head"]
+    set_fake_quant_enabled(net, False)
+    torch.testing.assert_close(net(x), ref)  # off: the plain layer
+    set_fake_quant_enabled(net, True)
+    fake = net(x)
+    assert not torch.equal(fake, ref)
+    assert convert_qat(net, scheme) == 2
+    assert is_converted(net) and not is_prepared(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), fake.detach(), atol=1e-5, rtol=0)
+
+
+def test_callback_converts_at_fit_end_and_evaluation_is_consistent(tmp_path, digits):
+    model = _mlp()
+    qat = QuantizationAwareTraining(convert_on_fit_end=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[qat]))
+    trainer.fit(model, digits)
+    assert qat.phase == "prepared" and is_prepared(model)
+    (fake,) = trainer.test(model, digits, verbose=False)
+    convert_qat(model, qat.scheme)
+    (real,) = trainer.test(model, digits, verbose=False)
+    assert real["test/acc"] == fake["test/acc"]
+    assert real["test/loss"] == pytest.approx(fake["test/loss"], abs=1e-5)
+
+    model = _mlp()
+    qat = QuantizationAwareTraining()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat])).fit(model, digits)
+    assert qat.phase == "converted" and is_converted(model)
+    assert type(model.net.head.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+def test_fake_quantization_waits_for_start_step(tmp_path, digits):
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            seen.append(pl_module.net.head.weight_fake_quantizer.enabled)
+
+    qat = QuantizationAwareTraining(start_step=2, convert_on_fit_end=False)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, callbacks=[qat, Spy()])).fit(_mlp(), digits)
+    assert seen == [False, False, True, True]
+
+
+def test_fit_twice_and_test_with_a_qat_checkpoint(tmp_path, digits):
+    model = _mlp()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    qat = QuantizationAwareTraining()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[qat, ckpt]))
+    trainer.fit(model, digits)
+    assert is_converted(model)
+    # test(ckpt_path) with a checkpoint written during QAT (float weights, prepared phase)
+    (from_ckpt,) = trainer.test(model, digits, ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"), verbose=False,
+                                weights_only=True)
+    assert is_prepared(model)
+    assert 0 <= from_ckpt["test/acc"] <= 1
+    # fit again: the model is prepared again and converted again
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat]))
+    trainer.fit(model, digits)
+    assert is_converted(model) and qat.phase == "converted"
+
+
+def _fit_for_resume(tmp_path, epochs, ckpt_path=None):
+    model = _mlp()
+    qat = QuantizationAwareTraining(start_step=5, convert_on_fit_end=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}",
+                           save_on_train_epoch_end=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=epochs, limit_train_batches=6, limit_val_batches=0,
+                                          enable_checkpointing=True, callbacks=[qat, ckpt]))
+    trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path, weights_only=True)
+    return model, qat
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    full, full_qat = _fit_for_resume(tmp_path / "a", 4)
+    mid = tmp_path / "a" / "ckpts" / "epoch=1.ckpt"
+    state = torch.load(mid, weights_only=True)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantizationAwareTraining"))
+    assert saved["phase"] == "prepared" and saved["fake_quant_enabled"] is True
+    resumed, _ = _fit_for_resume(tmp_path / "b", 4, ckpt_path=mid)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_pruned_weights_stay_zero_through_qat(tmp_path, digits):
+    model = _mlp()
+    pruning = Pruning(final_sparsity=0.5, start_step=1, end_step=1)
+    qat = QuantizationAwareTraining()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5, callbacks=[pruning, qat])).fit(model, digits)
+    assert is_converted(model)
+    mask = pruning.masks["net.blocks.0.linear.weight"]
+    dense = model.net.blocks[0].linear.weight.dequantize()
+    assert (dense[~mask] == 0).all()
+
+
+def test_dequantize_gives_float_weights_back():
+    net = nn.Sequential(nn.Linear(32, 8))
+    prepare_qat(net, "int8_dynamic_int8_weight")
+    convert_qat(net, "int8_dynamic_int8_weight")
+    assert dequantize_linears(net) == 1 and type(net[0].weight) is nn.Parameter
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scheme": "int2"}, r"`scheme`='int2' is not valid. Choose one of: 'int8_dynamic_int8_weight'"),
+        ({"group_size": 0}, r"`group_size`=0 is not valid"),
+        ({"start_step": -1}, r"`start_step`=-1 is not valid"),
+        ({"ignore": "head"}, r"take lists of strings"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_group_size_that_does_not_divide_is_refused(tmp_path, digits):
+    qat = QuantizationAwareTraining(scheme="int8_dynamic_int4_weight", group_size=48)
+    with pytest.raises(MisconfigurationException, match=r"`group_size`=48 does not divide the input features of "
+                                                         r"\{'net.blocks.0.linear': 64, 'net.head': 64\}"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[qat])).fit(_mlp(), digits)
+
+
+def test_nothing_to_quantize_is_refused(tmp_path, digits):
+    class ConvOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 10, 8)
+
+        def forward(self, x):
+            return self.conv(x.view(-1, 1, 8, 8)).flatten(1)
+
+    with pytest.raises(MisconfigurationException, match=r"Nothing to prune in Classifier: no module of `module_types`"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()])).fit(Classifier(ConvOnly()), digits)

@@ -7,7 +7,13 @@ import pytest
 import yaml
 
 import lightning_quantum as lq
-from lightning_quantum.callbacks import GradScalerMonitor, MemoryMonitor, OptimizationReport, Pruning, QuantizationAwareTraining
+from lightning_quantum.callbacks import (
+    GradScalerMonitor,
+    MemoryMonitor,
+    OptimizationReport,
+    Pruning,
+    QuantizationAwareTraining,
+)
 from lightning_quantum.levels import CALLBACKS, LEVELS, OptimizationLevel, render_level_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -84,8 +84,9 @@ def test_fit_twice_and_test_with_a_qat_checkpoint(tmp_path, digits):
     trainer.fit(model, digits)
     assert is_converted(model)
     # test(ckpt_path) with a checkpoint written during QAT (float weights, prepared phase)
-    (from_ckpt,) = trainer.test(model, digits, ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"), verbose=False,
-                                weights_only=True)
+    (from_ckpt,) = trainer.test(
+        model, digits, ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"), verbose=False, weights_only=True
+    )
     assert is_prepared(model)
     assert 0 <= from_ckpt["test/acc"] <= 1
     # fit again: the model is prepared again and converted again
@@ -97,10 +98,19 @@ def test_fit_twice_and_test_with_a_qat_checkpoint(tmp_path, digits):
 def _fit_for_resume(tmp_path, epochs, ckpt_path=None):
     model = _mlp()
     qat = QuantizationAwareTraining(start_step=5, convert_on_fit_end=False)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}",
-                           save_on_train_epoch_end=True)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=epochs, limit_train_batches=6, limit_val_batches=0,
-                                          enable_checkpointing=True, callbacks=[qat, ckpt]))
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}", save_on_train_epoch_end=True
+    )
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=epochs,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[qat, ckpt],
+        )
+    )
     trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path, weights_only=True)
     return model, qat
 
@@ -150,8 +160,11 @@ def test_invalid_arguments(kwargs, match):
 
 def test_group_size_that_does_not_divide_is_refused(tmp_path, digits):
     qat = QuantizationAwareTraining(scheme="int8_dynamic_int4_weight", group_size=48)
-    with pytest.raises(MisconfigurationException, match=r"`group_size`=48 does not divide the input features of "
-                                                         r"\{'net.blocks.0.linear': 64, 'net.head': 64\}"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"`group_size`=48 does not divide the input features of "
+        r"\{'net.blocks.0.linear': 64, 'net.head': 64\}",
+    ):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[qat])).fit(_mlp(), digits)
 
 
@@ -164,5 +177,9 @@ def test_nothing_to_quantize_is_refused(tmp_path, digits):
         def forward(self, x):
             return self.conv(x.view(-1, 1, 8, 8)).flatten(1)
 
-    with pytest.raises(MisconfigurationException, match=r"Nothing to prune in Classifier: no module of `module_types`"):
-        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()])).fit(Classifier(ConvOnly()), digits)
+    with pytest.raises(
+        MisconfigurationException, match=r"Nothing to quantize in Classifier: no module of `module_types`"
+    ):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()])).fit(
+            Classifier(ConvOnly()), digits
+        )

@@ -7,4 +7,11 @@ from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.callbacks.report import OptimizationReport
 
-__all__ = ["ActivationCheckpointing", "GradScalerMonitor", "MemoryMonitor", "OptimizationReport", "Pruning", "QuantizationAwareTraining"]
+__all__ = [
+    "ActivationCheckpointing",
+    "GradScalerMonitor",
+    "MemoryMonitor",
+    "OptimizationReport",
+    "Pruning",
+    "QuantizationAwareTraining",
+]

@@ -105,7 +105,9 @@ class QuantizationAwareTraining(Callback):
         self._set_enabled(pl_module, self._should_be_enabled(trainer))  # after a resume too
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self.fake_quant_enabled and self._should_be_enabled(trainer):
             self._set_enabled(pl_module, True)
             rank_zero_info(f"QAT: fake quantization on at step {trainer.global_step} ({self.scheme})")
@@ -121,8 +123,13 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "fake_quant_enabled": self.fake_quant_enabled, "scheme": self.scheme,
-                "group_size": self.group_size, "layers": list(self.layers)}
+        return {
+            "phase": self.phase,
+            "fake_quant_enabled": self.fake_quant_enabled,
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "layers": list(self.layers),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -136,8 +143,14 @@ class QuantizationAwareTraining(Callback):
 
     def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Figures for the optimization report."""
-        return {"quantization": {"scheme": self.scheme, "group_size": self.group_size, "phase": self.phase,
-                                 "layers": len(self.layers)}}
+        return {
+            "quantization": {
+                "scheme": self.scheme,
+                "group_size": self.group_size,
+                "phase": self.phase,
+                "layers": len(self.layers),
+            }
+        }
 
     # -- work ----------------------------------------------------------------------------------
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
@@ -179,8 +192,9 @@ class QuantizationAwareTraining(Callback):
         if is_converted(pl_module):
             dequantize_linears(pl_module)  # fit again, or load float QAT weights into a converted model
         try:
-            self.layers = prepare_qat(pl_module, self.scheme, group_size=self.group_size, names=self.names,
-                                      ignore=self.ignore)
+            self.layers = prepare_qat(
+                pl_module, self.scheme, group_size=self.group_size, names=self.names, ignore=self.ignore
+            )
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.phase = "prepared"

@@ -53,8 +53,9 @@ def select_parameters(
     names: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
     parameter_name: str = "weight",
+    purpose: str = "prune",
 ) -> dict[str, nn.Module]:
-    """The modules whose ``parameter_name`` will be pruned, by qualified module name.
+    """The modules whose ``parameter_name`` will be pruned (or quantized), by qualified module name.
 
     Args:
         model: the model to search.
@@ -62,6 +63,7 @@ def select_parameters(
         names: ``fnmatch`` patterns on module names; every module type when ``None``.
         ignore: ``fnmatch`` patterns of module names to leave alone (the classifier head, say).
         parameter_name: the parameter of each module to prune.
+        purpose: the word the error uses for what is done ("prune", "quantize").
 
     Raises:
         ValueError: when a pattern (of ``names`` or ``ignore``) matches nothing, or nothing is left
@@ -89,7 +91,7 @@ def select_parameters(
     if not selected:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
-            f"Nothing to prune in {type(model).__name__}: no module of `module_types`={list(module_types)} with a "
+            f"Nothing to {purpose} in {type(model).__name__}: no module of `module_types`={list(module_types)} with a "
             f"`{parameter_name}` is left after `names`={names} and `ignore`={list(ignore)}. Module types present: "
             f"{found}."
         )

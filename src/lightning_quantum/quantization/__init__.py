@@ -1,5 +1,6 @@
 """Quantization with torchao, as pure functions the callbacks call."""
 
+from lightning_quantum.quantization.dynamic import quantize_dynamic_int8, sqnr_db
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -18,5 +19,7 @@ __all__ = [
     "is_prepared",
     "prepare_qat",
     "qat_base_config",
+    "quantize_dynamic_int8",
     "set_fake_quant_enabled",
+    "sqnr_db",
 ]

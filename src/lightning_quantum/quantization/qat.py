@@ -48,7 +48,7 @@ def select_linears(
         ValueError: when a pattern matches nothing, or no layer is left to quantize.
     """
     types = ("Linear", "FakeQuantizedLinear")
-    return select_parameters(model, module_types=types, names=names, ignore=ignore)  # type: ignore[return-value]
+    return select_parameters(model, module_types=types, names=names, ignore=ignore, purpose="quantize")  # type: ignore[return-value]
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -59,13 +59,15 @@ def is_prepared(model: nn.Module) -> bool:
 
 def is_converted(model: nn.Module) -> bool:
     """Whether any ``Linear`` weight of ``model`` is a torchao quantized tensor."""
-    return any(
-        isinstance(m, nn.Linear) and type(m.weight) not in (Tensor, nn.Parameter) for m in model.modules()
-    )
+    return any(isinstance(m, nn.Linear) and type(m.weight) not in (Tensor, nn.Parameter) for m in model.modules())
 
 
 def prepare_qat(
-    model: nn.Module, scheme: str, *, group_size: int = 32, names: Sequence[str] | None = None,
+    model: nn.Module,
+    scheme: str,
+    *,
+    group_size: int = 32,
+    names: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
 ) -> list[str]:
     """Swap the chosen linears for fake-quantized ones, in place; return their names.

@@ -25,7 +25,12 @@ def test_level_yaml_is_generated_from_python(definition):
     assert on_disk == render_level_yaml(definition.level), "run `make conf` to regenerate conf/level"
 
 
-_OUR_CALLBACKS = {**CALLBACKS, "pruning": Pruning, "qat": QuantizationAwareTraining}
+_OUR_CALLBACKS = {
+    **CALLBACKS,
+    "pruning": Pruning,
+    "qat": QuantizationAwareTraining,
+    "static_quantization": StaticQuantization,
+}
 
 
 @pytest.mark.parametrize("name", sorted(_OUR_CALLBACKS))

@@ -6,6 +6,7 @@ from lightning_quantum.callbacks.memory_monitor import MemoryMonitor
 from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.callbacks.report import OptimizationReport
+from lightning_quantum.callbacks.static_quantization import StaticQuantization
 
 __all__ = [
     "ActivationCheckpointing",
@@ -14,4 +15,5 @@ __all__ = [
     "OptimizationReport",
     "Pruning",
     "QuantizationAwareTraining",
+    "StaticQuantization",
 ]

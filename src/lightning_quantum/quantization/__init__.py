@@ -10,6 +10,7 @@ from lightning_quantum.quantization.qat import (
     set_fake_quant_enabled,
 )
 from lightning_quantum.quantization.schemes import QAT_SCHEMES, qat_base_config
+from lightning_quantum.quantization.static import quantize_static_int8, unobserved_modules
 
 __all__ = [
     "QAT_SCHEMES",
@@ -21,5 +22,7 @@ __all__ = [
     "qat_base_config",
     "quantize_dynamic_int8",
     "set_fake_quant_enabled",
+    "quantize_static_int8",
     "sqnr_db",
+    "unobserved_modules",
 ]

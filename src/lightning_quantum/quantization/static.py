@@ -1,0 +1,99 @@
+"""Static int8 quantization with PT2E: ``torch.export``, torchao's ``prepare_pt2e`` with the
+``X86InductorQuantizer``, calibration on real batches, ``convert_pt2e``.
+
+The result is a ``torch.fx.GraphModule`` that runs eagerly and under ``torch.compile`` (where
+Inductor lowers it to int8 kernels). On Hugging Face BERT-style encoders the quantizer's annotation
+fails in torchao 0.18 (``IndexError`` in ``_annotate_linear_unary``); the error says to use
+:func:`~lightning_quantum.quantization.quantize_dynamic_int8` there instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quantum.benchmark import split_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_static_int8", "unobserved_modules"]
+
+
+def _as_args(inputs: Any) -> tuple[Any, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _batch_dynamic_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
+
+
+def unobserved_modules(prepared: nn.Module) -> list[str]:
+    """Observers of a prepared model that have seen no data (their range is still empty)."""
+    unseen = []
+    for name, module in prepared.named_modules():
+        low, high = getattr(module, "min_val", None), getattr(module, "max_val", None)
+        if isinstance(low, Tensor) and isinstance(high, Tensor) and (low.numel() == 0 or bool((low > high).any())):
+            unseen.append(name)
+    return unseen
+
+
+def quantize_static_int8(
+    model: nn.Module, calibration_data: Iterable[Any], *, max_batches: int | None = 8
+) -> torch.fx.GraphModule:
+    """Calibrate and convert ``model`` to static int8; the original model is not modified.
+
+    Args:
+        model: the float model (put in eval mode for export).
+        calibration_data: batches as a ``DataLoader`` yields them; inputs are split from targets.
+        max_batches: calibration batches to use; all when ``None``.
+
+    Raises:
+        ValueError: when the calibration data is empty, an observer saw no data (naming it), or the
+            quantizer cannot annotate the model.
+    """
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    batches = iter(calibration_data)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("`calibration_data` is empty: static quantization needs at least one batch.") from None
+    example = _as_args(split_batch(first)[0])
+    was_training = model.training
+    model.eval()
+    try:
+        exported = torch.export.export(model, example, dynamic_shapes=_batch_dynamic_shapes(example)).module()
+    finally:
+        model.train(was_training)
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    try:
+        prepared = prepare_pt2e(exported, quantizer)
+    except IndexError as error:
+        raise ValueError(
+            f"The X86InductorQuantizer could not annotate {type(model).__name__} ({error!r}); this happens on "
+            "Hugging Face transformer encoders with torchao 0.18. Use dynamic int8 (quantize_dynamic_int8) for them."
+        ) from error
+    seen = 0
+    with torch.no_grad():
+        for batch in [first, *batches]:
+            if max_batches is not None and seen >= max_batches:
+                break
+            prepared(*_as_args(split_batch(batch)[0]))
+            seen += 1
+    unseen = unobserved_modules(prepared)
+    if unseen:
+        raise ValueError(f"Observers saw no data during calibration: {unseen}. Calibrate on batches that reach them.")
+    log.info("Static int8: calibrated on %d batches", seen)
+    converted = convert_pt2e(prepared)
+    # Lightning calls .train()/.eval() around validation and test; an exported graph refuses both
+    # unless told to map them onto its (inference-only) ops.
+    allow_exported_model_train_eval(converted)
+    return converted

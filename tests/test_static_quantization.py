@@ -1,0 +1,91 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_quantum.callbacks import StaticQuantization
+from lightning_quantum.models import Classifier, DigitsCNN, DigitsMLP
+from lightning_quantum.quantization import quantize_static_int8, sqnr_db, unobserved_modules
+from tests.conftest import trainer_kwargs
+
+
+def _gaussian_batches(shape, n=8):
+    torch.manual_seed(1)
+    return [(torch.randn(*shape), torch.zeros(shape[0], dtype=torch.long)) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("net", "shape"), [(DigitsMLP(dropout=0.0), (32, 64)), (DigitsCNN(), (32, 1, 8, 8))])
+def test_static_int8_reaches_30_db_and_keeps_the_original(net, shape):
+    torch.manual_seed(0)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    quantized = quantize_static_int8(net, _gaussian_batches(shape))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert sqnr_db(net(x), quantized(x)) >= 30
+        assert quantized(x[:5]).shape[0] == 5  # batch size is dynamic
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_empty_calibration_data_is_an_error():
+    with pytest.raises(ValueError, match=r"`calibration_data` is empty"):
+        quantize_static_int8(DigitsMLP(), [])
+
+
+def test_unobserved_modules_are_named():
+    class Obs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("min_val", torch.tensor(float("inf")))
+            self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    model = nn.ModuleDict({"seen": nn.Linear(2, 2), "activation_post_process_3": Obs()})
+    assert unobserved_modules(model) == ["activation_post_process_3"]
+
+
+@pytest.mark.slow
+def test_static_int8_runs_under_torch_compile():
+    net = DigitsCNN().eval()
+    quantized = quantize_static_int8(net, _gaussian_batches((16, 1, 8, 8)))
+    x = torch.randn(16, 1, 8, 8)
+    compiled = torch.compile(quantized)
+    with torch.no_grad():
+        assert sqnr_db(quantized(x), compiled(x)) > 40
+
+
+def test_callback_calibrates_at_fit_end_and_fits_again(tmp_path, digits):
+    torch.manual_seed(0)
+    model = Classifier(DigitsMLP(hidden=(64,), dropout=0.0))
+    callback = StaticQuantization(num_batches=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback]))
+    trainer.fit(model, digits)
+    assert isinstance(model.net, torch.fx.GraphModule)
+    (int8,) = trainer.test(model, digits, verbose=False)
+    float_net = callback.float_module
+    model_float = Classifier(float_net)
+    (fp32,) = pl.Trainer(**trainer_kwargs(tmp_path)).test(model_float, digits, verbose=False)
+    assert abs(int8["test/acc"] - fp32["test/acc"]) <= 0.02
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback]))
+    trainer.fit(model, digits)  # the float network is trained again, then calibrated again
+    assert isinstance(model.net, torch.fx.GraphModule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_batches": 0}, r"`num_batches`=0 is not valid"),
+        ({"split": "test"}, r"`split`='test' is not valid. Choose one of: 'train', 'val'"),
+        ({"submodule": ""}, r"`submodule`='' is not valid"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        StaticQuantization(**kwargs)
+
+
+def test_missing_submodule(tmp_path, digits):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[StaticQuantization(submodule="backbone")]))
+    with pytest.raises(MisconfigurationException, match=r"`submodule`='backbone' is not a submodule of Classifier"):
+        trainer.fit(Classifier(DigitsMLP(hidden=(16,))), digits)

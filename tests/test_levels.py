@@ -13,6 +13,7 @@ from lightning_quantum.callbacks import (
     OptimizationReport,
     Pruning,
     QuantizationAwareTraining,
+    StaticQuantization,
 )
 from lightning_quantum.levels import CALLBACKS, LEVELS, OptimizationLevel, render_level_yaml
 

@@ -11,8 +11,10 @@ from lightning_quantum.quantization.qat import (
 )
 from lightning_quantum.quantization.schemes import QAT_SCHEMES, qat_base_config
 from lightning_quantum.quantization.static import quantize_static_int8, unobserved_modules
+from lightning_quantum.quantization.weights4bit import BNB_FORMATS, quantize_weights_bnb
 
 __all__ = [
+    "BNB_FORMATS",
     "QAT_SCHEMES",
     "convert_qat",
     "dequantize_linears",
@@ -23,6 +25,7 @@ __all__ = [
     "quantize_dynamic_int8",
     "set_fake_quant_enabled",
     "quantize_static_int8",
+    "quantize_weights_bnb",
     "sqnr_db",
     "unobserved_modules",
 ]

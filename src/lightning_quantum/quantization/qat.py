@@ -96,7 +96,8 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, cls):
-            for quantizer in (module.activation_fake_quantizer, module.weight_fake_quantizer):
+            quantizers: tuple[Any, ...] = (module.activation_fake_quantizer, module.weight_fake_quantizer)
+            for quantizer in quantizers:
                 if quantizer is not None:
                     quantizer.enabled = enabled
             count += 1

@@ -27,7 +27,8 @@ def _int8_dynamic_int4_weight(group_size: int) -> Any:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerGroup
 
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    int4: Any = getattr(torch, "int4")
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group_size))
 
 
 def _int4_weight_only(group_size: int) -> Any:
@@ -35,7 +36,8 @@ def _int4_weight_only(group_size: int) -> Any:
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    int4: Any = getattr(torch, "int4")
+    return IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(group_size))
 
 
 #: QAT schemes: name -> (builder of the torchao base config, whether weights are grouped).

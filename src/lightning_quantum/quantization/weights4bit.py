@@ -103,7 +103,8 @@ def quantize_weights_bnb(
         raise ValueError(f"`device`={str(target)!r} asks for CUDA, which this machine does not have. Use 'cpu'.")
     bnb = import_bitsandbytes(target)
     chosen = select_parameters(model, module_types=["Linear"], names=names, ignore=ignore, purpose="quantize")
-    for name, linear in chosen.items():
+    for name, module in chosen.items():
+        linear: Any = module
         weight, bias = linear.weight.detach(), linear.bias
         if fmt == "int8":
             new = bnb.nn.Linear8bitLt(

@@ -27,7 +27,7 @@ def _int8_dynamic_int4_weight(group_size: int) -> Any:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerGroup
 
-    int4: Any = getattr(torch, "int4")
+    int4: Any = torch.int4  # type: ignore[attr-defined]
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group_size))
 
 
@@ -36,7 +36,7 @@ def _int4_weight_only(group_size: int) -> Any:
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    int4: Any = getattr(torch, "int4")
+    int4: Any = torch.int4  # type: ignore[attr-defined]
     return IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(group_size))
 
 

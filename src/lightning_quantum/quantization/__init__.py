@@ -1,6 +1,13 @@
 """Quantization with torchao, as pure functions the callbacks call."""
 
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8, sqnr_db
+from lightning_quantum.quantization.export import (
+    export_program,
+    export_torchscript,
+    load_program,
+    load_safetensors,
+    save_safetensors,
+)
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -18,14 +25,19 @@ __all__ = [
     "QAT_SCHEMES",
     "convert_qat",
     "dequantize_linears",
+    "export_program",
+    "export_torchscript",
     "is_converted",
     "is_prepared",
+    "load_program",
+    "load_safetensors",
     "prepare_qat",
     "qat_base_config",
     "quantize_dynamic_int8",
     "set_fake_quant_enabled",
     "quantize_static_int8",
     "quantize_weights_bnb",
+    "save_safetensors",
     "sqnr_db",
     "unobserved_modules",
 ]

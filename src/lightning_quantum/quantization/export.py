@@ -1,0 +1,136 @@
+"""Save and reload optimized models: safetensors (weights) and ``torch.export`` programs (``.pt2``).
+
+Quantized torchao weights are tensor subclasses; they are flattened into plain tensors plus JSON
+metadata with torchao's own safetensors support, whose loader rebuilds only an allow-list of
+classes (no pickle anywhere). bitsandbytes layers keep plain tensors in their ``state_dict`` already.
+TorchScript is offered only as a legacy option, for plain float models that trace cleanly;
+Lightning is deprecating it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "safetensors_state",
+    "save_safetensors",
+    "load_safetensors",
+    "export_program",
+    "load_program",
+    "export_torchscript",
+]
+
+
+def _is_subclass(tensor: Any) -> bool:
+    return (
+        isinstance(tensor, Tensor)
+        and type(tensor) not in (Tensor, nn.Parameter)
+        and hasattr(tensor, "__tensor_flatten__")
+    )
+
+
+def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str] | None]:
+    """The model's weights as plain, contiguous tensors (tied ones once), plus torchao metadata if any."""
+    state = model.state_dict()
+    metadata = None
+    if any(_is_subclass(t) for t in state.values()):
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        state, metadata = flatten_tensor_state_dict(state)  # type: ignore[arg-type]
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    for name, tensor in state.items():
+        if not isinstance(tensor, Tensor):
+            continue
+        plain = tensor.detach()
+        key = (plain.untyped_storage().data_ptr(), plain.storage_offset(), plain.dtype)
+        if plain.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = plain.contiguous().cpu()
+    return tensors, metadata
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's weights to ``path`` (a ``.safetensors`` file); return the path."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = safetensors_state(model)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load weights written by :func:`save_safetensors` into ``model`` (quantized weights included).
+
+    ``model`` is a fresh instance of the same architecture; quantized torchao weights replace its
+    float parameters (``load_state_dict(assign=True)``).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    if metadata and any(isinstance(v, str) and '"_type"' in v for v in metadata.values()):
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        state.update(leftover)
+        model.load_state_dict(state, strict=strict, assign=True)
+    else:
+        model.load_state_dict(tensors, strict=strict)
+    return model
+
+
+def export_program(
+    model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path, *, dynamic_batch: bool = True
+) -> Path:
+    """``torch.export`` the model (eval mode) and save the program to ``path`` (``.pt2``)."""
+    was_training = model.training
+    model.eval()
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dynamic = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in example_inputs)
+    try:
+        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
+    finally:
+        model.train(was_training)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(out))
+    return out
+
+
+def load_program(path: str | Path) -> nn.Module:
+    """Load a ``.pt2`` program written by :func:`export_program` as a callable module."""
+    return torch.export.load(str(path)).module()
+
+
+def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:
+    """Legacy: trace a plain float model to TorchScript.
+
+    Raises:
+        ValueError: for a model with quantized (tensor subclass) weights, which do not trace.
+    """
+    if any(_is_subclass(t) for t in model.state_dict().values()):
+        raise ValueError("TorchScript cannot trace quantized tensor weights; use export_program (.pt2) instead.")
+    was_training = model.training
+    model.eval()
+    try:
+        traced = torch.jit.trace(model, tuple(example_inputs))
+    finally:
+        model.train(was_training)
+    out = Path(path)
+    traced.save(str(out))
+    return out

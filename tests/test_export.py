@@ -1,0 +1,91 @@
+"""Every exported artifact reloads in a fresh process and gives the same outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_quantum.quantization import (
+    convert_qat,
+    export_program,
+    export_torchscript,
+    prepare_qat,
+    quantize_dynamic_int8,
+    save_safetensors,
+)
+
+# Runs in a fresh process: loads each artifact and writes its outputs on the same inputs.
+RELOAD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch import nn
+    from lightning_quantum.quantization import load_program, load_safetensors
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        x = torch.load(job["input"], weights_only=True)
+        if job["kind"] == "pt2":
+            model = load_program(job["path"])
+        elif job["kind"] == "ts":
+            model = torch.jit.load(job["path"])
+        else:
+            torch.manual_seed(123)  # another init: the weights must come from the file
+            fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+            model = load_safetensors(fresh, job["path"]).eval()
+        with torch.no_grad():
+            torch.save(model(x), job["output"])
+    """
+)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+def _qat(m):
+    prepare_qat(m, "int8_dynamic_int8_weight")
+    convert_qat(m, "int8_dynamic_int8_weight")
+
+
+TRANSFORMS = {"float": lambda m: None, "dynamic_int8": quantize_dynamic_int8, "qat_int8": _qat}
+
+
+def test_every_artifact_reloads_in_a_fresh_process(tmp_path):
+    x = torch.randn(5, 64)
+    torch.save(x, tmp_path / "x.pt")
+    jobs, expected = [], {}
+    for name, transform in TRANSFORMS.items():
+        model = _net()
+        transform(model)
+        with torch.no_grad():
+            reference = model(x)
+        artifacts = {
+            "pt2": export_program(model, (torch.randn(8, 64),), tmp_path / f"{name}.pt2"),
+            "safetensors": save_safetensors(model, tmp_path / f"{name}.safetensors"),
+        }
+        if name == "float":
+            artifacts["ts"] = export_torchscript(model, (x,), tmp_path / f"{name}.ts")
+        for kind, path in artifacts.items():
+            output = tmp_path / f"{name}.{kind}.out"
+            jobs.append({"kind": kind, "path": str(path), "input": str(tmp_path / "x.pt"), "output": str(output)})
+            expected[str(output)] = reference
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(expected) == 7
+    for output, reference in expected.items():
+        torch.testing.assert_close(torch.load(output, weights_only=True), reference, atol=1e-6, rtol=0, msg=output)
+
+
+def test_torchscript_refuses_quantized_weights(tmp_path):
+    model = _net()
+    quantize_dynamic_int8(model)
+    with pytest.raises(ValueError, match="TorchScript cannot trace quantized tensor weights"):
+        export_torchscript(model, (torch.randn(2, 64),), tmp_path / "q.ts")

@@ -43,9 +43,9 @@ def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
     if any(_is_subclass(t) for t in state.values()):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-        state, metadata = flatten_tensor_state_dict(state)  # type: ignore[arg-type]
+        state, metadata = flatten_tensor_state_dict(state)
     tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int, torch.dtype]] = set()
+    seen: set[tuple[int, Any, torch.dtype]] = set()
     for name, tensor in state.items():
         if not isinstance(tensor, Tensor):
             continue

@@ -51,7 +51,7 @@ def test_default_config(tmp_path):
         (g, o)
         for g in ("data", "model", "trainer", "callbacks", "logger", "level", "experiment", "debug")
         for o in _options(g)
-        if not (g == "level" and o in ("quantum", "ultra"))
+        if not (g == "level" and o == "ultra")
     ],
 )
 def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
@@ -59,7 +59,7 @@ def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
     _instantiate_all(cfg)
 
 
-@pytest.mark.parametrize("level", ["quantum", "ultra"])
+@pytest.mark.parametrize("level", ["ultra"])
 def test_unbuilt_level_configs_compose_and_name_themselves(tmp_path, level):
     assert _compose(tmp_path, [f"level={level}"]).level == level
 

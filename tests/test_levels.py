@@ -11,9 +11,6 @@ from lightning_quantum.callbacks import (
     GradScalerMonitor,
     MemoryMonitor,
     OptimizationReport,
-    Pruning,
-    QuantizationAwareTraining,
-    StaticQuantization,
 )
 from lightning_quantum.levels import CALLBACKS, LEVELS, OptimizationLevel, render_level_yaml
 
@@ -26,12 +23,7 @@ def test_level_yaml_is_generated_from_python(definition):
     assert on_disk == render_level_yaml(definition.level), "run `make conf` to regenerate conf/level"
 
 
-_OUR_CALLBACKS = {
-    **CALLBACKS,
-    "pruning": Pruning,
-    "qat": QuantizationAwareTraining,
-    "static_quantization": StaticQuantization,
-}
+_OUR_CALLBACKS = CALLBACKS
 
 
 @pytest.mark.parametrize("name", sorted(_OUR_CALLBACKS))
@@ -83,17 +75,17 @@ def test_unknown_level_names_argument_and_choices():
         lq.recipe("mega")
 
 
-@pytest.mark.parametrize("level", ["quantum", "ultra"])
+@pytest.mark.parametrize("level", ["ultra"])
 def test_unbuilt_levels_say_so(level):
     with pytest.raises(
-        ValueError, match=rf"`level`='{level}' is not available yet: .*Available levels: 'basic', 'advanced'"
+        ValueError, match=rf"`level`='{level}' is not available yet: .*Available levels: 'basic', 'advanced', 'quantum'"
     ):
         lq.recipe(level)
 
 
 def test_unknown_override_is_an_error():
-    with pytest.raises(ValueError, match="`pruning` is not a callback of the recipe nor a Trainer argument"):
-        lq.recipe("basic", pruning={"final_sparsity": 0.5})
+    with pytest.raises(ValueError, match="`distillation` is not a callback of the recipe nor a Trainer argument"):
+        lq.recipe("basic", distillation={"temperature": 2.0})
     with pytest.raises(ValueError, match="`report`=3 is not valid"):
         lq.recipe("basic", report=3)
 

@@ -27,7 +27,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_quantum.callbacks import ActivationCheckpointing, GradScalerMonitor, MemoryMonitor, OptimizationReport
+from lightning_quantum.callbacks import (
+    ActivationCheckpointing,
+    GradScalerMonitor,
+    MemoryMonitor,
+    ModelExport,
+    OptimizationReport,
+    Pruning,
+    QuantizationAwareTraining,
+    StaticQuantization,
+)
 from lightning_quantum.precision import PrecisionDecision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -65,11 +74,17 @@ class OptimizationLevel(str, Enum):
 
 
 #: The callbacks a level can add, by the name used in recipes and under ``callbacks.`` in Hydra.
+#: Their order is the order they run in: compression before export, the report last, so that it
+#: measures after every other callback's ``on_fit_end``.
 CALLBACKS: dict[str, type[Callback]] = {
     "memory_monitor": MemoryMonitor,
     "grad_scaler_monitor": GradScalerMonitor,
     "activation_checkpointing": ActivationCheckpointing,
-    "report": OptimizationReport,  # last, so it measures after every other callback's on_fit_end
+    "pruning": Pruning,
+    "qat": QuantizationAwareTraining,
+    "static_quantization": StaticQuantization,
+    "export": ModelExport,
+    "report": OptimizationReport,
 }
 
 
@@ -107,8 +122,8 @@ LEVELS: tuple[LevelDefinition, ...] = (
     ),
     LevelDefinition(
         OptimizationLevel.QUANTUM,
-        adds="quantization-aware training, static int8 calibration, dynamic int8, export",
-        missing="quantization-aware training and int8 calibration come with issue 4",
+        adds="quantization-aware training to int8 (torchao), export to safetensors and torch.export",
+        callbacks={"qat": {}, "export": {}},
     ),
     LevelDefinition(
         OptimizationLevel.ULTRA,

@@ -20,7 +20,14 @@ from lightning_quantum.benchmark import OptimizationPerformanceMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OptimizationReportData", "build_report", "write_report", "render_markdown", "render_rich_table"]
+__all__ = [
+    "OptimizationReportData",
+    "build_report",
+    "keep_existing",
+    "write_report",
+    "render_markdown",
+    "render_rich_table",
+]
 
 REPORT_FIELDS = (
     "original_model_size_mb",
@@ -204,7 +211,7 @@ def render_rich_table(report: OptimizationReportData) -> Any:
     return table
 
 
-def _keep_existing(path: Path) -> None:
+def keep_existing(path: Path) -> None:
     """Move an earlier file at ``path`` aside (``name.<mtime>.ext``) so nothing the user had is lost."""
     if not path.exists():
         return
@@ -224,7 +231,7 @@ def write_report(report: OptimizationReportData, directory: str | Path, *, stem:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     for path in paths.values():
-        _keep_existing(path)
+        keep_existing(path)
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
     paths["md"].write_text(render_markdown(report))
     return paths

@@ -21,8 +21,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_quantum.apps._config import config_dir
-from lightning_quantum.callbacks import OptimizationReport
-from lightning_quantum.levels import recipe
+from lightning_quantum.levels import CALLBACKS, recipe
 from lightning_quantum.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    # The report measures the final model, so it runs after every other callback's on_fit_end
-    # (pruning's slimming, for one), wherever the config groups put it.
-    callbacks.sort(key=lambda cb: isinstance(cb, OptimizationReport))
+    # Our callbacks run in the order the level registry gives (compression, then export, then the
+    # report), wherever the config groups put them; others keep their place ahead of ours.
+    order = {cls: i for i, cls in enumerate(CALLBACKS.values())}
+    callbacks.sort(key=lambda cb: order.get(type(cb), -1))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         trainer_cfg, precision=decision.precision, callbacks=callbacks, logger=loggers or False

@@ -25,6 +25,7 @@ from lightning_quantum.benchmark import (
 )
 from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
 from lightning_quantum.checkpointing import disable_activation_checkpointing
+from lightning_quantum.quantization.qat import unprepare_qat
 from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,11 @@ class OptimizationReport(Callback):
 
     def _take_baseline_snapshot(self, pl_module: pl.LightningModule) -> None:
         baseline = detached_copy(pl_module)
-        # Callbacks set up before this one may have wrapped blocks for training only; the baseline
-        # is the plain model, so such wrappers come off the copy (the model itself keeps them).
+        # Callbacks set up before this one may have wrapped blocks (activation checkpointing) or
+        # prepared layers for QAT; the baseline is the plain model, so both come off the copy (the
+        # model itself keeps them).
         disable_activation_checkpointing(baseline)
+        unprepare_qat(baseline)
         self._baseline = baseline
 
     def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "is_prepared",
     "is_converted",
     "dequantize_linears",
+    "unprepare_qat",
 ]
 
 
@@ -114,6 +115,17 @@ def convert_qat(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
     if count:
         quantize_(model, QATConfig(qat_base_config(scheme, group_size), step="convert"))
     return count
+
+
+def unprepare_qat(model: nn.Module) -> int:
+    """Swap fake-quantized layers back to plain ``nn.Linear`` (same weights), in place; return how many."""
+    cls = _fake_quantized_linear()
+    targets = [name for name, m in model.named_modules() if isinstance(m, cls)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).to_linear())
+    return len(targets)
 
 
 @torch.no_grad()

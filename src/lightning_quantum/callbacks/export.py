@@ -1,0 +1,89 @@
+"""Write the final model at fit end: safetensors weights and a ``torch.export`` program."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_quantum.benchmark import split_batch
+from lightning_quantum.callbacks._common import detached_copy
+from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
+from lightning_quantum.report import keep_existing
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelExport"]
+
+_FORMATS = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".ts"}
+
+
+class ModelExport(Callback):
+    """At fit end, on rank zero, save the final model (quantized or not) in the chosen formats.
+
+    ``safetensors`` holds the weights (torchao quantized weights in torchao's allow-listed layout;
+    reload with :func:`~lightning_quantum.quantization.load_safetensors` into a fresh model);
+    ``pt2`` is a ``torch.export`` program of the model's forward with a dynamic batch dimension
+    (reload with :func:`~lightning_quantum.quantization.load_program`, no model code needed);
+    ``torchscript`` is a legacy trace, for float models only. Earlier files are kept, renamed.
+    Put it after the callbacks that convert the model and before ``OptimizationReport``.
+
+    Args:
+        formats: any of ``"safetensors"``, ``"pt2"``, ``"torchscript"``.
+        output_dir: where the files go; the trainer's ``log_dir`` (or ``default_root_dir``) if ``None``.
+        stem: file name stem.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[ModelExport(formats=["safetensors", "pt2"])])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, formats: Sequence[str] = ("safetensors", "pt2"), output_dir: str | Path | None = None, stem: str = "model"
+    ) -> None:
+        if isinstance(formats, str) or not formats:
+            raise MisconfigurationException(f"`formats`={formats!r} is not valid. Give a list of: {list(_FORMATS)}.")
+        for fmt in formats:
+            if fmt not in _FORMATS:
+                raise MisconfigurationException(
+                    f"`formats` entry {fmt!r} is not valid. Choose from: {', '.join(map(repr, _FORMATS))}."
+                )
+        if not stem or "/" in stem:
+            raise MisconfigurationException(f"`stem`={stem!r} is not valid. Give a plain file name without '/'.")
+        self.formats = list(formats)
+        self.output_dir = output_dir
+        self.stem = stem
+        self.paths: dict[str, Path] = {}
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = (
+            Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        )
+        source = getattr(trainer, "datamodule", None) or pl_module
+        inputs, _ = split_batch(next(iter(source.test_dataloader())))
+        example = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs.to(pl_module.device),)
+        writers = {
+            "safetensors": lambda p: save_safetensors(pl_module, p),
+            # torch.export leaves weak references on the parameters it traced, which later stop
+            # `module.to(device)` from swapping quantized weights; tracing a copy keeps the model clean.
+            "pt2": lambda p: export_program(detached_copy(pl_module), example, p),
+            "torchscript": lambda p: export_torchscript(pl_module, example, p),
+        }
+        for fmt in self.formats:
+            path = out / f"{self.stem}{_FORMATS[fmt]}"
+            out.mkdir(parents=True, exist_ok=True)
+            keep_existing(path)
+            self.paths[fmt] = writers[fmt](path)
+        rank_zero_info(f"Exported the model: {', '.join(str(p) for p in self.paths.values())}")
+
+    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return {"exported": {fmt: {"path": str(p), "bytes": p.stat().st_size} for fmt, p in self.paths.items()}}

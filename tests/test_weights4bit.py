@@ -70,3 +70,13 @@ def test_bitsandbytes_on_cuda():
     ref = net(x)
     quantize_weights_bnb(net, "nf4", compute_dtype=torch.bfloat16)
     assert sqnr_db(ref, net(x)) >= 15
+
+
+def test_nf4_head_with_ten_outputs_runs_in_inference_mode():
+    net = _net()  # the head has 10 outputs, not a multiple of bitsandbytes' CPU block of 32
+    x = torch.randn(4, 1024)
+    ref = net(x)
+    quantize_weights_bnb(net, "nf4")
+    with torch.inference_mode():
+        out = net(x)
+    assert out.shape == (4, 10) and sqnr_db(ref, out) > 10

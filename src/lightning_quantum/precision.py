@@ -26,7 +26,14 @@ from lightning_quantum._validation import check_choice
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HardwareInfo", "PrecisionDecision", "resolve_precision", "VALID_PRECISIONS", "AUTOCAST_DTYPES"]
+__all__ = [
+    "HardwareInfo",
+    "PrecisionDecision",
+    "resolve_precision",
+    "torch_dtype",
+    "VALID_PRECISIONS",
+    "AUTOCAST_DTYPES",
+]
 
 #: Every value ``resolve_precision`` accepts, Lightning's short aliases included.
 VALID_PRECISIONS = (
@@ -131,3 +138,16 @@ def resolve_precision(
     if bf16_flags:
         return PrecisionDecision("bf16-mixed", f"the CPU has {', '.join(bf16_flags)} (native bf16 matrix math)")
     return PrecisionDecision("32-true", "no CUDA device and no CPU bf16 support (avx512_bf16 or amx_bf16)")
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The ``torch.dtype`` named ``name``, from an allow-list (for configs, which hold strings).
+
+    Raises:
+        ValueError: for a name outside ``float32``, ``float16`` and ``bfloat16``.
+    """
+    check_choice("dtype", name, _DTYPES)
+    return _DTYPES[name]

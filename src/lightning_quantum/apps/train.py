@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.precision import Precision
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -71,8 +72,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     order = {cls: i for i, cls in enumerate(CALLBACKS.values())}
     callbacks.sort(key=lambda cb: order.get(type(cb), -1))
     loggers = _instantiate_group(cfg.get("logger"))
+    plugins = [instantiate(p) for p in trainer_cfg.get("plugins") or []]
+    # A precision plugin (bitsandbytes 4-bit, say) sets the precision itself; Lightning refuses both.
+    precision = None if any(isinstance(p, Precision) for p in plugins) else decision.precision
     trainer: pl.Trainer = instantiate(
-        trainer_cfg, precision=decision.precision, callbacks=callbacks, logger=loggers or False
+        trainer_cfg, precision=precision, plugins=plugins or None, callbacks=callbacks, logger=loggers or False
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ __all__ = ["BNB_FORMATS", "MIN_BITSANDBYTES", "import_bitsandbytes", "quantize_w
 BNB_FORMATS = ("nf4", "fp4", "int8")
 #: The first bitsandbytes release whose 4-bit and int8 layers run on CPU.
 MIN_BITSANDBYTES = (0, 48, 0)
+_CPU_PACK_BLOCK = 32
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -123,6 +124,10 @@ def quantize_weights_bnb(
             new.weight = bnb.nn.Params4bit(
                 weight.cpu().clone(), requires_grad=False, compress_statistics=double_quant, quant_type=fmt
             )
+            if target.type == "cpu" and linear.out_features % _CPU_PACK_BLOCK:
+                # bitsandbytes 0.50's packed CPU inference path (AVX512-BF16) asserts that the output
+                # features divide into blocks of 32; a 10-class head would fail in eval mode.
+                new.support_avx512bf16_for_cpu = False
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
         _swap(model, name, new.to(target))  # the move quantizes the weights

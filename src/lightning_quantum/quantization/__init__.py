@@ -2,6 +2,7 @@
 
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8, sqnr_db
 from lightning_quantum.quantization.export import (
+    compile_for_inference,
     export_program,
     export_torchscript,
     load_program,
@@ -22,6 +23,7 @@ from lightning_quantum.quantization.weights4bit import BNB_FORMATS, quantize_wei
 
 __all__ = [
     "BNB_FORMATS",
+    "compile_for_inference",
     "QAT_SCHEMES",
     "convert_qat",
     "dequantize_linears",

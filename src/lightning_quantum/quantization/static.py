@@ -42,6 +42,16 @@ def unobserved_modules(prepared: nn.Module) -> list[str]:
     return unseen
 
 
+def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """Delete parameters and buffers the graph no longer reads (the float weights, once folded to int8)."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        if name not in used:
+            parent_name, _, attr = name.rpartition(".")
+            parent = graph_module.get_submodule(parent_name) if parent_name else graph_module
+            delattr(parent, attr)
+
+
 def quantize_static_int8(
     model: nn.Module, calibration_data: Iterable[Any], *, max_batches: int | None = 8
 ) -> torch.fx.GraphModule:
@@ -93,6 +103,7 @@ def quantize_static_int8(
         raise ValueError(f"Observers saw no data during calibration: {unseen}. Calibrate on batches that reach them.")
     log.info("Static int8: calibrated on %d batches", seen)
     converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
     # Lightning calls .train()/.eval() around validation and test; an exported graph refuses both
     # unless told to map them onto its (inference-only) ops.
     allow_exported_model_train_eval(converted)

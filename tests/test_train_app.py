@@ -167,5 +167,23 @@ def test_qlora_experiment_is_refused_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises((MisconfigurationException, RuntimeError), match=r"(GPU|CUDA)"):
+    with pytest.raises((MisconfigurationException, RuntimeError), match=r"(?i)(gpu|cuda)"):
         train(_cfg(tmp_path, "experiment=qlora_gpu", "debug=fdr"))
+
+
+@pytest.mark.slow
+def test_compile_for_training_and_for_the_optimized_model(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "compile=true",
+        "trainer.max_epochs=1",
+        "callbacks.report.compile_optimized=true",
+        "callbacks.report.repeats=3",
+        "callbacks.report.compare_train_step=false",
+        "logger=none",
+        "callbacks.rich_progress_bar=null",
+    )
+    train(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["extra"]["optimized_compiled"]["inference_latency_ms"] > 0
+    assert report["extra"]["optimized_compiled"]["accuracy"] == pytest.approx(report["accuracy"], abs=0.01)

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_quantum.apps._config import config_dir
@@ -31,15 +32,15 @@ log = logging.getLogger(__name__)
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets our own argument errors through unwrapped.
 
-    Hydra wraps any error raised while building an object; a ``ValueError`` or
-    ``FileNotFoundError`` from our validation already names the argument and the valid choices,
-    so the user gets that one directly.
+    Hydra wraps any error raised while building an object; a ``ValueError``, ``FileNotFoundError``
+    or Lightning ``MisconfigurationException`` already names the argument and the valid choices, so
+    the user gets that one directly.
     """
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, MisconfigurationException)):
             raise cause from None
         raise
 
@@ -82,6 +83,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
     # weights_only=True: a checkpoint is data, never code (Lightning would unpickle anything otherwise).
+    if cfg.get("compile"):
+        # Module.compile() compiles the forward in place: state_dict keys and hooks stay as they are,
+        # and training_step (with its self.log calls) runs eagerly around the compiled forward.
+        model.compile()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)

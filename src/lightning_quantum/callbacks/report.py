@@ -25,6 +25,7 @@ from lightning_quantum.benchmark import (
 )
 from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
 from lightning_quantum.checkpointing import disable_activation_checkpointing
+from lightning_quantum.quantization.export import compile_for_inference
 from lightning_quantum.quantization.qat import unprepare_qat
 from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
 
@@ -65,6 +66,8 @@ class OptimizationReport(Callback):
             resume compares against the real baseline.
         stem: file name stem of the report files.
         level: the optimization level to name in the report, when a recipe built the trainer.
+        compile_optimized: also measure the final model compiled for inference (``torch.compile`` with
+            Inductor freezing, on a copy), reported as ``extra.optimized_compiled``.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[OptimizationReport(batch_size=256)])  # doctest: +SKIP
@@ -87,6 +90,7 @@ class OptimizationReport(Callback):
         keep_baseline_in_checkpoint: bool = True,
         stem: str = "report",
         level: str | None = None,
+        compile_optimized: bool = False,
     ) -> None:
         err = MisconfigurationException
         check_positive("batch_size", batch_size, error=err)
@@ -117,6 +121,7 @@ class OptimizationReport(Callback):
         self.keep_baseline_in_checkpoint = keep_baseline_in_checkpoint
         self.stem = stem
         self.level = level
+        self.compile_optimized = compile_optimized
         self.report: OptimizationReportData | None = None
         self.paths: dict[str, Path] = {}
         self._baseline: nn.Module | None = None
@@ -257,6 +262,12 @@ class OptimizationReport(Callback):
             # Median wall time of a training batch inside this fit, Lightning's loop included.
             "fit_step_time_ms_median": statistics.median(self.fit_step_times_ms) if self.fit_step_times_ms else None,
         }
+        if self.compile_optimized:
+            compiled = compile_for_inference(detached_copy(pl_module))
+            settings = self._settings(trainer)
+            extra["optimized_compiled"] = benchmark_model(
+                compiled, eval_data=self._eval_loader(trainer), precision=str(trainer.precision), **settings
+            ).to_dict()
         for callback in getattr(trainer, "callbacks", []):  # e.g. Pruning adds its per-layer sparsity table
             report_extra = getattr(callback, "report_extra", None)
             if callable(report_extra) and callback is not self:

@@ -23,7 +23,7 @@ endif
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/lq-train level=advanced
+	$(BIN)/lq-train level=quantum
 
 test: install
 	$(BIN)/python -m pytest -q

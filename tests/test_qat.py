@@ -183,3 +183,40 @@ def test_nothing_to_quantize_is_refused(tmp_path, digits):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()])).fit(
             Classifier(ConvOnly()), digits
         )
+
+
+def _fit_with_freeze(tmp_path, epochs, ckpt_path=None):
+    model = _mlp()
+    qat = QuantizationAwareTraining(start_step=2, freeze_ranges_step=8, convert_on_fit_end=False)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}", save_on_train_epoch_end=True
+    )
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=epochs,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[qat, ckpt],
+        )
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path, weights_only=True)
+    return model, qat
+
+
+def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
+    full, qat = _fit_with_freeze(tmp_path / "a", 3)
+    assert qat.ranges_frozen
+    assert "net.head.weight_fake_quantizer.scale" in dict(full.named_buffers())
+    # resume from epoch 1 (step 12, after the freeze at step 8): the frozen scales come back from the file
+    resumed, _ = _fit_with_freeze(tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=1.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # conversion quantizes with the frozen scales: the int8 model computes what the fake-quantized one did
+    x = torch.randn(16, 64)
+    full.eval()
+    with torch.no_grad():
+        fake = full(x)
+        convert_qat(full, "int8_dynamic_int8_weight")
+        torch.testing.assert_close(full(x), fake, atol=1e-5, rtol=0)

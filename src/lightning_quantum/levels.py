@@ -123,7 +123,7 @@ LEVELS: tuple[LevelDefinition, ...] = (
     LevelDefinition(
         OptimizationLevel.QUANTUM,
         adds="quantization-aware training to int8 (torchao), export to safetensors and torch.export",
-        callbacks={"qat": {}, "export": {}},
+        callbacks={"qat": {"start_step": None}, "export": {}},
     ),
     LevelDefinition(
         OptimizationLevel.ULTRA,

@@ -17,6 +17,8 @@ from lightning_quantum._validation import check_choice
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
+    freeze_ranges_from_state,
+    freeze_weight_ranges,
     is_converted,
     prepare_qat,
     set_fake_quant_enabled,
@@ -48,8 +50,12 @@ class QuantizationAwareTraining(Callback):
             the CPU default), ``"int8_dynamic_int4_weight"`` (int4 weights in groups) or
             ``"int4_weight_only"``.
         group_size: weights per scale for the int4 schemes; must divide each layer's input features.
-        start_step: optimizer step at which fake quantization begins.
+        start_step: optimizer step at which fake quantization begins; ``None`` starts half-way through
+            the fit (float training first, then QAT fine-tuning).
         start_epoch: epoch at which it begins instead, when given.
+        freeze_ranges_step: optimizer step after which the weights' fake-quant ranges (scales, zero
+            points) stop following the weights and stay fixed; conversion then uses those ranges.
+            ``None`` keeps them dynamic to the end.
         convert_on_fit_end: convert to the real quantized model when fit ends.
         names: ``fnmatch`` patterns of the linear layers to quantize; all when ``None``.
         ignore: ``fnmatch`` patterns of layers to keep in full precision (the classifier head, say).
@@ -68,8 +74,9 @@ class QuantizationAwareTraining(Callback):
             "int8_dynamic_int8_weight"
         ),
         group_size: int = 32,
-        start_step: int = 0,
+        start_step: int | None = 0,
         start_epoch: int | None = None,
+        freeze_ranges_step: int | None = None,
         convert_on_fit_end: bool = True,
         names: Sequence[str] | None = None,
         ignore: Sequence[str] = (),
@@ -78,7 +85,11 @@ class QuantizationAwareTraining(Callback):
         check_choice("scheme", scheme, QAT_SCHEMES, error=err)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise err(f"`group_size`={group_size!r} is not valid. It must be a positive integer.")
-        for label, value in (("start_step", start_step), ("start_epoch", start_epoch)):
+        for label, value in (
+            ("start_step", start_step),
+            ("start_epoch", start_epoch),
+            ("freeze_ranges_step", freeze_ranges_step),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise err(f"`{label}`={value!r} is not valid. It must be an integer >= 0.")
         if isinstance(ignore, str) or isinstance(names, str):
@@ -87,12 +98,15 @@ class QuantizationAwareTraining(Callback):
         self.group_size = group_size
         self.start_step = start_step
         self.start_epoch = start_epoch
+        self.freeze_ranges_step = freeze_ranges_step
         self.convert_on_fit_end = convert_on_fit_end
         self.names = list(names) if names is not None else None
         self.ignore = list(ignore)
         self.phase: Phase = "float"
         self.fake_quant_enabled = False
+        self.ranges_frozen = False
         self.layers: list[str] = []
+        self._resolved_start = 0
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
@@ -102,6 +116,11 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.start_step is None and self.start_epoch is None:
+            total = trainer.estimated_stepping_batches
+            if total == float("inf"):
+                raise MisconfigurationException("`start_step`=None needs a fit of known length; set `start_step`.")
+            self._resolved_start = int(total) // 2
         self._set_enabled(pl_module, self._should_be_enabled(trainer))  # after a resume too
 
     @override
@@ -111,6 +130,15 @@ class QuantizationAwareTraining(Callback):
         if not self.fake_quant_enabled and self._should_be_enabled(trainer):
             self._set_enabled(pl_module, True)
             rank_zero_info(f"QAT: fake quantization on at step {trainer.global_step} ({self.scheme})")
+        if (
+            self.freeze_ranges_step is not None
+            and not self.ranges_frozen
+            and self.fake_quant_enabled
+            and trainer.global_step >= self.freeze_ranges_step
+        ):
+            frozen = freeze_weight_ranges(pl_module)
+            self.ranges_frozen = True
+            rank_zero_info(f"QAT: weight ranges of {frozen} layers frozen at step {trainer.global_step}")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,6 +168,7 @@ class QuantizationAwareTraining(Callback):
                 f"this callback has `scheme`={self.scheme!r}, `group_size`={self.group_size}."
             )
         self.fake_quant_enabled = bool(state_dict.get("fake_quant_enabled", False))
+        self.ranges_frozen = bool(state_dict.get("ranges_frozen", False))
 
     def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Figures for the optimization report."""
@@ -156,7 +185,8 @@ class QuantizationAwareTraining(Callback):
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
         if self.start_epoch is not None:
             return trainer.current_epoch >= self.start_epoch
-        return trainer.global_step >= self.start_step
+        start = self.start_step if self.start_step is not None else self._resolved_start
+        return trainer.global_step >= start
 
     def _set_enabled(self, pl_module: pl.LightningModule, enabled: bool) -> None:
         set_fake_quant_enabled(pl_module, enabled)
@@ -177,9 +207,23 @@ class QuantizationAwareTraining(Callback):
             if any(type(w) is torch.Tensor for w in weights) and is_converted(module):
                 log.info("QAT: loading float QAT weights; preparing the converted layers again")
                 self._prepare(module)
+                freeze_ranges_from_state(module, state_dict, prefix)
 
         self._remove_load_hook()
         self._load_hook = pl_module._register_load_state_dict_pre_hook(reprepare_for_float_weights, with_module=True)
+
+    def _watch_for_frozen_ranges(self, pl_module: pl.LightningModule) -> None:
+        """Let a checkpoint written after the ranges were frozen load into a freshly prepared model.
+
+        Its frozen scales are parameters the fresh layers do not have yet; a ``load_state_dict``
+        pre-hook on the root module (run before any child loads) freezes those layers with them.
+        """
+
+        def freeze_for_frozen_checkpoint(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            freeze_ranges_from_state(module, state_dict, prefix)
+
+        self._remove_load_hook()
+        self._load_hook = pl_module._register_load_state_dict_pre_hook(freeze_for_frozen_checkpoint, with_module=True)
 
     def _remove_load_hook(self) -> None:
         handle = getattr(self, "_load_hook", None)
@@ -199,3 +243,4 @@ class QuantizationAwareTraining(Callback):
             raise MisconfigurationException(str(error)) from error
         self.phase = "prepared"
         self._set_enabled(pl_module, self.fake_quant_enabled)
+        self._watch_for_frozen_ranges(pl_module)

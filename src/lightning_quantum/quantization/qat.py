@@ -10,6 +10,7 @@ quantization; its outputs match the fake-quantized ones (bit for bit with torcha
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = [
     "is_prepared",
     "is_converted",
     "dequantize_linears",
+    "freeze_ranges_from_state",
+    "freeze_weight_ranges",
     "unprepare_qat",
 ]
 
@@ -101,6 +104,71 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> int:
             for quantizer in quantizers:
                 if quantizer is not None:
                     quantizer.enabled = enabled
+            count += 1
+    return count
+
+
+def _freeze_quantizer(quantizer: Any, scale: Tensor | None = None, zero_point: Tensor | None = None) -> None:
+    config = copy.copy(quantizer.config)  # layers may share one config object
+    config.is_dynamic = False  # keep the scales instead of computing them from each forward's weights
+    config.range_learning = True  # torchao's convert then quantizes with these scales, not fresh ones
+    quantizer.config = config
+    scale = scale if scale is not None else quantizer.scale.detach().clone()
+    if zero_point is None:
+        zero_point = quantizer.zero_point.detach().clone()
+    # Buffers, not parameters: they belong in the checkpoint, but not in the optimizer (whose
+    # parameter groups were built before the freeze, and must match on resume).
+    for attr, value in (("scale", scale), ("zero_point", zero_point)):
+        if attr in quantizer._buffers:
+            quantizer._buffers[attr] = value
+        else:
+            delattr(quantizer, attr)
+            quantizer.register_buffer(attr, value)
+
+
+def freeze_weight_ranges(model: nn.Module) -> int:
+    """Fix each prepared layer's weight scales (and zero points) at their current values; return how many.
+
+    The weights keep training, but are fake-quantized with the frozen ranges from now on, and
+    :func:`convert_qat` quantizes them with those same ranges. The scales and zero points become
+    buffers (``weight_fake_quantizer.scale`` in the ``state_dict``). Each layer must have run a forward pass
+    since it was prepared (the ranges are those of the last one).
+
+    Raises:
+        RuntimeError: when a layer has not run a forward pass yet.
+    """
+    cls = _fake_quantized_linear()
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, cls) or module.weight_fake_quantizer is None:
+            continue
+        quantizer: Any = module.weight_fake_quantizer
+        if quantizer.config.range_learning:
+            continue
+        if quantizer.scale is None:
+            with torch.no_grad():
+                quantizer(module.weight)  # computes the ranges of the current weights
+        _freeze_quantizer(quantizer)
+        count += 1
+    return count
+
+
+def freeze_ranges_from_state(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> int:
+    """Freeze the layers whose frozen weight scales a checkpoint holds, so the checkpoint loads into them."""
+    cls = _fake_quantized_linear()
+    count = 0
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}.weight_fake_quantizer."
+        quantizer: Any = getattr(module, "weight_fake_quantizer", None)
+        if isinstance(module, cls) and key + "scale" in state_dict and not quantizer.config.range_learning:
+            scale = state_dict[key + "scale"].detach().clone()
+            zero = state_dict.get(key + "zero_point")  # absent for symmetric schemes: zeros
+            zero = (
+                zero.detach().clone()
+                if isinstance(zero, Tensor)
+                else torch.zeros(scale.shape, dtype=quantizer.config.zero_point_precision)
+            )
+            _freeze_quantizer(quantizer, scale, zero)
             count += 1
     return count
 

@@ -95,9 +95,9 @@ def test_fit_twice_and_test_with_a_qat_checkpoint(tmp_path, digits):
     assert is_converted(model) and qat.phase == "converted"
 
 
-def _fit_for_resume(tmp_path, epochs, ckpt_path=None):
+def _fit_for_resume(tmp_path, epochs, ckpt_path=None, **qat_kwargs):
     model = _mlp()
-    qat = QuantizationAwareTraining(start_step=5, convert_on_fit_end=False)
+    qat = QuantizationAwareTraining(convert_on_fit_end=False, **qat_kwargs)
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}", save_on_train_epoch_end=True
     )
@@ -116,12 +116,12 @@ def _fit_for_resume(tmp_path, epochs, ckpt_path=None):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    full, full_qat = _fit_for_resume(tmp_path / "a", 4)
+    full, full_qat = _fit_for_resume(tmp_path / "a", 4, start_step=5)
     mid = tmp_path / "a" / "ckpts" / "epoch=1.ckpt"
     state = torch.load(mid, weights_only=True)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantizationAwareTraining"))
     assert saved["phase"] == "prepared" and saved["fake_quant_enabled"] is True
-    resumed, _ = _fit_for_resume(tmp_path / "b", 4, ckpt_path=mid)
+    resumed, _ = _fit_for_resume(tmp_path / "b", 4, ckpt_path=mid, start_step=5)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -185,32 +185,14 @@ def test_nothing_to_quantize_is_refused(tmp_path, digits):
         )
 
 
-def _fit_with_freeze(tmp_path, epochs, ckpt_path=None):
-    model = _mlp()
-    qat = QuantizationAwareTraining(start_step=2, freeze_ranges_step=8, convert_on_fit_end=False)
-    ckpt = ModelCheckpoint(
-        dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1, filename="{epoch}", save_on_train_epoch_end=True
-    )
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            tmp_path,
-            max_epochs=epochs,
-            limit_train_batches=6,
-            limit_val_batches=0,
-            enable_checkpointing=True,
-            callbacks=[qat, ckpt],
-        )
-    )
-    trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path, weights_only=True)
-    return model, qat
-
-
 def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
-    full, qat = _fit_with_freeze(tmp_path / "a", 3)
+    full, qat = _fit_for_resume(tmp_path / "a", 3, start_step=2, freeze_ranges_step=8)
     assert qat.ranges_frozen
     assert "net.head.weight_fake_quantizer.scale" in dict(full.named_buffers())
     # resume from epoch 1 (step 12, after the freeze at step 8): the frozen scales come back from the file
-    resumed, _ = _fit_with_freeze(tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=1.ckpt")
+    resumed, _ = _fit_for_resume(
+        tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=1.ckpt", start_step=2, freeze_ranges_step=8
+    )
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # conversion quantizes with the frozen scales: the int8 model computes what the fake-quantized one did

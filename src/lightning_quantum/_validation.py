@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_positive", "check_non_negative", "check_fraction"]
+__all__ = [
+    "check_choice",
+    "check_positive",
+    "check_non_negative",
+    "check_fraction",
+    "check_optional_step",
+    "check_name_lists",
+]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type[Exception] = ValueError) -> Any:
@@ -41,3 +48,18 @@ def check_fraction(name: str, value: Any, *, error: type[Exception] = ValueError
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise error(f"`{name}`={value!r} is not valid. It must lie in [0, 1).")
     return value
+
+
+def check_optional_step(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
+    """Return ``value`` when it is ``None`` or an integer >= 0 (a step or epoch number)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise error(f"`{name}`={value!r} is not valid. It must be an integer >= 0, or None.")
+    return value
+
+
+def check_name_lists(error: type[Exception] = ValueError, **lists: Any) -> None:
+    """Raise when any of the given module-name arguments is a single string instead of a list."""
+    single = [name for name, value in lists.items() if isinstance(value, str)]
+    if single:
+        names = " and ".join(f"`{n}`" for n in lists)
+        raise error(f"{names} take lists of strings, not a single string (got {single[0]}={lists[single[0]]!r}).")

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_quantum._validation import check_choice, check_fraction
+from lightning_quantum._validation import check_choice, check_fraction, check_name_lists, check_optional_step
 from lightning_quantum.benchmark import split_batch
 from lightning_quantum.callbacks._common import is_sanity_checking
 from lightning_quantum.pruning.masks import (
@@ -127,9 +127,8 @@ class Pruning(Callback):
         check_choice("scope", scope, ("global", "layer"), error=err)
         check_choice("unit", unit, ("step", "epoch"), error=err)
         self.nm_pattern = _parse_nm(nm)
-        for label, value in (("start_step", start_step), ("end_step", end_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise err(f"`{label}`={value!r} is not valid. It must be an integer >= 0, or None.")
+        check_optional_step("start_step", start_step, error=err)
+        check_optional_step("end_step", end_step, error=err)
         if start_step is not None and end_step is not None and end_step < start_step:
             raise err(f"`end_step`={end_step} is before `start_step`={start_step}. It must be >= start_step.")
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
@@ -141,8 +140,7 @@ class Pruning(Callback):
                 f"`slim`=True needs a structured method, not `method`={method!r}. Choose one of: "
                 f"{', '.join(map(repr, _STRUCTURED))}."
             )
-        if isinstance(module_types, str) or isinstance(ignore, str) or isinstance(names, str):
-            raise err("`module_types`, `names` and `ignore` take lists of strings, not a single string.")
+        check_name_lists(err, module_types=module_types, names=names, ignore=ignore)
         self.method = method
         self.final_sparsity = final_sparsity
         self.initial_sparsity = initial_sparsity

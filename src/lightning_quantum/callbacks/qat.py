@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_quantum._validation import check_choice
+from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -90,10 +90,8 @@ class QuantizationAwareTraining(Callback):
             ("start_epoch", start_epoch),
             ("freeze_ranges_step", freeze_ranges_step),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise err(f"`{label}`={value!r} is not valid. It must be an integer >= 0.")
-        if isinstance(ignore, str) or isinstance(names, str):
-            raise err("`names` and `ignore` take lists of strings, not a single string.")
+            check_optional_step(label, value, error=err)
+        check_name_lists(err, names=names, ignore=ignore)
         self.scheme = scheme
         self.group_size = group_size
         self.start_step = start_step

@@ -187,3 +187,12 @@ def test_compile_for_training_and_for_the_optimized_model(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["extra"]["optimized_compiled"]["inference_latency_ms"] > 0
     assert report["extra"]["optimized_compiled"]["accuracy"] == pytest.approx(report["accuracy"], abs=0.01)
+
+
+def test_distill_digits_experiment_reports_student_and_teacher(tmp_path):
+    cfg = _cfg(tmp_path, "experiment=distill_digits", "model.teacher.epochs=2", "debug=fdr", "logger=none")
+    metrics = train(cfg)
+    assert "test/teacher_acc" in metrics and "test/agreement" in metrics
+    report = json.loads((tmp_path / "report.json").read_text())
+    extra = report["extra"]["distillation"]
+    assert extra["student_parameters"] * 4 <= extra["teacher_parameters"]

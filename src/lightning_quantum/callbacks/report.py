@@ -268,6 +268,9 @@ class OptimizationReport(Callback):
             extra["optimized_compiled"] = benchmark_model(
                 compiled, eval_data=self._eval_loader(trainer), precision=str(trainer.precision), **settings
             ).to_dict()
+        module_extra = getattr(pl_module, "report_extra", None)  # e.g. a DistillationModule's teacher figures
+        if callable(module_extra):
+            extra.update(module_extra())
         for callback in getattr(trainer, "callbacks", []):  # e.g. Pruning adds its per-layer sparsity table
             report_extra = getattr(callback, "report_extra", None)
             if callable(report_extra) and callback is not self:

@@ -1,0 +1,7 @@
+"""Knowledge distillation: a LightningModule for any teacher and student, and its losses."""
+
+from lightning_quantum.distillation.losses import feature_loss, kd_loss
+from lightning_quantum.distillation.module import DistillationModule
+from lightning_quantum.distillation.teachers import digits_teacher
+
+__all__ = ["DistillationModule", "digits_teacher", "feature_loss", "kd_loss"]

@@ -1,0 +1,135 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_quantum.callbacks import OptimizationReport
+from lightning_quantum.distillation import DistillationModule, feature_loss, kd_loss
+from lightning_quantum.models import DigitsCNN, DigitsMLP
+from tests.conftest import trainer_kwargs
+
+
+def test_kd_loss_by_hand():
+    s = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    temperature = 2.0
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    pt = [ps[1], ps[0]]
+    kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    assert float(kd_loss(s, t, temperature)) == pytest.approx(temperature**2 * kl, rel=1e-6)
+    assert float(kd_loss(t, t, temperature)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_errors():
+    with pytest.raises(ValueError, match=r"`temperature`=0 is not valid"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), 0)
+    with pytest.raises(ValueError, match=r"student \(2, 3\), teacher \(2, 4\)"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_feature_loss_kinds():
+    a = torch.tensor([[1.0, 0.0]])
+    assert float(feature_loss(a, torch.tensor([[0.0, 1.0]]), "cosine")) == pytest.approx(1.0)
+    assert float(feature_loss(a, torch.tensor([[3.0, 0.0]]), "mse")) == pytest.approx(2.0)
+
+
+def _teacher():
+    torch.manual_seed(1)
+    return DigitsCNN()
+
+
+def test_teacher_stays_frozen_in_eval_and_out_of_the_checkpoint(tmp_path):
+    from lightning_quantum.data import DigitsDataModule
+
+    teacher = _teacher()
+    bn_before = teacher.features[0].bn.running_mean.clone()
+    model = DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), teacher, num_classes=10)
+    modes = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            modes.append(pl_module.teacher.training)
+
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            modes.append(pl_module.teacher.training)
+
+    dm = DigitsDataModule(batch_size=32, layout="flat")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[Spy()]))
+    trainer.fit(model, dm)
+    assert modes and not any(modes)
+    assert torch.equal(teacher.features[0].bn.running_mean, bn_before)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimizer_params & {id(p) for p in teacher.parameters()}
+    trainer.save_checkpoint(tmp_path / "d.ckpt")
+    state = torch.load(tmp_path / "d.ckpt", weights_only=True)
+    assert not any(k.startswith("teacher") for k in state["state_dict"]) and "teacher_state_dict" not in state
+    fresh = DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), _teacher(), num_classes=10)
+    fresh.load_state_dict(state["state_dict"])
+    x = torch.randn(4, 64)
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_feature_pairs_with_projection_and_report(tmp_path):
+    from lightning_quantum.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    teacher = DigitsMLP(hidden=(256, 256), dropout=0.0)
+    model = DistillationModule(
+        DigitsMLP(hidden=(32,), dropout=0.0),
+        teacher,
+        num_classes=10,
+        feature_pairs={"blocks.0": "blocks.1"},
+        feature_weight=0.5,
+        save_teacher=True,
+    )
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, compare_train_step=False, print_table=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, callbacks=[report]))
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert isinstance(model.projections["blocks__0"], nn.Linear)
+    assert model.projections["blocks__0"].weight.shape == (256, 32)
+    assert "distill/feature_loss" in trainer.callback_metrics
+    extra = report.report.extra["distillation"]
+    assert extra["teacher_parameters"] > 4 * extra["student_parameters"]
+    trainer.save_checkpoint(tmp_path / "f.ckpt")
+    state = torch.load(tmp_path / "f.ckpt", weights_only=True)
+    assert "teacher_state_dict" in state  # asked for
+    fresh = DistillationModule(
+        DigitsMLP(hidden=(32,), dropout=0.0),
+        DigitsMLP(hidden=(256, 256), dropout=0.0),
+        num_classes=10,
+        feature_pairs={"blocks.0": "blocks.1"},
+    )
+    fresh.on_load_checkpoint(state)
+    fresh.load_state_dict(state["state_dict"])
+    assert torch.equal(fresh.teacher.head.weight, teacher.head.weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": 0.0}, r"`temperature`=0.0 is not valid"),
+        ({"alpha": 0.0, "beta": 0.0}, r"All loss weights are zero"),
+        ({"alpha": -1.0}, r"`alpha`=-1.0 is not valid"),
+        ({"feature_pairs": {"blocks.O": "blocks.0"}}, r"student layer 'blocks.O'.*Close matches: \['blocks.0'"),
+        ({"feature_pairs": {"head": "haed"}}, r"teacher layer 'haed'.*Close matches: \['head'\]"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationModule(DigitsMLP(hidden=(16,)), DigitsMLP(hidden=(32,)), **kwargs)
+
+
+def test_digits_teacher_trains_once_and_reloads(tmp_path):
+    from lightning_quantum.distillation import digits_teacher
+
+    path = tmp_path / "teacher.safetensors"
+    first = digits_teacher(path, epochs=1)
+    assert path.is_file() and not first.training
+    again = digits_teacher(path, epochs=1)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)

@@ -133,3 +133,48 @@ def test_digits_teacher_trains_once_and_reloads(tmp_path):
     again = digits_teacher(path, epochs=1)
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _distill_losses(tmp_path, cache, return_index=True):
+    from lightning_quantum.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), _teacher(), num_classes=10, cache_teacher=cache)
+    losses = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=1.0, limit_val_batches=0, callbacks=[Spy()])
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32, return_index=return_index))
+    return losses, model
+
+
+def test_cached_and_uncached_runs_give_identical_losses(tmp_path):
+    uncached, _ = _distill_losses(tmp_path, "off")
+    cached, model = _distill_losses(tmp_path, "memory")
+    assert cached == uncached
+    # epoch 0 fills the cache (40 batches of the 1257 training samples); epoch 1 reads all 40 from it
+    assert (model.cache_lookups, model.cache_hits) == (80, 40)
+    assert model.cache_off_reason is None
+
+
+def test_cache_turns_itself_off_with_a_reason(tmp_path):
+    _, model = _distill_losses(tmp_path, "memory", return_index=False)
+    assert "carry no sample index" in model.cache_off_reason and model.cache_lookups == 0
+    with_features = DistillationModule(
+        DigitsMLP(hidden=(32,)),
+        DigitsMLP(hidden=(64,)),
+        num_classes=10,
+        cache_teacher="memory",
+        feature_pairs={"blocks.0": "blocks.0"},
+    )
+    from lightning_quantum.data import DigitsDataModule
+
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(
+        with_features, DigitsDataModule(batch_size=32, return_index=True)
+    )
+    assert "feature pairs" in with_features.cache_off_reason

@@ -48,6 +48,7 @@ __all__ = [
     "time_calls_ms",
     "percentile",
     "split_batch",
+    "batch_indices",
     "plain_tensors",
 ]
 
@@ -184,22 +185,38 @@ def _describe_device(device: torch.device) -> str:
     return device.type
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 1 and not value.is_floating_point()
+
+
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """Split a batch into ``(inputs, targets)``: a tensor, an ``(x, y)`` pair, or a dict with ``x``/``y``.
+    """Split a batch into ``(inputs, targets)``.
+
+    Layouts: a tensor, an ``(x, y)`` pair, an ``(x, y, index)`` triple (``index`` a 1-D integer tensor
+    of sample indices, see :func:`batch_indices`), or a dict with ``x``, ``y`` (and ``index``).
 
     Raises:
         ValueError: for any other batch layout.
     """
     if isinstance(batch, Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    if isinstance(batch, (tuple, list)) and (len(batch) == 2 or (len(batch) == 3 and _is_index(batch[2]))):
         return batch[0], batch[1]
     if isinstance(batch, dict) and "x" in batch:
         return batch["x"], batch.get("y")
     raise ValueError(
-        f"Cannot split a batch of type {type(batch).__name__} into inputs and targets. "
-        "Valid layouts: a Tensor, an (inputs, targets) pair, or a dict with keys 'x' and 'y'."
+        f"Cannot split a batch of type {type(batch).__name__} into inputs and targets. Valid layouts: a Tensor, "
+        "an (inputs, targets) pair, an (inputs, targets, sample index) triple, or a dict with keys 'x' and 'y'."
     )
+
+
+def batch_indices(batch: Any) -> Tensor | None:
+    """The sample indices a batch carries (third element, or ``index`` key), or ``None``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 3 and _is_index(batch[2]):
+        return batch[2]
+    if isinstance(batch, dict) and _is_index(batch.get("index")):
+        return batch["index"]
+    return None
 
 
 def _to_device(inputs: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:

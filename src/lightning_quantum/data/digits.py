@@ -84,6 +84,8 @@ class DigitsDataModule(pl.LightningDataModule):
         layout: ``"flat"`` gives (N, 64) inputs for MLPs, ``"image"`` gives (N, 1, 8, 8) for convnets.
         num_workers: DataLoader workers.
         data_dir: see :func:`load_digits_arrays`.
+        return_index: training batches are ``(inputs, targets, sample index)``, which lets a
+            distillation teacher's outputs be cached by index.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -103,6 +105,7 @@ class DigitsDataModule(pl.LightningDataModule):
         layout: Literal["flat", "image"] = "flat",
         num_workers: int = 0,
         data_dir: str | Path | None = None,
+        return_index: bool = False,
     ) -> None:
         super().__init__()
         check_positive("batch_size", batch_size)
@@ -129,6 +132,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.layout = layout
         self.num_workers = num_workers
         self.data_dir = data_dir
+        self.return_index = return_index
         self.splits: dict[str, TensorDataset] = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
@@ -156,7 +160,10 @@ class DigitsDataModule(pl.LightningDataModule):
             inputs = (torch.from_numpy(x[idx]) - self.mean) / self.std
             if self.layout == "image":
                 inputs = inputs.view(-1, 1, 8, 8)
-            self.splits[name] = TensorDataset(inputs, torch.from_numpy(y[idx]))
+            tensors = [inputs, torch.from_numpy(y[idx])]
+            if self.return_index and name == "train":
+                tensors.append(torch.arange(len(idx)))
+            self.splits[name] = TensorDataset(*tensors)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:

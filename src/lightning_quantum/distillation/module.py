@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
-from lightning_quantum.benchmark import split_batch
+from lightning_quantum.benchmark import batch_indices, split_batch
 from lightning_quantum.distillation.losses import feature_loss, kd_loss
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ class DistillationModule(pl.LightningModule):
         optimizer: a factory taking the parameters (student and projections); AdamW 1e-3 when ``None``.
         scheduler: an optional factory taking the optimizer.
         save_teacher: also store the teacher's weights in checkpoints.
+        cache_teacher: ``"memory"`` keeps the teacher's training outputs by sample index after the first
+            epoch, so later epochs pay no teacher forward. It needs batches that carry sample indices
+            (``DigitsDataModule(return_index=True)``) and data without random augmentation; otherwise
+            (or with feature pairs, whose features are not cached) it turns itself off and logs why.
+        cache_max_mb: the largest cache allowed; a larger one turns caching off with a logged reason.
 
     Raises:
         ValueError: for a temperature of 0 or below, negative weights, all loss weights zero, or a
@@ -89,6 +94,8 @@ class DistillationModule(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         save_teacher: bool = False,
+        cache_teacher: Literal["off", "memory"] = "off",
+        cache_max_mb: float = 1024.0,
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
@@ -98,6 +105,8 @@ class DistillationModule(pl.LightningModule):
         if alpha == 0 and beta == 0 and (not pairs or feature_weight == 0):
             raise ValueError("All loss weights are zero (`alpha`, `beta` and the feature weight): nothing to learn.")
         check_choice("feature_loss_kind", feature_loss_kind, ("mse", "cosine"))
+        check_choice("cache_teacher", cache_teacher, ("off", "memory"))
+        check_positive("cache_max_mb", cache_max_mb)
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"], logger=False)
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the class docstring
@@ -118,6 +127,13 @@ class DistillationModule(pl.LightningModule):
             _resolve(teacher, t_name, "teacher").register_forward_hook(self._capture(f"t:{t_name}"))
         self.teacher_seconds = 0.0
         self.step_seconds = 0.0
+        self.cache_teacher = cache_teacher
+        self.cache_max_mb = cache_max_mb
+        self.cache_off_reason: str | None = None
+        self._cache: Tensor | None = None
+        self._cached: Tensor | None = None
+        self.cache_hits = 0
+        self.cache_lookups = 0
 
     # -- plumbing --------------------------------------------------------------------------------
     def _capture(self, key: str) -> Callable[..., None]:
@@ -160,8 +176,55 @@ class DistillationModule(pl.LightningModule):
         return self
 
     # -- hooks -----------------------------------------------------------------------------------
+    def _turn_cache_off(self, reason: str) -> None:
+        self.cache_off_reason = reason
+        self._cache = self._cached = None
+        log.info("Teacher cache off: %s", reason)
+
+    def _setup_cache(self) -> None:
+        if self.cache_teacher == "off":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.feature_pairs:
+            return self._turn_cache_off("feature pairs are distilled, and only the teacher's logits are cached")
+        if datamodule is None or getattr(datamodule, "has_augmentation", False):
+            return self._turn_cache_off("the data may be augmented (or comes without a DataModule to ask)")
+        loader = datamodule.train_dataloader()
+        first = next(iter(loader))
+        if batch_indices(first) is None:
+            return self._turn_cache_off(
+                "training batches carry no sample index (e.g. DigitsDataModule(return_index=True))"
+            )
+        inputs, _ = split_batch(first)
+        with torch.no_grad():
+            out = self._run(self.teacher, inputs.to(self.device) if isinstance(inputs, Tensor) else inputs)
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        mb = size * out[0].numel() * 4 / 2**20
+        if mb > self.cache_max_mb:
+            return self._turn_cache_off(f"it would take {mb:.0f} MB, above `cache_max_mb`={self.cache_max_mb}")
+        self._cache = torch.zeros((size, *out.shape[1:]), dtype=torch.float32, device=self.device)
+        self._cached = torch.zeros(size, dtype=torch.bool, device=self.device)
+
+    def _teacher_outputs(self, inputs: Any, indices: Tensor | None) -> Tensor:
+        """The teacher's outputs, from the cache when every sample of the batch is in it."""
+        if self._cache is not None and self._cached is not None and indices is not None and self.training:
+            self.cache_lookups += 1
+            indices = indices.to(self._cached.device)
+            if bool(self._cached[indices].all()):
+                self.cache_hits += 1
+                return self._cache[indices]
+            with torch.no_grad():
+                out = self._run(self.teacher, inputs)
+            self._cache[indices] = out.detach().float()
+            self._cached[indices] = True
+            return self._cache[indices]  # the same float32 values a later epoch will read back
+        with torch.no_grad():
+            return self._run(self.teacher, inputs)
+
     def setup(self, stage: str) -> None:
         self._teacher_to_device()
+        if stage == "fit":
+            self._setup_cache()
         if stage == "fit" and self.feature_pairs and len(self.projections) < len(self.feature_pairs):
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None:
@@ -181,8 +244,7 @@ class DistillationModule(pl.LightningModule):
     def _losses(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
         inputs, targets = split_batch(batch)
         started = time.perf_counter()
-        with torch.no_grad():
-            teacher_out = self._run(self.teacher, inputs)
+        teacher_out = self._teacher_outputs(inputs, batch_indices(batch))
         teacher_seconds = time.perf_counter() - started
         student_out = self._run(self.student, inputs)
         parts: dict[str, Tensor] = {}
@@ -215,6 +277,8 @@ class DistillationModule(pl.LightningModule):
         self.step_seconds += time.perf_counter() - started
         if self.step_seconds:
             self.log("distill/teacher_time_share", self.teacher_seconds / self.step_seconds)
+        if self.cache_lookups:
+            self.log("distill/cache_hit_rate", self.cache_hits / self.cache_lookups)
         return loss
 
     def _evaluate(self, batch: Any, prefix: str) -> None:
@@ -271,5 +335,7 @@ class DistillationModule(pl.LightningModule):
                 "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()),
                 "student_parameters": sum(p.numel() for p in self.student.parameters()),
                 "teacher_time_share": self.teacher_seconds / self.step_seconds if self.step_seconds else None,
+                "cache": self.cache_teacher if self.cache_off_reason is None else f"off: {self.cache_off_reason}",
+                "cache_hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else None,
             }
         }

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_quantum._validation import check_fraction, check_positive
+from lightning_quantum.benchmark import split_batch
 
 __all__ = ["Classifier"]
 
@@ -67,26 +68,28 @@ class Classifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch
+    def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError("Classifier batches need targets: (inputs, targets) or (inputs, targets, index).")
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return loss, logits, y
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, logits, y = self._shared_step(batch)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits, y = self._shared_step(batch)
         self.val_acc(logits, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits, y = self._shared_step(batch)
         self.test_acc(logits, y)
         self.log("test/loss", loss, sync_dist=True)

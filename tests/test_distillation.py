@@ -157,8 +157,8 @@ def test_cached_and_uncached_runs_give_identical_losses(tmp_path):
     uncached, _ = _distill_losses(tmp_path, "off")
     cached, model = _distill_losses(tmp_path, "memory")
     assert cached == uncached
-    # epoch 0 fills the cache (40 batches of the 1257 training samples); epoch 1 reads all 40 from it
-    assert (model.cache_lookups, model.cache_hits) == (80, 40)
+    # epoch 0 fills the cache with the 1257 training samples; epoch 1 reads every one of them back
+    assert (model.cache_lookups, model.cache_hits) == (2 * 1257, 1257)
     assert model.cache_off_reason is None
 
 

@@ -196,6 +196,8 @@ def test_distill_digits_experiment_reports_student_and_teacher(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     extra = report["extra"]["distillation"]
     assert extra["student_parameters"] * 4 <= extra["teacher_parameters"]
+    assert report["extra"]["teacher"]["accuracy"] is not None  # the teacher measured like the student
+    assert report["extra"]["student_vs_teacher"]["size_ratio"] < 0.25
 
 
 def test_distill_minilm_experiment_runs_offline(tmp_path):

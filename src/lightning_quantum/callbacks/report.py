@@ -268,6 +268,19 @@ class OptimizationReport(Callback):
             extra["optimized_compiled"] = benchmark_model(
                 compiled, eval_data=self._eval_loader(trainer), precision=str(trainer.precision), **settings
             ).to_dict()
+        teacher = getattr(pl_module, "teacher", None)  # a DistillationModule: measure its teacher alike
+        if isinstance(teacher, nn.Module):
+            teacher_metrics = benchmark_model(
+                teacher, eval_data=self._eval_loader(trainer), precision="32-true", **self._settings(trainer)
+            )
+            extra["teacher"] = teacher_metrics.to_dict()
+            extra["student_vs_teacher"] = {
+                "size_ratio": final_metrics.model_size_bytes / teacher_metrics.model_size_bytes,
+                "speedup": teacher_metrics.inference_latency_ms / final_metrics.inference_latency_ms,
+                "accuracy_difference": None
+                if final_metrics.accuracy is None or teacher_metrics.accuracy is None
+                else final_metrics.accuracy - teacher_metrics.accuracy,
+            }
         module_extra = getattr(pl_module, "report_extra", None)  # e.g. a DistillationModule's teacher figures
         if callable(module_extra):
             extra.update(module_extra())

@@ -36,6 +36,18 @@ def _resolve(model: nn.Module, name: str, role: str) -> nn.Module:
         ) from None
 
 
+def _select(inputs: Any, mask: Tensor) -> Any:
+    """The rows of a batch's inputs (a tensor, or a dict of tensors) where ``mask`` is true."""
+    if isinstance(inputs, dict):
+        return {k: v[mask] if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    return inputs[mask]
+
+
+def _device_of(inputs: Any) -> torch.device:
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    return first.device if isinstance(first, Tensor) else torch.device("cpu")
+
+
 def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
     """Forward hook of a distilled layer: keep its latest output on the layer."""
     module._lq_output = _output_tensor(output)
@@ -216,20 +228,25 @@ class DistillationModule(pl.LightningModule):
         self._cached = torch.zeros(size, dtype=torch.bool, device=self.device)
 
     def _teacher_outputs(self, inputs: Any, indices: Tensor | None) -> Tensor:
-        """The teacher's outputs, from the cache when every sample of the batch is in it."""
-        if self._cache is not None and self._cached is not None and indices is not None and self.training:
-            self.cache_lookups += 1
-            indices = indices.to(self._cached.device)
-            if bool(self._cached[indices].all()):
-                self.cache_hits += 1
-                return self._cache[indices]
+        """The teacher's outputs: from the cache for samples already in it, computed for the rest.
+
+        Only the samples of the batch that are not cached yet go through the teacher (under DDP each
+        epoch's shard differs, so batches are often partly cached); hits are counted per sample.
+        """
+        if self._cache is None or self._cached is None or indices is None or not self.training:
             with torch.no_grad():
-                out = self._run(self.teacher, inputs)
-            self._cache[indices] = out.detach().float()
-            self._cached[indices] = True
-            return self._cache[indices]  # the same float32 values a later epoch will read back
-        with torch.no_grad():
-            return self._run(self.teacher, inputs)
+                return self._run(self.teacher, inputs)
+        indices = indices.to(self._cached.device)
+        missing = ~self._cached[indices]
+        self.cache_lookups += int(indices.numel())
+        self.cache_hits += int(indices.numel() - missing.sum())
+        if bool(missing.any()):
+            subset = inputs if bool(missing.all()) else _select(inputs, missing.to(_device_of(inputs)))
+            with torch.no_grad():
+                out = self._run(self.teacher, subset)
+            self._cache[indices[missing]] = out.detach().float()
+            self._cached[indices[missing]] = True
+        return self._cache[indices]  # float32 values, the same whether just computed or read back
 
     def setup(self, stage: str) -> None:
         self._teacher_to_device()

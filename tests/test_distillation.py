@@ -88,7 +88,7 @@ def test_feature_pairs_with_projection_and_report(tmp_path):
         save_teacher=True,
     )
     report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, compare_train_step=False, print_table=False)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, callbacks=[report]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, log_every_n_steps=1, callbacks=[report]))
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert isinstance(model.projections["blocks__0"], nn.Linear)
     assert model.projections["blocks__0"].weight.shape == (256, 32)
@@ -255,7 +255,7 @@ def test_embedding_distillation_with_hidden_state_pairs(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[]))
     trainer.fit(model, Data())  # sizes the projections (identity here: same widths)
     before = loss()
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=8, log_every_n_steps=1, callbacks=[]))
     trainer.fit(model, Data())
     assert "distill/output_loss" in trainer.callback_metrics and "distill/feature_loss" in trainer.callback_metrics
     assert loss() < 0.5 * before

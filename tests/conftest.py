@@ -38,3 +38,18 @@ def trainer_kwargs(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def run_rank_script(script, out_dir, ranks=(0, 1)):
+    """Run a multi-process test script (it launches its own DDP ranks) and read each rank's JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(script).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, str(script), str(out_dir)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in ranks]

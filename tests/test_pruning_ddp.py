@@ -1,21 +1,14 @@
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_rank_script
 
 SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
 def test_ddp_ranks_share_masks_and_sparsity(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_rank_script(SCRIPT, tmp_path)
     assert ranks[0]["masks"] == ranks[1]["masks"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     for rank in ranks:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
+from lightning_quantum.data._split import SeededSplitDataModule
+from lightning_quantum.data.sampling import EpochSeededSampler
 
 __all__ = ["DigitsDataModule", "EpochSeededSampler", "load_digits_arrays"]
 
@@ -49,30 +49,7 @@ def load_digits_arrays(data_dir: str | Path | None = None) -> tuple[np.ndarray, 
     )
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
-
-    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
-    sees exactly the batches the uninterrupted run saw, with no RNG state to restore.
-    """
-
-    def __init__(self, data: Sized, seed: int) -> None:
-        self.size = len(data)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SeededSplitDataModule):
     """Seeded train/val/test split of the digits, standardized with the training split's statistics.
 
     Args:
@@ -133,20 +110,13 @@ class DigitsDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.data_dir = data_dir
         self.return_index = return_index
-        self.splits: dict[str, TensorDataset] = {}
+        self.splits = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return 10
-
-    def split_indices(self, n: int) -> dict[str, np.ndarray]:
-        """The index sets of the seeded split of ``n`` samples."""
-        order = np.random.RandomState(self.seed).permutation(n)
-        n_test = int(round(n * self.test_fraction))
-        n_val = int(round(n * self.val_fraction))
-        return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -164,24 +134,3 @@ class DigitsDataModule(pl.LightningDataModule):
             if self.return_index and name == "train":
                 tensors.append(torch.arange(len(idx)))
             self.splits[name] = TensorDataset(*tensors)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        dataset = self.splits[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_quantum._validation import check_fraction, check_positive
-from lightning_quantum.data.digits import EpochSeededSampler
+from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.text import corpus_sentences, minilm_path
 
 __all__ = ["SentenceDataModule"]
@@ -27,7 +25,7 @@ class _Tokenized(Dataset):
         return {"x": {k: v[i] for k, v in self.encoded.items()}, "index": i}
 
 
-class SentenceDataModule(pl.LightningDataModule):
+class SentenceDataModule(SeededSplitDataModule):
     """Unlabeled sentences (for distilling sentence embeddings), with a seeded train/val/test split.
 
     Batches are ``{"x": {"input_ids", "attention_mask"}, "index": sample indices}``: the inputs go to
@@ -58,9 +56,10 @@ class SentenceDataModule(pl.LightningDataModule):
         check_fraction("test_fraction", test_fraction)
         self.save_hyperparameters(logger=False)
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
+        self.eval_batch_size = batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer_path = tokenizer_path
-        self.splits: dict[str, _Tokenized] = {}
+        self.splits: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -69,10 +68,7 @@ class SentenceDataModule(pl.LightningDataModule):
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or minilm_path(), local_files_only=True)
         sentences = corpus_sentences()
-        order = np.random.RandomState(self.seed).permutation(len(sentences))
-        n_test, n_val = int(len(order) * self.test_fraction), int(len(order) * self.val_fraction)
-        parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-        for name, idx in parts.items():
+        for name, idx in self.split_indices(len(sentences)).items():
             encoded = tokenizer(
                 [sentences[i] for i in idx],
                 padding="max_length",
@@ -83,20 +79,3 @@ class SentenceDataModule(pl.LightningDataModule):
             self.splits[name] = _Tokenized(
                 {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
             )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        data = self.splits[split]
-        return DataLoader(
-            data, batch_size=self.batch_size, sampler=EpochSeededSampler(data, self.seed) if shuffle else None
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -135,11 +135,13 @@ def test_digits_teacher_trains_once_and_reloads(tmp_path):
         assert torch.equal(a, b)
 
 
-def _distill_losses(tmp_path, cache, return_index=True):
+def _distill_losses(tmp_path, cache, return_index=True, **kwargs):
     from lightning_quantum.data import DigitsDataModule
 
     torch.manual_seed(0)
-    model = DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), _teacher(), num_classes=10, cache_teacher=cache)
+    model = DistillationModule(
+        DigitsMLP(hidden=(32,), dropout=0.0), _teacher(), num_classes=10, cache_teacher=cache, **kwargs
+    )
     losses = []
 
     class Spy(pl.Callback):
@@ -162,6 +164,22 @@ def test_cached_and_uncached_runs_give_identical_losses(tmp_path):
     assert model.cache_off_reason is None
 
 
+def test_disk_cache_gives_the_same_losses_and_removes_its_file(tmp_path):
+    uncached, _ = _distill_losses(tmp_path, "off")
+    files = []
+
+    class Peek(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            files.append(pl_module.cache_path)
+
+    cached, model = _distill_losses(tmp_path / "run", "disk", cache_dir=str(tmp_path / "cache"))
+    assert cached == uncached
+    assert (model.cache_lookups, model.cache_hits) == (2 * 1257, 1257)
+    assert model.cache_path is None and not list((tmp_path / "cache" / "teacher_cache").iterdir())
+    too_small, model = _distill_losses(tmp_path, "disk", cache_max_mb=0.01)
+    assert too_small == uncached and "above `cache_max_mb`=0.01" in model.cache_off_reason
+
+
 def test_cache_turns_itself_off_with_a_reason(tmp_path):
     _, model = _distill_losses(tmp_path, "memory", return_index=False)
     assert "carry no sample index" in model.cache_off_reason and model.cache_lookups == 0
@@ -177,7 +195,7 @@ def test_cache_turns_itself_off_with_a_reason(tmp_path):
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(
         with_features, DigitsDataModule(batch_size=32, return_index=True)
     )
-    assert "feature pairs" in with_features.cache_off_reason
+    assert "feature or attention pairs" in with_features.cache_off_reason
 
 
 def _tiny_bert(layers=4):
@@ -259,3 +277,70 @@ def test_embedding_distillation_with_hidden_state_pairs(tmp_path):
     trainer.fit(model, Data())
     assert "distill/output_loss" in trainer.callback_metrics and "distill/feature_loss" in trainer.callback_metrics
     assert loss() < 0.5 * before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_teacher_at_lower_precision_is_a_copy_and_trains(tmp_path, precision):
+    from lightning_quantum.data import DigitsDataModule
+
+    teacher = DigitsMLP(hidden=(64, 64), dropout=0.0).eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = DistillationModule(DigitsMLP(hidden=(32,)), teacher, num_classes=10, teacher_precision=precision)
+    assert model.teacher is not teacher
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        low = model._teacher_forward(x)
+        full = teacher(x)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, full, atol=0.1, rtol=0.1) and not torch.equal(low, full)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3)).fit(model, DigitsDataModule(batch_size=32))
+    for k, v in teacher.state_dict().items():  # the user's teacher is untouched
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])
+    with pytest.raises(ValueError, match=r"`teacher_precision`='fp16' is not valid.*'bf16'"):
+        DistillationModule(DigitsMLP(hidden=(32,)), teacher, teacher_precision="fp16")
+
+
+def test_attention_distillation_matches_attention_maps(tmp_path):
+    from lightning_quantum.distillation import SentenceEncoder, student_from_teacher
+    from lightning_quantum.distillation.module import attention_kl
+
+    p = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    q = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    by_hand = (p * (p / q).log()).sum(-1).mean()
+    assert float(attention_kl(q, p)) == pytest.approx(float(by_hand), rel=1e-4)
+    assert float(attention_kl(p, p)) == pytest.approx(0.0, abs=1e-6)
+
+    bert = _tiny_bert(4)
+    bert.set_attn_implementation("eager")
+    teacher = SentenceEncoder(bert)
+    student = SentenceEncoder(student_from_teacher(bert, [0, 2]))
+    pairs = {
+        "model.encoder.layer.0.attention.self": "model.encoder.layer.1.attention.self",
+        "model.encoder.layer.1.attention.self": "model.encoder.layer.3.attention.self",
+    }
+    model = DistillationModule(student, teacher, alpha=0.0, beta=0.0, attention_pairs=pairs, attention_weight=1.0)
+    torch.manual_seed(1)
+    batch = {"x": {"input_ids": torch.randint(0, 64, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss, parts, _, _ = model._losses(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(parts["attention_loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+
+    sdpa = _tiny_bert(4)
+    sdpa.set_attn_implementation("sdpa")
+    model = DistillationModule(
+        SentenceEncoder(student_from_teacher(sdpa, [0, 2])),
+        SentenceEncoder(sdpa),
+        alpha=0.0,
+        beta=0.0,
+        attention_pairs=pairs,
+    )
+    with pytest.raises(ValueError, match=r"attn_implementation='eager'"):
+        model._losses(batch)
+    with pytest.raises(ValueError, match=r"`attention_pairs` names student layer 'model.encoder.layer.9"):
+        DistillationModule(student, teacher, attention_pairs={"model.encoder.layer.9.attention.self": "x"})

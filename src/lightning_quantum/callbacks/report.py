@@ -271,7 +271,10 @@ class OptimizationReport(Callback):
         teacher = getattr(pl_module, "teacher", None)  # a DistillationModule: measure its teacher alike
         if isinstance(teacher, nn.Module):
             teacher_metrics = benchmark_model(
-                teacher, eval_data=self._eval_loader(trainer), precision="32-true", **self._settings(trainer)
+                teacher,
+                eval_data=self._eval_loader(trainer),
+                precision="bf16-true" if getattr(pl_module, "teacher_precision", None) == "bf16" else "32-true",
+                **self._settings(trainer),
             )
             extra["teacher"] = teacher_metrics.to_dict()
             extra["student_vs_teacher"] = {

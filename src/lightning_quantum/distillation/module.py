@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,14 +27,14 @@ __all__ = ["DistillationModule"]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def _resolve(model: nn.Module, name: str, role: str) -> nn.Module:
+def _resolve(model: nn.Module, name: str, role: str, argument: str = "feature_pairs") -> nn.Module:
     names = [n for n, _ in model.named_modules() if n]
     try:
         return model.get_submodule(name)
     except AttributeError:
         close = difflib.get_close_matches(name, names, n=3)
         raise ValueError(
-            f"`feature_pairs` names {role} layer {name!r}, which {type(model).__name__} does not have. "
+            f"`{argument}` names {role} layer {name!r}, which {type(model).__name__} does not have. "
             f"Close matches: {close or 'none'}."
         ) from None
 
@@ -53,12 +56,67 @@ def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
     module._lq_output = _output_tensor(output)
 
 
+def _keep_attention(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of a distilled attention module: keep its attention probabilities on the module.
+
+    Hugging Face attention modules return ``(attn_output, attn_weights)``; the weights are ``None``
+    unless the model runs its eager attention.
+    """
+    weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+    if not isinstance(weights, Tensor):
+        raise ValueError(
+            f"{type(module).__name__} returned no attention probabilities. Attention distillation needs "
+            "them: load the Hugging Face model with attn_implementation='eager' (or call "
+            "model.set_attn_implementation('eager'))."
+        )
+    module._lq_attention = weights
+
+
+def attention_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(teacher || student)`` between attention distributions, averaged over every query row.
+
+    Shapes are ``(batch, heads, queries, keys)``; when the head counts differ, the head-averaged maps
+    are compared.
+    """
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}."
+        )
+    eps = 1e-8
+    t = teacher.float()
+    return (t * ((t + eps).log() - (student.float() + eps).log())).sum(-1).mean()
+
+
 def _output_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise ValueError(f"A feature layer returned {type(output).__name__}; distillation needs a tensor.")
+
+
+def _lower_precision(teacher: nn.Module, precision: str) -> nn.Module:
+    """A copy of ``teacher`` in bf16, or with int8 linears (torchao dynamic int8); ``teacher`` when fp32.
+
+    The user's teacher is never changed: lower precisions work on a copy.
+    """
+    if precision == "fp32":
+        return teacher
+    lowered = copy.deepcopy(teacher)
+    if precision == "bf16":
+        return lowered.to(torch.bfloat16)
+    from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
+
+    quantize_dynamic_int8(lowered.eval())
+    return lowered
+
+
+def _cast_floats(inputs: Any, dtype: torch.dtype) -> Any:
+    if isinstance(inputs, dict):
+        return {k: _cast_floats(v, dtype) for k, v in inputs.items()}
+    return inputs.to(dtype) if isinstance(inputs, Tensor) and inputs.is_floating_point() else inputs
 
 
 class DistillationModule(pl.LightningModule):
@@ -88,10 +146,22 @@ class DistillationModule(pl.LightningModule):
         scheduler: an optional factory taking the optimizer.
         save_teacher: also store the teacher's weights in checkpoints.
         cache_teacher: ``"memory"`` keeps the teacher's training outputs by sample index after the first
-            epoch, so later epochs pay no teacher forward. It needs batches that carry sample indices
-            (``DigitsDataModule(return_index=True)``) and data without random augmentation; otherwise
-            (or with feature pairs, whose features are not cached) it turns itself off and logs why.
-        cache_max_mb: the largest cache allowed; a larger one turns caching off with a logged reason.
+            epoch, so later epochs pay no teacher forward; ``"disk"`` keeps them in a memory-mapped
+            ``.npy`` file per rank under ``cache_dir``, removed when fit ends. It needs batches that
+            carry sample indices (``DigitsDataModule(return_index=True)``) and data without random
+            augmentation; otherwise (or with feature or attention pairs, which need the teacher's
+            inner activations every step) it turns itself off and logs why.
+        cache_max_mb: the largest cache allowed; a larger one (or one the disk has no room for) turns
+            caching off with a logged reason.
+        cache_dir: where the disk cache goes; ``<trainer.default_root_dir>/teacher_cache`` when ``None``.
+        teacher_precision: ``"fp32"``; ``"bf16"`` runs a bf16 copy of the teacher (half the memory);
+            ``"int8"`` a copy with torchao dynamic int8 linears (a quarter of their memory). Outputs
+            are float32 either way; the user's teacher is not changed.
+        attention_pairs: ``{student_attention_module: teacher_attention_module}`` of Hugging Face
+            attention modules (e.g. ``model.encoder.layer.0.attention.self``) whose attention
+            probabilities are matched with ``KL(teacher || student)`` (MiniLM-style). The models must
+            run eager attention (``attn_implementation="eager"``).
+        attention_weight: weight of the attention losses.
 
     Raises:
         ValueError: for a temperature of 0 or below, negative weights, all loss weights zero, or a
@@ -115,22 +185,34 @@ class DistillationModule(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         save_teacher: bool = False,
-        cache_teacher: Literal["off", "memory"] = "off",
+        cache_teacher: Literal["off", "memory", "disk"] = "off",
         cache_max_mb: float = 1024.0,
+        cache_dir: str | None = None,
+        teacher_precision: Literal["fp32", "bf16", "int8"] = "fp32",
+        attention_pairs: Mapping[str, str] | None = None,
+        attention_weight: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
-        for name, value in (("alpha", alpha), ("beta", beta), ("feature_weight", feature_weight)):
+        weights = {"alpha": alpha, "beta": beta, "feature_weight": feature_weight, "attention_weight": attention_weight}
+        for name, value in weights.items():
             check_non_negative(name, value)
         pairs = dict(feature_pairs or {})
-        if alpha == 0 and beta == 0 and (not pairs or feature_weight == 0):
-            raise ValueError("All loss weights are zero (`alpha`, `beta` and the feature weight): nothing to learn.")
+        attention = dict(attention_pairs or {})
+        if alpha == 0 and beta == 0 and (not pairs or feature_weight == 0) and (not attention or attention_weight == 0):
+            raise ValueError(
+                "All loss weights are zero (`alpha`, `beta`, and the feature and attention weights of any "
+                "pairs): nothing to learn."
+            )
         check_choice("feature_loss_kind", feature_loss_kind, ("mse", "cosine"))
-        check_choice("cache_teacher", cache_teacher, ("off", "memory"))
+        check_choice("cache_teacher", cache_teacher, ("off", "memory", "disk"))
+        check_choice("teacher_precision", teacher_precision, ("fp32", "bf16", "int8"))
         check_choice("output_loss", output_loss, ("kl", "mse", "cosine"))
         check_positive("cache_max_mb", cache_max_mb)
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"], logger=False)
         self.student = student
+        self.teacher_precision = teacher_precision
+        teacher = _lower_precision(teacher, teacher_precision)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the class docstring
         teacher.requires_grad_(False)
         teacher.eval()
@@ -149,10 +231,17 @@ class DistillationModule(pl.LightningModule):
             # deep copy of the DistillationModule captures into its own layers.
             _resolve(student, s_name, "student").register_forward_hook(_keep_output)
             _resolve(teacher, t_name, "teacher").register_forward_hook(_keep_output)
+        self.attention_pairs = attention
+        self.attention_weight = attention_weight
+        for s_name, t_name in attention.items():
+            _resolve(student, s_name, "student", "attention_pairs").register_forward_hook(_keep_attention)
+            _resolve(teacher, t_name, "teacher", "attention_pairs").register_forward_hook(_keep_attention)
         self.teacher_seconds = 0.0
         self.step_seconds = 0.0
         self.cache_teacher = cache_teacher
         self.cache_max_mb = cache_max_mb
+        self.cache_dir = cache_dir
+        self.cache_path: Path | None = None
         self.cache_off_reason: str | None = None
         self._cache: Tensor | None = None
         self._cached: Tensor | None = None
@@ -178,7 +267,7 @@ class DistillationModule(pl.LightningModule):
             return
         with torch.no_grad():
             self._run(self.student, inputs)
-            self._run(self.teacher, inputs)
+        self._teacher_forward(inputs)
         for s_name, t_name in self.feature_pairs.items():
             s_dim = self._feature("s", s_name).shape[-1]
             t_dim = self._feature("t", t_name).shape[-1]
@@ -188,6 +277,13 @@ class DistillationModule(pl.LightningModule):
     @staticmethod
     def _run(model: nn.Module, inputs: Any) -> Any:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    def _teacher_forward(self, inputs: Any) -> Tensor:
+        """The teacher's outputs under ``no_grad``, as float32 whatever precision it runs at."""
+        with torch.no_grad():
+            if self.teacher_precision == "bf16":
+                return self._run(self.teacher, _cast_floats(inputs, torch.bfloat16)).float()
+            return self._run(self.teacher, inputs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.student(*args, **kwargs)
@@ -207,8 +303,10 @@ class DistillationModule(pl.LightningModule):
         if self.cache_teacher == "off":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.feature_pairs:
-            return self._turn_cache_off("feature pairs are distilled, and only the teacher's logits are cached")
+        if self.feature_pairs or self.attention_pairs:
+            return self._turn_cache_off(
+                "feature or attention pairs are distilled, and only the teacher's outputs are cached"
+            )
         if datamodule is None or getattr(datamodule, "has_augmentation", False):
             return self._turn_cache_off("the data may be augmented (or comes without a DataModule to ask)")
         loader = datamodule.train_dataloader()
@@ -218,14 +316,30 @@ class DistillationModule(pl.LightningModule):
                 "training batches carry no sample index (e.g. DigitsDataModule(return_index=True))"
             )
         inputs, _ = split_batch(first)
-        with torch.no_grad():
-            out = self._run(self.teacher, inputs.to(self.device) if isinstance(inputs, Tensor) else inputs)
+        out = self._teacher_forward(inputs.to(self.device) if isinstance(inputs, Tensor) else inputs)
         size = len(loader.dataset)  # type: ignore[arg-type]
         mb = size * out[0].numel() * 4 / 2**20
         if mb > self.cache_max_mb:
             return self._turn_cache_off(f"it would take {mb:.0f} MB, above `cache_max_mb`={self.cache_max_mb}")
-        self._cache = torch.zeros((size, *out.shape[1:]), dtype=torch.float32, device=self.device)
-        self._cached = torch.zeros(size, dtype=torch.bool, device=self.device)
+        shape = (size, *out.shape[1:])
+        if self.cache_teacher == "memory":
+            self._cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self._cached = torch.zeros(size, dtype=torch.bool, device=self.device)
+            return None
+        import numpy as np
+
+        directory = Path(self.cache_dir or self.trainer.default_root_dir) / "teacher_cache"
+        directory.mkdir(parents=True, exist_ok=True)
+        free_mb = shutil.disk_usage(directory).free / 2**20
+        if mb > free_mb:
+            return self._turn_cache_off(f"it would take {mb:.0f} MB on disk, and {directory} has {free_mb:.0f} MB free")
+        # One file per rank: under DDP each rank caches its own shard.
+        self.cache_path = directory / f"rank{self.global_rank}.npy"
+        array = np.lib.format.open_memmap(self.cache_path, mode="w+", dtype=np.float32, shape=shape)
+        self._cache = torch.from_numpy(array)
+        self._cached = torch.zeros(size, dtype=torch.bool)
+        log.info("Teacher cache on disk: %s (%.1f MB)", self.cache_path, mb)
+        return None
 
     def _teacher_outputs(self, inputs: Any, indices: Tensor | None) -> Tensor:
         """The teacher's outputs: from the cache for samples already in it, computed for the rest.
@@ -234,19 +348,18 @@ class DistillationModule(pl.LightningModule):
         epoch's shard differs, so batches are often partly cached); hits are counted per sample.
         """
         if self._cache is None or self._cached is None or indices is None or not self.training:
-            with torch.no_grad():
-                return self._run(self.teacher, inputs)
+            return self._teacher_forward(inputs)
         indices = indices.to(self._cached.device)
         missing = ~self._cached[indices]
         self.cache_lookups += int(indices.numel())
         self.cache_hits += int(indices.numel() - missing.sum())
         if bool(missing.any()):
             subset = inputs if bool(missing.all()) else _select(inputs, missing.to(_device_of(inputs)))
-            with torch.no_grad():
-                out = self._run(self.teacher, subset)
-            self._cache[indices[missing]] = out.detach().float()
+            out = self._teacher_forward(subset)
+            self._cache[indices[missing]] = out.detach().float().to(self._cache.device)
             self._cached[indices[missing]] = True
-        return self._cache[indices]  # float32 values, the same whether just computed or read back
+        # float32 values, the same whether just computed or read back (from memory or from disk)
+        return self._cache[indices].to(_device_of(inputs))
 
     def setup(self, stage: str) -> None:
         self._teacher_to_device()
@@ -261,6 +374,12 @@ class DistillationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_to_device()
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.cache_path is not None:
+            self._cache = self._cached = None  # closes the memory map before its file goes
+            self.cache_path.unlink(missing_ok=True)
+            self.cache_path = None
 
     def on_validation_start(self) -> None:
         self._teacher_to_device()
@@ -294,10 +413,20 @@ class DistillationModule(pl.LightningModule):
                 target = self._feature("t", t_name).detach()
                 feats.append(feature_loss(projected, target, self.feature_loss_kind))
             parts["feature_loss"] = torch.stack(feats).sum()
+        if self.attention_pairs and self.attention_weight:
+            maps = [
+                attention_kl(
+                    self.student.get_submodule(s_name)._lq_attention,  # type: ignore[arg-type]
+                    self.teacher.get_submodule(t_name)._lq_attention.detach(),  # type: ignore[operator]
+                )
+                for s_name, t_name in self.attention_pairs.items()
+            ]
+            parts["attention_loss"] = torch.stack(maps).sum()
         loss = (
             self.alpha * parts.get("task_loss", 0.0)
             + self.beta * parts.get("kd_loss", parts.get("output_loss", 0.0))
             + self.feature_weight * parts.get("feature_loss", 0.0)
+            + self.attention_weight * parts.get("attention_loss", 0.0)
         )
         self.teacher_seconds += teacher_seconds
         return loss, parts, student_out, teacher_out  # type: ignore[return-value]
@@ -381,5 +510,6 @@ class DistillationModule(pl.LightningModule):
                 "teacher_time_share": self.teacher_seconds / self.step_seconds if self.step_seconds else None,
                 "cache": self.cache_teacher if self.cache_off_reason is None else f"off: {self.cache_off_reason}",
                 "cache_hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else None,
+                "teacher_precision": self.teacher_precision,
             }
         }

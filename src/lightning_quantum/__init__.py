@@ -8,6 +8,7 @@ Example:
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.levels import OptimizationLevel, Recipe, recipe
+from lightning_quantum.optimize import OptimizationResult, load_optimized, optimize, save_optimized
 from lightning_quantum.precision import PrecisionDecision, resolve_precision
 from lightning_quantum.report import OptimizationReportData
 
@@ -17,11 +18,15 @@ __all__ = [
     "OptimizationLevel",
     "OptimizationPerformanceMetrics",
     "OptimizationReportData",
+    "OptimizationResult",
     "PrecisionDecision",
     "Recipe",
     "benchmark_model",
     "gpu_status",
+    "load_optimized",
+    "optimize",
     "recipe",
     "resolve_precision",
+    "save_optimized",
     "__version__",
 ]

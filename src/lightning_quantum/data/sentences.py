@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_quantum._validation import check_fraction, check_positive
+from lightning_quantum._validation import check_fraction, check_non_negative, check_positive
 from lightning_quantum.data._split import SeededSplitDataModule
-from lightning_quantum.data.text import corpus_sentences, minilm_path
+from lightning_quantum.data.text import corpus_paragraphs, minilm_path, paragraph_sentences, word_windows
 
 __all__ = ["SentenceDataModule"]
 
@@ -26,18 +26,26 @@ class _Tokenized(Dataset):
 
 
 class SentenceDataModule(SeededSplitDataModule):
-    """Unlabeled sentences (for distilling sentence embeddings), with a seeded train/val/test split.
+    """Unlabeled English text (for distilling sentence embeddings), with a seeded train/val/test split.
+
+    The split is by paragraph of CPython's help topics, so no training text overlaps a held-out
+    sentence. Validation and test items are the prose sentences of their paragraphs. Training items
+    are the sentences of the training paragraphs plus, unless ``window_words`` is 0, spans of
+    ``window_words`` words every ``window_stride`` words of those paragraphs: distillation needs no
+    labels, and the spans give the student several times more text to match the teacher on.
 
     Batches are ``{"x": {"input_ids", "attention_mask"}, "index": sample indices}``: the inputs go to
     the model as keywords, and the indices let a teacher's outputs be cached.
 
     Args:
-        batch_size: sentences per batch.
-        max_length: tokens per sentence (padded and truncated to it).
-        val_fraction: share held out for validation.
-        test_fraction: share held out for test (the held-out sentences of the benchmark).
+        batch_size: items per batch.
+        max_length: tokens per item (padded and truncated to it).
+        val_fraction: share of paragraphs held out for validation.
+        test_fraction: share of paragraphs held out for test (the held-out sentences of the benchmark).
         seed: seed of the split and of the shuffling.
         tokenizer_path: directory of the tokenizer; all-MiniLM-L6-v2's when ``None``.
+        window_words: words per training span; 0 trains on whole sentences only.
+        window_stride: words between the starts of consecutive spans.
     """
 
     def __init__(
@@ -48,9 +56,13 @@ class SentenceDataModule(SeededSplitDataModule):
         test_fraction: float = 0.2,
         seed: int = 42,
         tokenizer_path: str | None = None,
+        window_words: int = 16,
+        window_stride: int = 6,
     ) -> None:
         super().__init__()
         check_positive("batch_size", batch_size)
+        check_non_negative("window_words", window_words)
+        check_positive("window_stride", window_stride)
         check_positive("max_length", max_length)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
@@ -59,6 +71,7 @@ class SentenceDataModule(SeededSplitDataModule):
         self.eval_batch_size = batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer_path = tokenizer_path
+        self.window_words, self.window_stride = window_words, window_stride
         self.splits: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -67,15 +80,27 @@ class SentenceDataModule(SeededSplitDataModule):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or minilm_path(), local_files_only=True)
-        sentences = corpus_sentences()
-        for name, idx in self.split_indices(len(sentences)).items():
+        for name, texts in self.split_texts().items():
             encoded = tokenizer(
-                [sentences[i] for i in idx],
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
+                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             self.splits[name] = _Tokenized(
                 {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
             )
+
+    def split_texts(self) -> dict[str, list[str]]:
+        """The texts of each split, before tokenization (deduplicated, in a fixed order)."""
+        paragraphs = corpus_paragraphs()
+        chosen = {
+            name: [paragraphs[i] for i in sorted(idx)] for name, idx in self.split_indices(len(paragraphs)).items()
+        }
+        train_text = " ".join(chosen["train"])
+        texts = {}
+        for name in ("val", "test"):  # held-out sentences whose words also occur in training text are dropped
+            sentences = (s for p in chosen[name] for s in paragraph_sentences(p))
+            texts[name] = [s for s in dict.fromkeys(sentences) if s not in train_text]
+        train = [s for p in chosen["train"] for s in paragraph_sentences(p)]
+        if self.window_words:
+            train += [w for p in chosen["train"] for w in word_windows(p, self.window_words, self.window_stride)]
+        texts["train"] = list(dict.fromkeys(train))
+        return texts

@@ -10,26 +10,49 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["corpus_sentences", "minilm_path", "load_minilm", "mean_pooled_embeddings"]
+__all__ = [
+    "corpus_paragraphs",
+    "paragraph_sentences",
+    "word_windows",
+    "corpus_sentences",
+    "minilm_path",
+    "load_minilm",
+    "mean_pooled_embeddings",
+]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def corpus_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """Prose sentences from CPython's help topics, in a fixed order, without code lines or duplicates."""
+def corpus_paragraphs() -> list[str]:
+    """Prose paragraphs of CPython's help topics (no code), whitespace-normalised, in a fixed order."""
     from pydoc_data.topics import topics
 
-    seen: set[str] = set()
-    sentences = []
-    for key in sorted(topics):
-        paragraphs = [p for p in topics[key].split("\n\n") if p and not p.startswith((" ", "\t", ">>>", "*"))]
-        for paragraph in paragraphs:
-            for sentence in _SENTENCE_END.split(" ".join(paragraph.split())):
-                words = sentence.split()
-                if min_words <= len(words) <= max_words and sentence[0].isupper() and sentence not in seen:
-                    seen.add(sentence)
-                    sentences.append(sentence)
-    return sentences
+    return [
+        " ".join(paragraph.split())
+        for key in sorted(topics)
+        for paragraph in topics[key].split("\n\n")
+        if paragraph and not paragraph.startswith((" ", "\t", ">>>", "*"))
+    ]
+
+
+def paragraph_sentences(paragraph: str, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """The sentences of ``paragraph`` with ``min_words`` to ``max_words`` words, starting upper-case."""
+    return [
+        sentence
+        for sentence in _SENTENCE_END.split(paragraph)
+        if min_words <= len(sentence.split()) <= max_words and sentence[0].isupper()
+    ]
+
+
+def word_windows(paragraph: str, width: int, stride: int) -> list[str]:
+    """Spans of ``width`` words every ``stride`` words (the whole paragraph when it is shorter)."""
+    words = paragraph.split()
+    return [" ".join(words[i : i + width]) for i in range(0, max(1, len(words) - width + 1), stride)]
+
+
+def corpus_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Prose sentences from CPython's help topics, in a fixed order, without code lines or duplicates."""
+    return list(dict.fromkeys(s for p in corpus_paragraphs() for s in paragraph_sentences(p, min_words, max_words)))
 
 
 def minilm_path() -> str:

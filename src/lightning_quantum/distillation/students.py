@@ -80,7 +80,7 @@ def minilm_teacher() -> SentenceEncoder:
     return SentenceEncoder(load_minilm()[1])
 
 
-def minilm_student(layers: Sequence[int] = (0, 2, 4)) -> SentenceEncoder:
+def minilm_student(layers: Sequence[int] = (0, 4, 5)) -> SentenceEncoder:
     """A sentence encoder with ``layers`` of all-MiniLM-L6-v2's six, copied from it (DistilBERT-style)."""
     from lightning_quantum.data.text import load_minilm
 

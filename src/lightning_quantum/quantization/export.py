@@ -78,7 +78,16 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
+
     tensors = load_file(str(path))
+    four_bit = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    if four_bit:  # bitsandbytes 4-bit layers take their packed weights and quantization state first
+        result = model.load_state_dict(load_prequantized_4bit(model, tensors), strict=False)
+        missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in four_bit]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Loading {path}: missing keys {missing}, unexpected keys {result.unexpected_keys}.")
+        return model
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     if metadata and any(isinstance(v, str) and '"_type"' in v for v in metadata.values()):

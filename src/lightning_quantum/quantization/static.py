@@ -107,4 +107,10 @@ def quantize_static_int8(
     # Lightning calls .train()/.eval() around validation and test; an exported graph refuses both
     # unless told to map them onto its (inference-only) ops.
     allow_exported_model_train_eval(converted)
+    # The graph computes in inference mode; say so, or the next .train(was_training) (export_program,
+    # benchmarks) would switch its BatchNorm to batch statistics.
+    # Its .train()/.eval() set no `training` flags; set them, so code that saves and restores the mode
+    # (export_program, benchmarks) does not switch the graph's BatchNorm to batch statistics.
+    converted.eval()
+    nn.Module.train(converted, False)
     return converted

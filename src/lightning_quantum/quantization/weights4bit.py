@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_quantum._validation import check_choice
 from lightning_quantum.pruning.masks import select_parameters
@@ -133,3 +133,28 @@ def quantize_weights_bnb(
         _swap(model, name, new.to(target))  # the move quantizes the weights
     log.info("bitsandbytes %s: %d linear layers", fmt, len(chosen))
     return sorted(chosen)
+
+
+def load_prequantized_4bit(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Give each bitsandbytes 4-bit linear of ``model`` its saved packed weight and quantization state.
+
+    ``state`` is a ``state_dict`` of a model quantized the same way (as safetensors holds it); the
+    entries used are removed from it, and the rest (biases, float layers) is returned for
+    ``load_state_dict``. Uses bitsandbytes' ``Params4bit.from_prequantized``.
+    """
+    state = dict(state)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return state
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        key = f"{name}.weight"
+        if key not in state:
+            raise ValueError(f"The saved weights have no {key!r} for the 4-bit layer {name!r}.")
+        stats = {k[len(key) + 1 :]: state.pop(k) for k in list(state) if k.startswith(key + ".")}
+        module.weight = bnb.nn.Params4bit.from_prequantized(
+            data=state.pop(key), quantized_stats=stats, requires_grad=False, device=module.weight.device, module=module
+        )
+    return state

@@ -1,0 +1,396 @@
+"""Post-training optimization of a model already trained: ``lq.optimize(model, level=...)``.
+
+The same transforms the callbacks use, applied one step at a time to a copy of the model, each step
+measured on the evaluation data and rolled back when it costs more accuracy than allowed.
+
+Example:
+    >>> result = lq.optimize(net, level="quantum", eval_data=dm.test_dataloader())  # doctest: +SKIP
+    >>> result.report.compression_ratio, result.steps  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quantum._validation import check_choice, check_fraction, check_positive
+from lightning_quantum.benchmark import (
+    OptimizationPerformanceMetrics,
+    benchmark_model,
+    evaluate_accuracy,
+    split_batch,
+)
+from lightning_quantum.report import OptimizationReportData, build_report, write_report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OPTIMIZE_LEVELS", "OptimizationResult", "StepRecord", "load_optimized", "optimize", "save_optimized"]
+
+OPTIMIZE_LEVELS = ("basic", "advanced", "quantum", "ultra")
+PRUNE_METHODS = ("l1_unstructured", "l1_structured", "l2_structured")
+
+
+@dataclass
+class StepRecord:
+    """One transform of the pipeline: what it did to accuracy and size, and whether it was kept."""
+
+    name: str
+    kept: bool
+    accuracy: float | None
+    accuracy_drop: float | None
+    size_mb: float
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+
+@dataclass
+class OptimizationResult:
+    """What :func:`optimize` returns: the optimized model, both measurements, the report and the steps."""
+
+    model: nn.Module
+    before: OptimizationPerformanceMetrics
+    after: OptimizationPerformanceMetrics
+    report: OptimizationReportData
+    steps: list[StepRecord]
+
+    @property
+    def applied(self) -> list[str]:
+        """The names of the steps that were kept."""
+        return [s.name for s in self.steps if s.kept]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "report": self.report.to_dict(),
+            "steps": [asdict(s) for s in self.steps],
+        }
+
+
+def _first_inputs(data: Iterable[Any]) -> Any:
+    try:
+        return split_batch(next(iter(data)))[0]
+    except StopIteration:
+        raise ValueError("The evaluation or calibration data is empty.") from None
+
+
+def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inputs: Any) -> dict[str, Any]:
+    """One-shot magnitude pruning in place: unstructured (global), or channels (optionally removed)."""
+    from lightning_quantum.pruning import select_parameters, structured_masks, unstructured_masks
+    from lightning_quantum.pruning.masks import make_pruning_permanent
+    from lightning_quantum.pruning.slimming import build_dependency_graph, coupled_channel_masks, output_layers
+    from lightning_quantum.pruning.slimming import slim_model as slim_layers
+
+    modules = select_parameters(model)
+    weights: dict[str, Tensor] = {f"{name}.weight": m.weight for name, m in modules.items()}  # type: ignore[misc]
+    if method == "l1_unstructured":
+        masks = unstructured_masks(weights, amount)
+        make_pruning_permanent(model, masks)
+        return {"method": method, "amount": amount}
+    graph = build_dependency_graph(model, example_inputs)
+    outputs = set(output_layers(model, graph, list(modules)))
+    weights = {k: v for k, v in weights.items() if k.rsplit(".", 1)[0] not in outputs}  # never the outputs
+    if not weights:
+        raise ValueError("Structured pruning found no layer to prune besides the model's outputs.")
+    channel_masks = structured_masks(weights, amount, norm=1 if method == "l1_structured" else 2)
+    if slim:
+        from lightning_quantum.pruning.slimming import record_architecture
+
+        removed = slim_layers(model, graph, channel_masks)
+        return {
+            "method": method,
+            "amount": amount,
+            "slimmed": True,
+            "removed_channels": removed,
+            "architecture": record_architecture(model),
+        }
+    make_pruning_permanent(model, coupled_channel_masks(model, graph, channel_masks))
+    return {"method": method, "amount": amount, "slimmed": False, "kept_outputs": sorted(outputs)}
+
+
+def _int8(model: nn.Module, calibration_data: Iterable[Any] | None, calibration_batches: int) -> tuple[nn.Module, dict]:
+    if calibration_data is not None:
+        from lightning_quantum.quantization import quantize_static_int8
+
+        return quantize_static_int8(model, calibration_data, max_batches=calibration_batches), {"kind": "static"}
+    from lightning_quantum.quantization import quantize_dynamic_int8
+
+    layers = quantize_dynamic_int8(model)
+    return model, {"kind": "dynamic", "layers": len(layers)}
+
+
+def _nf4(model: nn.Module) -> tuple[nn.Module, dict]:
+    from lightning_quantum.quantization import quantize_weights_bnb
+
+    layers = quantize_weights_bnb(model, "nf4")
+    return model, {"layers": len(layers)}
+
+
+def _bf16(model: nn.Module) -> tuple[nn.Module, dict]:
+    return _CastInputs(model.to(torch.bfloat16), torch.bfloat16), {"dtype": "bfloat16"}
+
+
+class _CastInputs(nn.Module):
+    """A bf16 model that takes and returns float32: floating inputs are cast in, outputs cast out."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        def cast(x: Any) -> Any:
+            return x.to(self.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+        out = self.model(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+        return out.float() if isinstance(out, Tensor) else out
+
+
+def optimize(
+    model: nn.Module,
+    level: str = "quantum",
+    *,
+    calibration_data: Iterable[Any] | None = None,
+    eval_data: Iterable[Any] | None = None,
+    metric: Callable[[Tensor, Tensor], float] | None = None,
+    example_inputs: Any = None,
+    max_accuracy_drop: float | None = None,
+    prune_amount: float = 0.5,
+    prune_method: str = "l1_unstructured",
+    slim: bool = False,
+    calibration_batches: int = 8,
+    compile: bool = False,
+    batch_size: int = 64,
+    repeats: int = 30,
+) -> OptimizationResult:
+    """Optimize a trained model for inference at ``level``; ``model`` itself is never modified.
+
+    Steps by level (each applied to the previous step's result, measured, and kept only when the
+    accuracy drop from the original stays within ``max_accuracy_drop``):
+
+    - ``basic``: none; the model is measured as it is.
+    - ``advanced``: bf16 weights (inputs and outputs stay float32).
+    - ``quantum``: int8: static (PT2E, calibrated on ``calibration_data``) when calibration data is
+      given, dynamic (torchao, linears) otherwise.
+    - ``ultra``: one-shot magnitude pruning (``prune_amount``; with a structured ``prune_method``
+      and ``slim``, channels are removed for real), then NF4 4-bit linear weights (bitsandbytes); when
+      NF4 is rolled back or cannot run, QUANTUM's int8 step is tried in its place.
+
+    ``compile=True`` ends with :func:`~lightning_quantum.quantization.compile_for_inference`.
+
+    Args:
+        model: the trained model (a plain ``nn.Module`` mapping inputs to outputs).
+        level: one of ``basic``, ``advanced``, ``quantum``, ``ultra``.
+        calibration_data: batches for static int8 calibration (as a DataLoader yields them).
+        eval_data: labelled batches to measure accuracy on, before and after each step.
+        metric: ``metric(outputs, targets) -> float``; top-1 accuracy by default.
+        example_inputs: one batch of inputs to time (and to trace for slimming); taken from
+            ``eval_data`` or ``calibration_data`` when ``None``.
+        max_accuracy_drop: the largest accuracy drop from the original model a step may cause (in
+            the metric's units, e.g. 0.01 = one point); a step that drops more is rolled back and the
+            reason recorded. Needs ``eval_data``.
+        prune_amount: ULTRA: share of weights (or channels) to remove, in [0, 1).
+        prune_method: ULTRA: ``l1_unstructured`` (global), ``l1_structured`` or ``l2_structured``.
+        slim: ULTRA with a structured method: remove the pruned channels (smaller, faster model).
+        calibration_batches: batches of ``calibration_data`` to calibrate on.
+        compile: compile the result with Inductor (freezing) for inference.
+        batch_size: samples per timed batch when it is assembled from ``eval_data``.
+        repeats: timed forward passes per measurement.
+
+    Raises:
+        ValueError: for an invalid argument (named, with its value and the valid choices), for
+            ``max_accuracy_drop`` without ``eval_data``, or when there is nothing to time on.
+    """
+    check_choice("level", level, OPTIMIZE_LEVELS)
+    check_fraction("prune_amount", prune_amount)
+    check_choice("prune_method", prune_method, PRUNE_METHODS)
+    check_positive("calibration_batches", calibration_batches)
+    check_positive("batch_size", batch_size)
+    check_positive("repeats", repeats)
+    if slim and prune_method == "l1_unstructured":
+        raise ValueError(
+            f"`slim`=True removes channels, so it needs a structured `prune_method`, not {prune_method!r}. "
+            f"Choose one of: {PRUNE_METHODS[1:]}."
+        )
+    if max_accuracy_drop is not None:
+        if max_accuracy_drop < 0:
+            raise ValueError(f"`max_accuracy_drop`={max_accuracy_drop} is not valid. Give 0 or more.")
+        if eval_data is None:
+            raise ValueError("`max_accuracy_drop` needs `eval_data` to measure accuracy on.")
+    if example_inputs is None:
+        source = eval_data if eval_data is not None else calibration_data
+        if source is None:
+            raise ValueError("Give `example_inputs`, `eval_data` or `calibration_data`: nothing to time the model on.")
+        example_inputs = _first_inputs(source)
+    started = time.perf_counter()
+    original = model
+    was_training = original.training
+    current = copy.deepcopy(original).eval()
+    measure = dict(eval_data=eval_data, metric=metric, batch_size=batch_size, repeats=repeats)
+    timed = example_inputs if eval_data is None else None
+    before = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
+    reference = before.accuracy
+
+    def accuracy_of(candidate: nn.Module) -> float | None:
+        return None if eval_data is None else evaluate_accuracy(candidate, eval_data, metric=metric)
+
+    steps: list[StepRecord] = []
+
+    def attempt(name: str, transform: Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]) -> bool:
+        nonlocal current
+        t0 = time.perf_counter()
+        try:
+            candidate, detail = transform(copy.deepcopy(current))
+            candidate.eval()  # a wrapper a step adds starts in train mode
+        except (ValueError, ImportError, RuntimeError) as error:  # e.g. nothing to quantize, no bnb
+            steps.append(StepRecord(name, False, None, None, 0.0, time.perf_counter() - t0, reason=str(error)))
+            log.warning("optimize: step %s not applied: %s", name, error)
+            return False
+        from lightning_quantum.benchmark import serialized_size_bytes
+
+        accuracy = accuracy_of(candidate)
+        drop = reference - accuracy if reference is not None and accuracy is not None else None
+        record = StepRecord(
+            name, True, accuracy, drop, serialized_size_bytes(candidate) / 2**20, time.perf_counter() - t0, detail
+        )
+        if max_accuracy_drop is not None and drop is not None and drop > max_accuracy_drop:
+            record.kept = False
+            record.reason = f"accuracy drop {drop:.4f} is above `max_accuracy_drop`={max_accuracy_drop}: rolled back"
+            log.warning("optimize: step %s rolled back: %s", name, record.reason)
+        else:
+            current = candidate
+        steps.append(record)
+        return record.kept
+
+    def prune(m: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        return m, _prune(m, prune_amount, prune_method, slim, example_inputs)
+
+    def int8(m: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        return _int8(m, calibration_data, calibration_batches)
+
+    if level == "advanced":
+        attempt("bf16", _bf16)
+    elif level == "quantum":
+        attempt("int8", int8)
+    elif level == "ultra":
+        attempt("prune", prune)
+        if not attempt("nf4", _nf4):
+            attempt("int8", int8)
+    if compile:
+        from lightning_quantum.quantization import compile_for_inference
+
+        attempt("compile", lambda m: (compile_for_inference(m), {}))
+    duration = time.perf_counter() - started
+    after = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
+    report = build_report(
+        before,
+        after,
+        optimization_duration_seconds=duration,
+        accuracy_reference="the original model",
+        level=level,
+        extra={"steps": [asdict(s) for s in steps], "post_training": True},
+    )
+    original.train(was_training)
+    return OptimizationResult(current, before, after, report, steps)
+
+
+RECIPE = "optimized.json"
+
+
+def save_optimized(
+    result: OptimizationResult, directory: str | Path, *, example_inputs: Any = None, stem: str = "model"
+) -> dict[str, Path]:
+    """Write the optimized model, ``optimized.json`` and ``report.json`` / ``report.md`` into ``directory``.
+
+    A static int8 model (a graph) is written as a ``torch.export`` program (``.pt2``, needs
+    ``example_inputs``); any other as safetensors weights, with ``optimized.json`` recording the
+    steps that were kept, so :func:`load_optimized` can rebuild the model around them. Earlier files
+    are kept, renamed.
+    """
+    import json
+
+    from lightning_quantum.quantization.export import export_program, save_safetensors
+    from lightning_quantum.report import keep_existing
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = write_report(result.report, directory)
+    model = result.model
+    if isinstance(model, torch.fx.GraphModule):
+        if example_inputs is None:
+            raise ValueError("A static int8 model is saved as a torch.export program: give `example_inputs`.")
+        target, fmt = directory / f"{stem}.pt2", "pt2"
+        keep_existing(target)
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        paths["model"] = export_program(model, args, target)
+    else:
+        target, fmt = directory / f"{stem}.safetensors", "safetensors"
+        keep_existing(target)
+        paths["model"] = save_safetensors(model, target)
+    recipe = {
+        "format": fmt,
+        "file": target.name,
+        "level": result.report.level,
+        "steps": [{"name": s.name, "detail": s.detail} for s in result.steps if s.kept and s.name != "compile"],
+    }
+    paths["recipe"] = directory / RECIPE
+    keep_existing(paths["recipe"])
+    paths["recipe"].write_text(json.dumps(recipe, indent=2) + "\n")
+    return paths
+
+
+def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
+    """Load a model written by :func:`save_optimized`.
+
+    A ``.pt2`` program needs no model code (``model`` may be ``None``). Safetensors weights go into
+    ``model``, a fresh instance of the original architecture, after the recorded steps reshape and
+    quantize it the same way (slimmed channels, bf16, dynamic int8, NF4). Weights are read only with
+    safetensors or ``torch.export.load``; the recipe is plain JSON naming steps from a fixed set.
+
+    Raises:
+        ValueError: for a missing recipe, an unknown step or format, or no ``model`` for safetensors.
+    """
+    import json
+
+    from lightning_quantum.quantization.export import load_program, load_safetensors
+
+    directory = Path(directory)
+    recipe_path = directory / RECIPE
+    if not recipe_path.is_file():
+        raise ValueError(f"{directory} has no {RECIPE}: it was not written by `save_optimized`.")
+    recipe = json.loads(recipe_path.read_text())
+    fmt, file = recipe.get("format"), Path(str(recipe.get("file", ""))).name  # a bare name: stays in directory
+    if fmt == "pt2":
+        return load_program(directory / file)
+    if fmt != "safetensors":
+        raise ValueError(f"{recipe_path}: `format`={fmt!r} is not valid. Choose from: 'pt2', 'safetensors'.")
+    if model is None:
+        raise ValueError("Safetensors weights load into a model: give a fresh instance of the original architecture.")
+    model = model.eval()
+    for step in recipe.get("steps", []):
+        name, detail = step.get("name"), step.get("detail") or {}
+        if name == "prune":
+            if detail.get("architecture"):
+                from lightning_quantum.pruning.slimming import rebuild_architecture
+
+                rebuild_architecture(model, detail["architecture"])
+        elif name == "bf16":
+            model = _bf16(model)[0]
+        elif name == "int8" and detail.get("kind") == "dynamic":
+            from lightning_quantum.quantization import quantize_dynamic_int8
+
+            quantize_dynamic_int8(model)
+        elif name == "nf4":
+            _nf4(model)
+        else:
+            raise ValueError(f"{recipe_path}: unknown step {name!r} ({detail}).")
+    return load_safetensors(model, directory / file).eval()

@@ -135,7 +135,20 @@ def serialized_size_bytes(module: nn.Module) -> int:
 def global_sparsity(module: nn.Module) -> float:
     """Fraction of exact zeros over the floating-point tensors of two or more dims (weights, kernels)."""
     zeros = total = 0
-    for tensor in module.state_dict().values():
+    values: list[Any] = []
+    packed: set[str] = set()
+    for name, layer in module.named_modules():  # bitsandbytes 4-bit weights: count their dequantized values
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if type(layer).__name__ == "Linear4bit" and state is not None:
+            import bitsandbytes.functional as bnb_functional
+
+            values.append(bnb_functional.dequantize_4bit(layer.weight.data, state))
+            packed.add(f"{name}.weight" if name else "weight")
+    for key, tensor in module.state_dict().items():
+        if key in packed or any(key.startswith(p + ".") for p in packed):
+            continue
+        values.append(tensor)
+    for tensor in values:
         if isinstance(tensor, Tensor) and type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
             tensor = tensor.dequantize()  # a quantized weight: count the zeros of the values it stands for
         if isinstance(tensor, Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():

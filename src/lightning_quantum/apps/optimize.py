@@ -1,0 +1,123 @@
+"""``lq-optimize``: optimize a trained model with no training run (Hydra app around ``lq.optimize``).
+
+    lq-optimize checkpoint=outputs/train/basic/<run>/checkpoints/last.ckpt level=quantum
+    lq-optimize checkpoint=model.safetensors model=digits_cnn level=ultra options.slim=true \\
+        options.prune_method=l2_structured
+
+It builds the model from the model config, loads the checkpoint (a Lightning ``.ckpt`` with
+``torch.load(weights_only=True)``, or ``.safetensors``), optimizes the network inside it at the
+level, measuring each step on the DataModule's test split, and writes the optimized model,
+``optimized.json``, ``report.json`` and ``report.md`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_quantum.apps._config import config_dir
+from lightning_quantum.apps.train import instantiate
+from lightning_quantum.benchmark import split_batch
+from lightning_quantum.optimize import OptimizationResult, optimize, save_optimized
+
+log = logging.getLogger(__name__)
+
+
+def inference_network(module: nn.Module) -> nn.Module:
+    """The network a LightningModule runs for inference: ``net`` (Classifier), ``student``, or itself."""
+    for name in ("net", "student"):
+        inner = getattr(module, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return module
+
+
+def load_weights(module: nn.Module, path: str | Path) -> nn.Module:
+    """Load a Lightning checkpoint (``weights_only=True``; slimmed ones too) or safetensors into ``module``.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: for another suffix, or a checkpoint that is not plain tensors (a pickle with code
+            is refused by ``weights_only=True`` and reported as such).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`checkpoint`={str(path)!r} is not a file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        target = module if any(k in module.state_dict() for k in state) else inference_network(module)
+        target.load_state_dict(state)
+        return module
+    if path.suffix not in (".ckpt", ".pt", ".pth"):
+        raise ValueError(f"`checkpoint`={str(path)!r} is not valid. Give a .ckpt (Lightning) or .safetensors file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an UnpicklingError for anything but tensors and plain data
+        raise ValueError(
+            f"`checkpoint`={str(path)!r} could not be read as weights only (it is not a plain checkpoint, or it "
+            f"holds code): {str(error).splitlines()[0]}"
+        ) from None
+    slimmed = [
+        state["slimmed_architecture"]
+        for key, state in (checkpoint.get("callbacks") or {}).items()
+        if str(key).startswith("Pruning") and isinstance(state, dict) and state.get("slimmed_architecture")
+    ]
+    if slimmed:
+        from lightning_quantum.pruning.slimming import rebuild_architecture
+
+        rebuild_architecture(module, slimmed[-1])
+    module.load_state_dict(checkpoint.get("state_dict", checkpoint))
+    return module
+
+
+def run(cfg: DictConfig) -> OptimizationResult:
+    """Optimize as the config says; write the artifact and reports into ``paths.output_dir``."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
+    assert isinstance(model_cfg, dict)
+    for key in ("optimizer", "scheduler"):  # nothing trains: skip them (they may refer to the trainer config)
+        if key in model_cfg:
+            model_cfg[key] = None
+    module = instantiate(OmegaConf.create(model_cfg))
+    load_weights(module, cfg.checkpoint)
+    network = inference_network(module).eval()
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    options: dict[str, Any] = dict(OmegaConf.to_container(cfg.options, resolve=True))  # type: ignore[arg-type]
+    calibrate = options.pop("calibrate", True)
+    eval_data = datamodule.test_dataloader()
+    result = optimize(
+        network,
+        cfg.level,
+        calibration_data=datamodule.train_dataloader() if calibrate else None,
+        eval_data=eval_data,
+        **options,
+    )
+    example = split_batch(next(iter(eval_data)))[0]
+    paths = save_optimized(result, cfg.paths.output_dir, example_inputs=example[:8])
+    from rich.console import Console
+
+    from lightning_quantum.report import render_rich_table
+
+    Console().print(render_rich_table(result.report))
+    for step in result.steps:
+        log.info("step %-8s %s %s", step.name, "kept" if step.kept else "not kept", step.reason or "")
+    log.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="optimize")
+def main(cfg: DictConfig) -> float | None:
+    result = run(cfg)
+    return result.report.compression_ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""lq-optimize on a checkpoint written by lq-train; checkpoints that hold code are refused."""
+
+import json
+import pickle
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lightning_quantum.apps._config import config_dir
+from lightning_quantum.apps.optimize import run
+from lightning_quantum.apps.train import train
+
+
+def _compose(name, *overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cfg = _compose(
+        "train",
+        f"paths.output_dir={out}",
+        "level=basic",
+        "trainer.max_epochs=2",
+        "logger=none",
+        "callbacks.report=null",
+        "callbacks.rich_progress_bar=null",
+        "model.net.hidden=[128]",
+    )
+    train(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def _optimize(out, checkpoint, *overrides):
+    cfg = _compose(
+        "optimize",
+        f"paths.output_dir={out}",
+        f"checkpoint={checkpoint}",
+        "model.net.hidden=[128]",
+        "options.repeats=3",
+        *overrides,
+    )
+    return run(cfg)
+
+
+def test_quantum_on_a_trained_checkpoint_writes_a_smaller_model_and_its_report(tmp_path, checkpoint):
+    result = _optimize(tmp_path, checkpoint, "level=quantum")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["level"] == "quantum" and report["compression_ratio"] > 3.0
+    assert report["accuracy_degradation"] is not None and abs(report["accuracy_degradation"]) < 0.03
+    assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report.md").is_file()
+    assert json.loads((tmp_path / "optimized.json").read_text())["steps"][0]["detail"]["kind"] == "static"
+    assert result.applied == ["int8"]
+
+
+def test_ultra_without_an_accuracy_budget_prunes_and_quantizes_to_nf4(tmp_path, checkpoint):
+    result = _optimize(
+        tmp_path, checkpoint, "level=ultra", "options.prune_amount=0.5", "options.max_accuracy_drop=null"
+    )
+    assert result.applied == ["prune", "nf4"] and result.report.sparsity >= 0.5
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+class _WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_with_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _WritesMarker(marker)}))
+    with pytest.raises(ValueError, match=r"could not be read as weights only"):
+        _optimize(tmp_path / "out", evil)
+    assert not marker.exists()
+
+
+def test_missing_or_wrong_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`checkpoint`=.*nope.ckpt' is not a file"):
+        _optimize(tmp_path, tmp_path / "nope.ckpt")
+    wrong = tmp_path / "model.onnx"
+    wrong.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"Give a .ckpt \(Lightning\) or .safetensors file"):
+        _optimize(tmp_path, wrong)

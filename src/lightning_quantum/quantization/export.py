@@ -122,8 +122,18 @@ def export_program(
 
 
 def load_program(path: str | Path) -> nn.Module:
-    """Load a ``.pt2`` program written by :func:`export_program` as a callable module."""
-    return torch.export.load(str(path)).module()
+    """Load a ``.pt2`` program written by :func:`export_program` as a callable module, in eval mode.
+
+    ``.train()``/``.eval()`` work on it (torchao's ``allow_exported_model_train_eval``: only dropout
+    and BatchNorm change), so code that switches modes around inference can take it.
+    """
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    module = torch.export.load(str(path)).module()
+    allow_exported_model_train_eval(module)
+    module.eval()
+    nn.Module.train(module, False)
+    return module
 
 
 class FrozenInference(nn.Module):

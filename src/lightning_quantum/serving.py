@@ -1,0 +1,344 @@
+"""What the optimization service needs, without any web framework: safe paths, the SQLite store, the jobs.
+
+``lightning_quantum.apps.serve`` puts FastAPI in front of this. Everything a job does runs in a worker
+process through :func:`run_optimization_job` and :func:`run_profile`; the store keeps models, jobs and
+their results in SQLite, so they survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ARCHITECTURES",
+    "MODEL_SUFFIXES",
+    "JobStore",
+    "UnsafePathError",
+    "build_architecture",
+    "load_registered_model",
+    "resolve_inside",
+    "run_optimization_job",
+    "run_profile",
+]
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+class UnsafePathError(ValueError):
+    """A path that does not stay inside the directory it must stay in."""
+
+
+def resolve_inside(root: str | Path, relative: str) -> Path:
+    """``root / relative`` resolved, or :class:`UnsafePathError` when it would leave ``root``.
+
+    Refused: absolute paths, ``..`` segments, NUL bytes, URL schemes (``file://``, ``http://``),
+    backslashes, and anything that resolves outside ``root`` once symlinks are followed (a link
+    leading out, or a sibling such as ``root_evil`` that shares the root's name as a prefix:
+    ``Path.is_relative_to`` compares whole components, not strings).
+    """
+    if not isinstance(relative, str) or not relative:
+        raise UnsafePathError("The path is empty.")
+    if "\x00" in relative:
+        raise UnsafePathError("The path contains a NUL byte.")
+    if "://" in relative or relative.split(":", 1)[0].lower() in ("file", "http", "https", "ftp", "data"):
+        raise UnsafePathError(f"The path {relative!r} is a URL; give a path relative to the model root.")
+    if "\\" in relative:
+        raise UnsafePathError(f"The path {relative!r} contains a backslash.")
+    candidate = Path(relative)
+    if candidate.is_absolute():
+        raise UnsafePathError(f"The path {relative!r} is absolute; give a path relative to the model root.")
+    if ".." in candidate.parts:
+        raise UnsafePathError(f"The path {relative!r} goes up with '..'.")
+    base = Path(root).resolve(strict=True)
+    resolved = (base / candidate).resolve()
+    if not resolved.is_relative_to(base):
+        raise UnsafePathError(f"The path {relative!r} leads outside the model root.")
+    return resolved
+
+
+# -- architectures a registered model may have: a fixed list, never a Python target from a request ------
+def _digits_mlp(options: dict[str, Any]) -> Any:
+    from lightning_quantum.models import DigitsMLP
+
+    return DigitsMLP(hidden=tuple(options.get("hidden") or (512, 512)), dropout=0.0)
+
+
+def _digits_cnn(options: dict[str, Any]) -> Any:
+    from lightning_quantum.models import DigitsCNN
+
+    return DigitsCNN(channels=tuple(options.get("channels") or (32, 64, 64)), hidden=int(options.get("width") or 128))
+
+
+ARCHITECTURES: dict[str, Callable[[dict[str, Any]], Any]] = {"digits_mlp": _digits_mlp, "digits_cnn": _digits_cnn}
+DATASETS = ("digits",)
+
+
+def build_architecture(architecture: str, options: dict[str, Any]) -> Any:
+    """A fresh model of a known architecture (``digits_mlp`` or ``digits_cnn``) with bounded options."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"`architecture`={architecture!r} is not valid. Choose from: {sorted(ARCHITECTURES)}.")
+    return ARCHITECTURES[architecture](options)
+
+
+def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any:
+    """Build the model a record names and load its weights: safetensors, or ``torch.load(weights_only=True)``.
+
+    Raises:
+        UnsafePathError: when the record's path leaves the model root.
+        ValueError: for a file that is not weights only (a pickle with code is refused), or weights
+            that do not fit the architecture.
+    """
+    import torch
+
+    path = resolve_inside(model_root, record["path"])
+    if path.suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"`path`={record['path']!r} is not valid. Give one of: {list(MODEL_SUFFIXES)}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"`path`={record['path']!r} is not a file inside the model root.")
+    model = build_architecture(record["architecture"], record.get("options") or {})
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError: anything but tensors and plain data
+            raise ValueError(f"{record['path']!r} is not a weights-only file: {str(error).splitlines()[0]}") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{record['path']!r} holds no state dict.")
+    state = {k.removeprefix("net."): v for k, v in state.items()}  # a Classifier's checkpoint
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"The weights in {record['path']!r} do not fit `{record['architecture']}`: {error}") from None
+    return model.eval()
+
+
+def _digits_data(layout: str, batch_size: int = 64) -> Any:
+    from lightning_quantum.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=batch_size, layout=layout)  # type: ignore[arg-type]
+    dm.setup("fit")
+    return dm
+
+
+def _layout(record: dict[str, Any]) -> str:
+    return "image" if record["architecture"] == "digits_cnn" else "flat"
+
+
+def run_optimization_job(
+    model_root: str, artifacts_dir: str, job_id: str, record: dict[str, Any], level: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Optimize a registered model (in a worker process) and write its artifact; return the response data."""
+    import torch
+
+    from lightning_quantum.benchmark import split_batch
+    from lightning_quantum.optimize import optimize, save_optimized
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_registered_model(model_root, record)
+    dm = _digits_data(_layout(record), int(options.get("batch_size", 64)))
+    options = dict(options)
+    calibrate = options.pop("calibrate", True)
+    result = optimize(
+        model,
+        level,
+        calibration_data=dm.train_dataloader() if calibrate else None,
+        eval_data=dm.test_dataloader(),
+        **options,
+    )
+    out = Path(artifacts_dir) / job_id
+    example = split_batch(next(iter(dm.test_dataloader())))[0][:8]
+    paths = save_optimized(result, out, example_inputs=example)
+    report = result.report
+    return {
+        "job_id": job_id,
+        "model": record["name"],
+        "level": level,
+        "compression_ratio": report.compression_ratio,
+        "speedup": report.speedup,
+        "original_model_size_mb": report.original_model_size_mb,
+        "optimized_model_size_mb": report.optimized_model_size_mb,
+        "inference_latency_ms": report.inference_latency_ms,
+        "accuracy_before": result.before.accuracy,
+        "accuracy_after": result.after.accuracy,
+        "accuracy_degradation": report.accuracy_degradation,
+        "sparsity": report.sparsity,
+        "optimization_duration_seconds": report.optimization_duration_seconds,
+        "steps": [
+            {
+                "name": s.name,
+                "kept": s.kept,
+                "accuracy": s.accuracy,
+                "accuracy_drop": s.accuracy_drop,
+                "reason": s.reason,
+            }
+            for s in result.steps
+        ],
+        "artifact": str(paths["model"].relative_to(Path(artifacts_dir))),
+        "report": json.loads(json.dumps(report.to_dict(), default=str)),
+    }
+
+
+def run_profile(
+    model_root: str, artifacts_dir: str, record: dict[str, Any], job_id: str | None, batch_size: int, repeats: int
+) -> dict[str, Any]:
+    """Benchmark a registered model, or the optimized artifact of one of its finished jobs (worker process)."""
+    from lightning_quantum.benchmark import benchmark_model, split_batch
+    from lightning_quantum.optimize import load_optimized
+
+    model = load_registered_model(model_root, record)
+    if job_id is not None:
+        model = load_optimized(model, resolve_inside(artifacts_dir, job_id))
+    dm = _digits_data(_layout(record), batch_size)
+    inputs = split_batch(next(iter(dm.test_dataloader())))[0]
+    while inputs.shape[0] < batch_size:  # the timed batch has exactly batch_size samples
+        inputs = __import__("torch").cat([inputs, inputs])
+    metrics = benchmark_model(model, inputs[:batch_size], repeats=repeats, warmup=3)
+    return {
+        "model": record["name"],
+        "job_id": job_id,
+        "batch_size": batch_size,
+        "latency_ms_p50": metrics.inference_latency_ms,
+        "latency_ms_p95": metrics.inference_latency_p95_ms,
+        "throughput_per_s": metrics.requests_per_second,
+        "memory_mb": metrics.memory_consumption_mb,
+        "size_mb": metrics.model_size_mb,
+        "device": metrics.device,
+    }
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY, path TEXT NOT NULL, architecture TEXT NOT NULL, options TEXT NOT NULL,
+    dataset TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, level TEXT NOT NULL, options TEXT NOT NULL,
+    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    error TEXT, result TEXT
+);
+"""
+
+
+class JobStore:
+    """Models, jobs and their results in one SQLite file (thread-safe; one connection, serialized)."""
+
+    INTERRUPTED = "the service stopped before this job finished (it was restarted); submit it again"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        with self._lock, self._db:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock, self._db:
+            return self._db.execute(sql, args).fetchall()
+
+    # models
+    def add_model(self, record: dict[str, Any]) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record["name"],
+                record["path"],
+                record["architecture"],
+                json.dumps(record.get("options") or {}),
+                record.get("dataset", "digits"),
+                time.time(),
+            ),
+        )
+
+    def model(self, name: str) -> dict[str, Any] | None:
+        rows = self._execute("SELECT * FROM models WHERE name = ?", (name,))
+        return self._model_dict(rows[0]) if rows else None
+
+    def models(self) -> list[dict[str, Any]]:
+        return [self._model_dict(r) for r in self._execute("SELECT * FROM models ORDER BY name")]
+
+    @staticmethod
+    def _model_dict(row: sqlite3.Row) -> dict[str, Any]:
+        out = dict(row)
+        out["options"] = json.loads(out["options"])
+        return out
+
+    # jobs
+    def create_job(self, model: str, level: str, options: dict[str, Any]) -> str:
+        job_id = uuid.uuid4().hex
+        self._execute(
+            "INSERT INTO jobs (id, model, level, options, status, created_at) VALUES (?, ?, ?, ?, 'queued', ?)",
+            (job_id, model, level, json.dumps(options), time.time()),
+        )
+        return job_id
+
+    def start_job(self, job_id: str) -> None:
+        self._execute("UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?", (time.time(), job_id))
+
+    def finish_job(self, job_id: str, result: dict[str, Any]) -> None:
+        self._execute(
+            "UPDATE jobs SET status = 'succeeded', finished_at = ?, result = ? WHERE id = ?",
+            (time.time(), json.dumps(result), job_id),
+        )
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        self._execute(
+            "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?", (time.time(), error, job_id)
+        )
+
+    def fail_interrupted(self) -> int:
+        """Mark jobs left queued or running by a stopped service as failed, with the reason; return how many."""
+        rows = self._execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")
+        for row in rows:
+            self.fail_job(row["id"], self.INTERRUPTED)
+        return len(rows)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        rows = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        out = dict(rows[0])
+        out["options"] = json.loads(out["options"])
+        out["result"] = json.loads(out["result"]) if out["result"] else None
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by status, and by level the means over succeeded jobs of compression, speedup, degradation."""
+        counts = {r["status"]: r["n"] for r in self._execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
+        by_level: dict[str, dict[str, Any]] = {}
+        for row in self._execute("SELECT level, status, result FROM jobs"):
+            entry = by_level.setdefault(row["level"], {"jobs": 0, "succeeded": 0, "failed": 0, "_r": []})
+            entry["jobs"] += 1
+            if row["status"] in ("succeeded", "failed"):
+                entry[row["status"]] += 1
+            if row["status"] == "succeeded" and row["result"]:
+                entry["_r"].append(json.loads(row["result"]))
+        for entry in by_level.values():
+            results = entry.pop("_r")
+            for key, field in (
+                ("mean_compression_ratio", "compression_ratio"),
+                ("mean_speedup", "speedup"),
+                ("mean_accuracy_degradation", "accuracy_degradation"),
+            ):
+                values = [r[field] for r in results if r.get(field) is not None]
+                entry[key] = sum(values) / len(values) if values else None
+        return {
+            "jobs": sum(counts.values()),
+            "by_status": {s: counts.get(s, 0) for s in ("queued", "running", "succeeded", "failed")},
+            "by_level": by_level,
+        }

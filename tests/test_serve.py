@@ -1,0 +1,234 @@
+"""lq-serve: an end-to-end job on digits, persistence, security, schemathesis and a loopback load test."""
+
+import asyncio
+import os
+import pickle
+import statistics
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+
+from lightning_quantum.apps.serve import ServiceSettings, create_app
+from lightning_quantum.data import DigitsDataModule
+from lightning_quantum.models import DigitsMLP
+from lightning_quantum.serving import JobStore, UnsafePathError, resolve_inside
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(64,), dropout=0.0)
+    dm = DigitsDataModule(batch_size=64)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(3):
+        for x, y in dm.train_dataloader():
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "digits.safetensors"))
+    return root
+
+
+MODEL = {"name": "digits", "path": "digits.safetensors", "architecture": "digits_mlp", "options": {"hidden": [64]}}
+
+
+def _client(model_root, data_dir, **kwargs):
+    return TestClient(create_app(ServiceSettings(model_root=model_root, data_dir=data_dir, **kwargs)))
+
+
+def _wait(client, job_id, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/optimize/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_end_to_end_job_persists_across_a_restart(model_root, tmp_path):
+    data = tmp_path / "service"
+    with _client(model_root, data) as client:
+        assert client.post("/models", json=MODEL).status_code == 201
+        accepted = client.post("/optimize/model", json={"model": "digits", "level": "quantum"})
+        assert accepted.status_code == 202
+        job = _wait(client, accepted.json()["job_id"])
+        assert job["status"] == "succeeded", job["error"]
+        result = job["result"]
+        assert result["compression_ratio"] > 3.0 and abs(result["accuracy_degradation"]) <= 0.01
+        assert result["steps"][0]["name"] == "int8" and result["report"]["level"] == "quantum"
+        assert (data / "artifacts" / result["artifact"]).is_file()
+        stats = client.get("/optimization/stats").json()
+        assert stats["by_status"]["succeeded"] == 1
+        assert stats["by_level"]["quantum"]["mean_compression_ratio"] == pytest.approx(result["compression_ratio"])
+        for body in ({"model": "digits", "repeats": 3}, {"model": "digits", "job_id": job["id"], "repeats": 3}):
+            profile = client.post("/performance/profile", json=body)
+            assert profile.status_code == 200, profile.text
+            assert profile.json()["latency_ms_p50"] > 0 and profile.json()["throughput_per_s"] > 0
+    with _client(model_root, data) as client:  # a restart: the same database
+        again = client.get(f"/optimize/jobs/{job['id']}").json()
+        assert again["status"] == "succeeded" and again["result"] == result
+        assert [m["name"] for m in client.get("/models").json()] == ["digits"]
+
+
+def test_a_job_cut_off_by_a_restart_is_marked_failed(model_root, tmp_path):
+    data = tmp_path / "service"
+    data.mkdir()
+    store = JobStore(data / "service.sqlite")
+    job_id = store.create_job("digits", "quantum", {})
+    store.start_job(job_id)
+    store.close()
+    with _client(model_root, data) as client:
+        job = client.get(f"/optimize/jobs/{job_id}").json()
+    assert job["status"] == "failed" and "restarted" in job["error"]
+
+
+class _WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(model_root, tmp_path):
+    marker = tmp_path / "pwned"
+    (model_root / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": _WritesMarker(marker)}))
+    with _client(model_root, tmp_path / "service") as client:
+        response = client.post("/models", json={**MODEL, "name": "evil", "path": "evil.ckpt"})
+    assert response.status_code == 422 and "not a weights-only file" in response.json()["detail"]
+    assert not marker.exists()
+
+
+def test_paths_that_leave_the_model_root_are_refused(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.safetensors").write_bytes(b"")
+    evil = tmp_path / "root_evil"
+    evil.mkdir()
+    (evil / "m.safetensors").write_bytes(b"")
+    (root / "link.safetensors").symlink_to(evil / "m.safetensors")
+    assert resolve_inside(root, "ok.safetensors") == (root / "ok.safetensors").resolve()
+    for bad in (
+        "../root_evil/m.safetensors",
+        "sub/../../root_evil/m.safetensors",
+        str(evil / "m.safetensors"),
+        "/etc/passwd",
+        "link.safetensors",
+        "ok.safetensors\x00.txt",
+        "file:///etc/passwd",
+        "http://example.com/m.safetensors",
+        "..\\root_evil\\m.safetensors",
+    ):
+        with pytest.raises(UnsafePathError):
+            resolve_inside(root, bad)
+
+
+def test_path_traversal_through_the_api_is_422(model_root, tmp_path):
+    with _client(model_root, tmp_path / "service") as client:
+        for path in ("../x.safetensors", "/etc/passwd", "a\x00b", "file:///etc/passwd"):
+            response = client.post("/models", json={**MODEL, "name": "x", "path": path})
+            assert response.status_code == 422, (path, response.text)
+            assert "refused" in response.json()["detail"]
+        assert client.post("/models", json={**MODEL, "path": "missing.safetensors"}).status_code == 404
+
+
+def test_validation_unknown_ids_token_and_body_cap(model_root, tmp_path):
+    with _client(model_root, tmp_path / "service", token=TOKEN, max_body_bytes=2048) as client:
+        assert client.get("/health").status_code == 200  # no token needed
+        assert client.get("/gpu/status").status_code == 401
+        wrong = client.get("/gpu/status", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        gpu = client.get("/gpu/status", headers=auth)
+        assert gpu.status_code == 200 and gpu.json()["available"] is (torch.cuda.is_available())
+        assert client.get("/openapi.json", headers=auth).status_code == 200
+        assert client.get("/optimize/jobs/" + "0" * 32, headers=auth).status_code == 404
+        unknown = client.post("/optimize/model", json={"model": "nope"}, headers=auth)
+        assert unknown.status_code == 404 and "No registered model 'nope'" in unknown.json()["detail"]
+        for body in (
+            {"model": "digits", "level": "turbo"},
+            {"model": "digits", "options": {"prune_amount": 1.5}},
+            {"model": "digits", "target": "os.system"},
+            {"model": "../digits"},
+        ):
+            assert client.post("/optimize/model", json=body, headers=auth).status_code == 422, body
+        big = client.post("/optimize/model", content=b"{" + b" " * 4096 + b"}", headers=auth)
+        assert big.status_code == 413
+
+
+def test_schemathesis_finds_no_server_error(model_root, tmp_path):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    app = create_app(ServiceSettings(model_root=model_root, data_dir=tmp_path / "service"))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    failures: list[str] = []
+    calls = 0
+    with TestClient(app):  # runs the lifespan (the worker pool) around the calls
+
+        def run(operation):
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=operation.as_strategy())
+            def check(case):
+                nonlocal calls
+                calls += 1
+                try:
+                    case.call_and_validate(checks=[not_a_server_error])
+                except Exception as error:
+                    failures.append(f"{operation.label}: {error}")
+
+            check()
+
+        for operation in operations:
+            run(operation)
+    print(f"schemathesis: {calls} calls over {len(operations)} operations, {len(failures)} with a server error")
+    assert len(operations) >= 8 and calls > 50 and not failures, failures[:3]
+
+
+def test_200_concurrent_requests_on_loopback(model_root, tmp_path):
+    import httpx
+    import uvicorn
+
+    app = create_app(ServiceSettings(model_root=model_root, data_dir=tmp_path / "service"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def load():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def one(path):
+                started = time.perf_counter()
+                response = await http.get(path)
+                return response.status_code, (time.perf_counter() - started) * 1000
+
+            return await asyncio.gather(*(one(p) for p in ["/health", "/gpu/status"] * 100))
+
+    try:
+        results = asyncio.run(load())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    codes = [code for code, _ in results]
+    latencies = sorted(ms for _, ms in results)
+    p95 = latencies[int(0.95 * len(latencies)) - 1]
+    print(f"200 concurrent GETs: p50 {statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms")
+    assert codes.count(200) == 200
+    assert p95 < float(os.environ.get("LQ_LOAD_P95_MS", "5000"))

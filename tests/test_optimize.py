@@ -71,7 +71,7 @@ def test_a_step_over_the_accuracy_budget_is_rolled_back_with_its_reason(mlp):
     prune = result.steps[0]
     assert prune.name == "prune" and not prune.kept and prune.accuracy_drop > 0.01
     assert "above `max_accuracy_drop`=0.01: rolled back" in prune.reason
-    assert result.report.sparsity < 0.01  # the pruning is not in the result
+    assert result.report.sparsity < 0.2  # not the 98% pruned (NF4 alone rounds a few small weights to 0)
     assert result.report.extra["steps"][0]["reason"] == prune.reason
 
 

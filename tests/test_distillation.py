@@ -95,6 +95,16 @@ def test_feature_pairs_with_projection_and_report(tmp_path):
     assert "distill/feature_loss" in trainer.callback_metrics
     extra = report.report.extra["distillation"]
     assert extra["teacher_parameters"] > 4 * extra["student_parameters"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Student vs teacher" in markdown and "| parameters | " in markdown.split("Student vs teacher")[1]
+    from rich.console import Console
+
+    from lightning_quantum.report import render_rich_table
+
+    console = Console(width=120)
+    with console.capture() as captured:
+        console.print(render_rich_table(report.report))
+    assert "Student vs teacher" in captured.get()
     trainer.save_checkpoint(tmp_path / "f.ckpt")
     state = torch.load(tmp_path / "f.ckpt", weights_only=True)
     assert "teacher_state_dict" in state  # asked for

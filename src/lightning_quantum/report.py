@@ -177,6 +177,26 @@ def _rows(report: OptimizationReportData) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def _teacher_rows(report: OptimizationReportData) -> list[tuple[str, str, str, str]]:
+    """(figure, teacher, student, ratio) rows when a distillation teacher was measured beside the student."""
+    t, o = report.extra.get("teacher"), report.optimized
+    if not isinstance(t, dict):
+        return []
+    versus = report.extra.get("student_vs_teacher") or {}
+    accuracy = versus.get("accuracy_difference")
+    return [
+        ("size (MB)", _fmt(t["model_size_mb"]), _fmt(o["model_size_mb"]), f"{versus.get('size_ratio', 0):.2f}x"),
+        ("parameters", str(t["num_parameters"]), str(o["num_parameters"]), ""),
+        (
+            "latency p50 (ms)",
+            _fmt(t["inference_latency_ms"]),
+            _fmt(o["inference_latency_ms"]),
+            f"{versus.get('speedup', 0):.2f}x faster",
+        ),
+        ("accuracy", _fmt(t["accuracy"]), _fmt(o["accuracy"]), "n/a" if accuracy is None else f"{accuracy:+.4f}"),
+    ]
+
+
 def render_markdown(report: OptimizationReportData) -> str:
     """The report as a Markdown document."""
     title = f"# Optimization report{f' ({report.level})' if report.level else ''}"
@@ -191,6 +211,16 @@ def render_markdown(report: OptimizationReportData) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)]
+    teacher = _teacher_rows(report)
+    if teacher:
+        lines += [
+            "",
+            "## Student vs teacher",
+            "",
+            "| figure | teacher | student | student vs teacher |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in teacher]
     for name, table in report.extra.items():
         if isinstance(table, list) and table and isinstance(table[0], dict):
             headers = list(table[0])
@@ -208,7 +238,17 @@ def render_rich_table(report: OptimizationReportData) -> Any:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for row in _rows(report):
         table.add_row(*row)
-    return table
+    teacher = _teacher_rows(report)
+    if not teacher:
+        return table
+    from rich.console import Group
+
+    versus = Table(title="Student vs teacher")
+    for header in ("figure", "teacher", "student", "student vs teacher"):
+        versus.add_column(header, justify="left" if header == "figure" else "right")
+    for row in teacher:
+        versus.add_row(*row)
+    return Group(table, versus)
 
 
 def keep_existing(path: Path) -> None:

@@ -51,7 +51,6 @@ def test_default_config(tmp_path):
         (g, o)
         for g in ("data", "model", "trainer", "callbacks", "logger", "level", "experiment", "debug")
         for o in _options(g)
-        if not (g == "level" and o == "ultra")
     ],
 )
 def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
@@ -59,9 +58,9 @@ def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
     _instantiate_all(cfg)
 
 
-@pytest.mark.parametrize("level", ["ultra"])
-def test_unbuilt_level_configs_compose_and_name_themselves(tmp_path, level):
-    assert _compose(tmp_path, [f"level={level}"]).level == level
+def test_ultra_picks_the_distillation_model_unless_the_shell_names_one(tmp_path):
+    assert _compose(tmp_path, ["level=ultra"]).model._target_.endswith("DistillationModule")
+    assert _compose(tmp_path, ["level=ultra", "model=digits_mlp"]).model._target_.endswith("Classifier")
 
 
 def test_every_callback_argument_is_overridable(tmp_path):

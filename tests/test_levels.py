@@ -75,12 +75,14 @@ def test_unknown_level_names_argument_and_choices():
         lq.recipe("mega")
 
 
-@pytest.mark.parametrize("level", ["ultra"])
-def test_unbuilt_levels_say_so(level):
-    with pytest.raises(
-        ValueError, match=rf"`level`='{level}' is not available yet: .*Available levels: 'basic', 'advanced', 'quantum'"
-    ):
-        lq.recipe(level)
+def test_ultra_prunes_then_quantizes_from_the_final_sparsity_on():
+    r = lq.recipe("ultra")
+    names = list(r.callbacks)
+    assert names.index("pruning") < names.index("qat") < names.index("export") < names.index("report")
+    assert r.callbacks["qat"] == {"start_step": None, "start_after_pruning": True}
+    assert r.callbacks["pruning"]["final_sparsity"] == 0.5
+    callbacks = r.build_callbacks()
+    assert [type(c).__name__ for c in callbacks][3:5] == ["Pruning", "QuantizationAwareTraining"]
 
 
 def test_unknown_override_is_an_error():

@@ -14,7 +14,7 @@ from lightning_quantum.apps._config import config_dir
 from lightning_quantum.apps.train import train
 from lightning_quantum.report import REPORT_FIELDS
 
-BUILT_LEVELS = ["basic", "advanced", "quantum"]
+BUILT_LEVELS = ["basic", "advanced", "quantum", "ultra"]
 
 
 def _cfg(tmp_path, *overrides):
@@ -66,10 +66,11 @@ def test_unknown_precision_from_the_shell(tmp_path):
         train(_cfg(tmp_path, "trainer.precision=fp8", "debug=fdr"))
 
 
-@pytest.mark.parametrize("level", ["ultra"])
-def test_unbuilt_level_from_the_shell_says_so(tmp_path, level):
-    with pytest.raises(ValueError, match=rf"`level`='{level}' is not available yet"):
-        train(_cfg(tmp_path, f"level={level}", "debug=fdr"))
+def test_the_same_config_twice_in_one_process(tmp_path):
+    cfg = _cfg(tmp_path, "level=ultra", "debug=fdr", "logger=none")
+    first = train(cfg)
+    second = train(cfg)
+    assert first.keys() == second.keys() and "test/acc" in second
 
 
 def test_missing_data_directory_names_the_argument(tmp_path):

@@ -132,6 +132,13 @@ def serialized_size_bytes(module: nn.Module) -> int:
     return len(save(tensors, metadata=metadata))
 
 
+def dense_values(tensor: Tensor) -> Tensor:
+    """The values a weight stands for: itself, or a quantized (torchao) weight dequantized."""
+    if type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
+        return tensor.dequantize()
+    return tensor
+
+
 def global_sparsity(module: nn.Module) -> float:
     """Fraction of exact zeros over the floating-point tensors of two or more dims (weights, kernels)."""
     zeros = total = 0
@@ -149,8 +156,8 @@ def global_sparsity(module: nn.Module) -> float:
             continue
         values.append(tensor)
     for tensor in values:
-        if isinstance(tensor, Tensor) and type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
-            tensor = tensor.dequantize()  # a quantized weight: count the zeros of the values it stands for
+        if isinstance(tensor, Tensor):
+            tensor = dense_values(tensor)  # a quantized weight: count the zeros of the values it stands for
         if isinstance(tensor, Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():
             zeros += int((tensor == 0).sum())
             total += tensor.numel()

@@ -53,6 +53,9 @@ class QuantizationAwareTraining(Callback):
         start_step: optimizer step at which fake quantization begins; ``None`` starts half-way through
             the fit (float training first, then QAT fine-tuning).
         start_epoch: epoch at which it begins instead, when given.
+        start_after_pruning: begin when the :class:`~lightning_quantum.callbacks.Pruning` callback of the
+            same Trainer reaches its final sparsity (the end of its schedule, in steps), so QAT
+            fine-tunes the pruned weights; ``start_step`` and ``start_epoch`` must then be ``None``.
         freeze_ranges_step: optimizer step after which the weights' fake-quant ranges (scales, zero
             points) stop following the weights and stay fixed; conversion then uses those ranges.
             ``None`` keeps them dynamic to the end.
@@ -76,6 +79,7 @@ class QuantizationAwareTraining(Callback):
         group_size: int = 32,
         start_step: int | None = 0,
         start_epoch: int | None = None,
+        start_after_pruning: bool = False,
         freeze_ranges_step: int | None = None,
         convert_on_fit_end: bool = True,
         names: Sequence[str] | None = None,
@@ -92,6 +96,12 @@ class QuantizationAwareTraining(Callback):
         ):
             check_optional_step(label, value, error=err)
         check_name_lists(err, names=names, ignore=ignore)
+        if start_after_pruning and (start_step is not None or start_epoch is not None):
+            raise err(
+                f"`start_after_pruning`=True takes its start from the Pruning callback; set `start_step`=None and "
+                f"`start_epoch`=None (got {start_step} and {start_epoch})."
+            )
+        self.start_after_pruning = start_after_pruning
         self.scheme = scheme
         self.group_size = group_size
         self.start_step = start_step
@@ -114,7 +124,9 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.start_step is None and self.start_epoch is None:
+        if self.start_after_pruning:
+            self._resolved_start = self._pruning_end(trainer)
+        elif self.start_step is None and self.start_epoch is None:
             total = trainer.estimated_stepping_batches
             if total == float("inf"):
                 raise MisconfigurationException("`start_step`=None needs a fit of known length; set `start_step`.")
@@ -180,6 +192,24 @@ class QuantizationAwareTraining(Callback):
         }
 
     # -- work ----------------------------------------------------------------------------------
+    @staticmethod
+    def _pruning_end(trainer: pl.Trainer) -> int:
+        """The optimizer step at which the Trainer's Pruning callback reaches its final sparsity."""
+        from lightning_quantum.callbacks.pruning import Pruning
+
+        pruning = [cb for cb in trainer.callbacks if isinstance(cb, Pruning)]  # type: ignore[attr-defined]
+        if not pruning:
+            raise MisconfigurationException("`start_after_pruning`=True needs a Pruning callback in the Trainer.")
+        schedule = pruning[0].schedule
+        if schedule is None:
+            raise MisconfigurationException(
+                "The Pruning callback has no schedule yet: put it before QuantizationAwareTraining in `callbacks`."
+            )
+        if pruning[0].unit == "step":
+            return int(schedule.end)
+        per_epoch = max(1, int(trainer.estimated_stepping_batches) // max(1, int(trainer.max_epochs or 1)))
+        return int(schedule.end) * per_epoch
+
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
         if self.start_epoch is not None:
             return trainer.current_epoch >= self.start_epoch

@@ -246,13 +246,15 @@ def sparsity_report(model: nn.Module, names: Sequence[str] | None = None) -> lis
         model: the model to measure (exact zeros are counted).
         names: module names to report; every module with a weight of 2+ dims when ``None``.
     """
+    from lightning_quantum.benchmark import dense_values
+
     rows = []
     zeros_total = numel_total = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() < 2 or (names is not None and name not in names):
             continue
-        zeros = int((weight == 0).sum())
+        zeros = int((dense_values(weight) == 0).sum())  # a quantized weight: the zeros of its values
         rows.append(
             {
                 "layer": name,

@@ -9,6 +9,7 @@ Lightning is deprecating it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,9 @@ def export_program(
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in example_inputs)
+        params = list(inspect.signature(model.forward).parameters.values())
+        if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one entry for them all
+            dynamic = (dynamic,)
     try:
         program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
     finally:

@@ -1,0 +1,49 @@
+"""Run by tests/test_ultra.py: a 2-process CPU DDP (gloo) ULTRA fit; each rank writes what it saw."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_quantum.benchmark import evaluate_accuracy
+from lightning_quantum.callbacks import OptimizationReport
+from lightning_quantum.data import DigitsDataModule
+from lightning_quantum.quantization import is_converted
+from tests.test_ultra import ultra_callbacks, ultra_model
+
+out = Path(sys.argv[1])
+model = ultra_model()
+pruning, qat = ultra_callbacks()
+report = OptimizationReport(output_dir=out / "report", warmup=0, repeats=2, train_step_repeats=2, print_table=False)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+    max_epochs=6,
+    limit_val_batches=0,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[pruning, qat, report],
+    default_root_dir=out,
+)
+trainer.fit(model, DigitsDataModule(batch_size=16))  # 2 ranks x 16: the one-process run's batch of 32
+digest = hashlib.sha256()
+for name in sorted(pruning.masks):
+    digest.update(pruning.masks[name].numpy().tobytes())
+dm = DigitsDataModule(batch_size=32)
+dm.setup()
+report_written = trainer.global_rank == 0 and (out / "report" / "report.json").is_file()
+(out / f"rank{trainer.global_rank}.json").write_text(
+    json.dumps(
+        {
+            "masks": digest.hexdigest(),
+            "converted": is_converted(model),
+            "accuracy": evaluate_accuracy(model, dm.test_dataloader()),
+            "report_written": report_written,
+        }
+    )
+)

@@ -1,11 +1,15 @@
-"""Run the available levels on digits side by side and write benchmarks/results/levels.json.
+"""Run the four levels on digits side by side; write benchmarks/results/levels.json and levels.png.
 
-    python benchmarks/levels.py                 # BASIC and ADVANCED, 2 alternating rounds
+    python benchmarks/levels.py                 # basic, advanced, quantum, ultra; 2 alternating rounds
     python benchmarks/levels.py --rounds 3 --epochs 30
 
-Each level is trained with the same config, seed and epochs through the `lq-train` app code, in
-alternating rounds (basic, advanced, basic, advanced, ...) so that drift of this shared machine hits
-every level alike. Figures are medians over rounds; ratios are to BASIC, measured in this run.
+Each level is trained with the same data, seed and epochs through the `lq-train` app code, in
+alternating rounds (basic, advanced, quantum, ultra, basic, ...) so that drift of this shared machine
+hits every level alike. BASIC, ADVANCED and QUANTUM train the app's default model (DigitsMLP
+64-512-512-10); ULTRA picks its own (`conf/model/ultra_digits.yaml`: the DigitsCNN teacher, trained
+by `digits_teacher`, distilled into a DigitsCNN student a fifth its size while it is pruned and
+quantization-aware trained). Figures are medians over rounds; ratios are to BASIC, measured in this
+run. The chart plots accuracy against size and against latency for every level.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def run_level(level: str, epochs: int, out: Path) -> dict:
         "throughput_samples_per_s": report["requests_per_second"],
         "peak_memory_mb": report["memory_consumption_mb"],
         "precision": report["precision"],
+        "sparsity": report["sparsity"],
         "fit_step_time_ms": report["extra"]["fit_step_time_ms_median"],
         "report_train_step_ratio_vs_fp32": report["train_step_time_ratio"],
         "optimization_duration_seconds": report["optimization_duration_seconds"],
@@ -97,8 +102,9 @@ def main() -> None:
         figures["latency_ratio_to_basic"] = figures["latency_p50_ms"] / basic["latency_p50_ms"]
         figures["fit_step_time_ratio_to_basic"] = figures["fit_step_time_ms"] / basic["fit_step_time_ms"]
         figures["accuracy_change_vs_basic"] = figures["test_accuracy"] - basic["test_accuracy"]
+        figures["training_time_ratio_to_basic"] = figures["wall_seconds"] / basic["wall_seconds"]
     result = {
-        "benchmark": "levels on digits (DigitsMLP 64-512-512-10, seed 42)",
+        "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
         "command": f"python benchmarks/levels.py --epochs {args.epochs} --rounds {args.rounds}",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -114,11 +120,15 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    from lightning_quantum.charts import levels_chart
+
+    levels_chart(summary, args.output.with_suffix(".png"))
     for level, f in summary.items():
         print(
             f"{level:9s} acc {f['test_accuracy']:.4f}  size {f['size_mb']:.3f} MB  p50 {f['latency_p50_ms']:.3f} ms "
             f"({f['latency_ratio_to_basic']:.2f}x)  {f['throughput_samples_per_s']:.0f} samples/s  "
-            f"step {f['fit_step_time_ms']:.2f} ms ({f['fit_step_time_ratio_to_basic']:.2f}x)  {f['precision']}"
+            f"step {f['fit_step_time_ms']:.2f} ms ({f['fit_step_time_ratio_to_basic']:.2f}x)  {f['precision']}  "
+            f"sparsity {f['sparsity']:.2f}  size {f['size_ratio_to_basic']:.3f}x  train {f['training_time_ratio_to_basic']:.2f}x"
         )
 
 

@@ -1,6 +1,9 @@
 """ULTRA in one fit: distillation, gradual pruning and QAT together; export, resume parity and DDP parity."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -122,3 +125,113 @@ def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
     print(f"ULTRA accuracy: 2-process DDP {ranks[0]['accuracy']:.4f}, one process {single_acc:.4f}")
     assert abs(ranks[0]["accuracy"] - single_acc) <= 0.01 + 1e-9
     assert ranks[0]["report_written"] and not ranks[1]["report_written"]
+
+
+class _NaNAt(DistillationModule):
+    """A distillation module whose loss is NaN at one step."""
+
+    nan_step = 5
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.nan_step else loss
+
+
+# fp16 with a GradScaler needs CUDA (Lightning runs "16-mixed" as bf16 on CPU).
+@pytest.mark.parametrize("precision", ["bf16-mixed", pytest.param("16-mixed", marks=pytest.mark.gpu)])
+def test_a_nan_loss_is_skipped_counted_and_harms_neither_masks_nor_qat(tmp_path, precision):
+    from lightning_quantum.callbacks import GradScalerMonitor
+
+    model = ultra_model()
+    model.__class__ = _NaNAt
+    monitor = GradScalerMonitor()
+    pruning, qat = ultra_callbacks()
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=4,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            precision=precision,
+            accelerator="gpu" if precision == "16-mixed" else "cpu",
+            gradient_clip_val=1.0,
+            callbacks=[monitor, pruning, qat],
+        )
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    # counted: by the scaler's skip (fp16) or by the monitor, which skips the step itself (bf16)
+    assert monitor.skipped_steps + monitor.nonfinite_steps >= 1
+    assert is_converted(model) and qat.phase == "converted"
+    for name, tensor in model.state_dict().items():
+        assert torch.isfinite(dense_values(tensor).float()).all(), name
+    for name, mask in pruning.masks.items():  # the masks reached the target and still hold
+        weight = dense_values(model.get_submodule(name.rsplit(".", 1)[0]).weight)
+        assert (weight[~mask] == 0).all()
+    assert (
+        abs(
+            1 - sum(int(m.sum()) for m in pruning.masks.values()) / sum(m.numel() for m in pruning.masks.values()) - 0.5
+        )
+        < 0.01
+    )
+
+
+def test_report_charts_render_into_markdown_and_html(tmp_path):
+    from lightning_quantum.callbacks import OptimizationReport
+
+    report = OptimizationReport(
+        output_dir=tmp_path / "report", warmup=0, repeats=2, compare_train_step=False, print_table=False
+    )
+    model = ultra_model()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=6, callbacks=[*ultra_callbacks(), report])
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    out = tmp_path / "report"
+    pngs = sorted((out / "charts").glob("report_*.png"))
+    assert [p.name for p in pngs] == ["report_curves.png", "report_sparsity.png", "report_tradeoff.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    markdown = (out / "report.md").read_text()
+    assert "![Per-layer sparsity](charts/report_sparsity.png)" in markdown
+    html = (out / "report.html").read_text()
+    assert "<img src='charts/report_tradeoff.png'" in html and "Student vs teacher" in html
+
+
+def test_sigint_during_ultra_leaves_a_loadable_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, lightning.pytorch as pl\n"
+        "from lightning.pytorch.callbacks import OnExceptionCheckpoint\n"
+        "from lightning_quantum.data import DigitsDataModule\n"
+        "from tests.test_ultra import ultra_model, ultra_callbacks\n"
+        "class Ready(pl.Callback):\n"
+        "    def on_train_batch_end(self, trainer, *a):\n"
+        "        if trainer.global_step == 12:\n"
+        "            print('READY', flush=True)\n"
+        f"trainer = pl.Trainer(default_root_dir={str(tmp_path)!r}, max_epochs=1000, logger=False, accelerator='cpu',\n"
+        "    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, limit_train_batches=6,\n"
+        f"    callbacks=[*ultra_callbacks(), Ready(), OnExceptionCheckpoint({str(tmp_path)!r})])\n"
+        "trainer.fit(ultra_model(), DigitsDataModule(batch_size=32))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if "READY" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    checkpoint = torch.load(tmp_path / "on_exception.ckpt", weights_only=True)
+    states = {k.split("{")[0]: v for k, v in checkpoint["callbacks"].items()}
+    assert checkpoint["global_step"] >= 12
+    assert states["Pruning"]["masks"] and states["QuantizationAwareTraining"]["phase"] in ("prepared", "float")
+    resumed = ultra_model()
+    resumed.load_state_dict(checkpoint["state_dict"])  # weights_only, into a fresh model

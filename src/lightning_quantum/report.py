@@ -197,8 +197,8 @@ def _teacher_rows(report: OptimizationReportData) -> list[tuple[str, str, str, s
     ]
 
 
-def render_markdown(report: OptimizationReportData) -> str:
-    """The report as a Markdown document."""
+def render_markdown(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:
+    """The report as a Markdown document; ``charts`` (title to relative PNG path) are embedded."""
     title = f"# Optimization report{f' ({report.level})' if report.level else ''}"
     lines = [
         title,
@@ -226,7 +226,82 @@ def render_markdown(report: OptimizationReportData) -> str:
             headers = list(table[0])
             lines += ["", f"## {name}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
             lines += ["| " + " | ".join(_fmt(row.get(h)) for h in headers) + " |" for row in table]
+    if charts:
+        lines += ["", "## Charts", ""]
+        lines += [f"![{title}]({path})" for title, path in charts.items()]
     return "\n".join(lines) + "\n"
+
+
+def render_html(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:
+    """The report as a standalone HTML page (tables, and the charts as ``<img>`` of relative PNG paths)."""
+    from html import escape
+
+    def table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+        head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    title = f"Optimization report{f' ({report.level})' if report.level else ''}"
+    parts = [
+        "<!doctype html>",
+        f"<html><head><meta charset='utf-8'><title>{escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,"
+        "th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f"<p>Device: {escape(report.device)}. Optimization took {report.optimization_duration_seconds:.1f} s. "
+        f"Accuracy change is against {escape(report.accuracy_reference)}.</p>",
+        table(("figure", "baseline", "optimized", "change"), _rows(report)),  # type: ignore[arg-type]
+    ]
+    teacher = _teacher_rows(report)
+    if teacher:
+        parts += ["<h2>Student vs teacher</h2>", table(("figure", "teacher", "student", "student vs teacher"), teacher)]  # type: ignore[arg-type]
+    for title_, path in (charts or {}).items():
+        parts.append(f"<h2>{escape(title_)}</h2><img src='{escape(path)}' alt='{escape(title_)}'>")
+    for name, rows in report.extra.items():
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            headers = tuple(rows[0])
+            parts += [
+                f"<h2>{escape(name)}</h2>",
+                table(headers, [tuple(_fmt(r.get(h)) for h in headers) for r in rows]),
+            ]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_charts(report: OptimizationReportData, directory: Path, stem: str) -> dict[str, Path]:
+    """Draw the report's charts into ``directory``: what the report has data for.
+
+    Per-layer sparsity (a pruning run), the sparsity and loss-scale curves over training, and accuracy
+    against size and latency for the baseline, the optimized model and a distillation teacher.
+    """
+    from lightning_quantum.charts import curves_chart, levels_chart, sparsity_chart
+
+    charts: dict[str, Path] = {}
+    extra = report.extra
+    if isinstance(extra.get("sparsity_table"), list) and extra["sparsity_table"]:
+        charts["Per-layer sparsity"] = sparsity_chart(extra["sparsity_table"], directory / f"{stem}_sparsity.png")
+    curves = {
+        label: [tuple(point) for point in extra.get(key) or []]
+        for key, label in (("sparsity_curve", "target sparsity"), ("loss_scale_curve", "loss scale"))
+    }
+    if any(curves.values()):
+        charts["Training curves"] = curves_chart(curves, directory / f"{stem}_curves.png")  # type: ignore[arg-type]
+    points = {"baseline": report.baseline, "optimized": report.optimized}
+    if isinstance(extra.get("teacher"), dict):
+        points["teacher"] = extra["teacher"]
+    points = {k: v for k, v in points.items() if v.get("accuracy") is not None}
+    if points:
+        levels = {
+            k: {
+                "test_accuracy": v["accuracy"],
+                "size_mb": v["model_size_mb"],
+                "latency_p50_ms": v["inference_latency_ms"],
+            }
+            for k, v in points.items()
+        }
+        charts["Accuracy against size and latency"] = levels_chart(levels, directory / f"{stem}_tradeoff.png")
+    return charts
 
 
 def render_rich_table(report: OptimizationReportData) -> Any:
@@ -266,12 +341,20 @@ def keep_existing(path: Path) -> None:
 
 
 def write_report(report: OptimizationReportData, directory: str | Path, *, stem: str = "report") -> dict[str, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` into ``directory``; earlier files are kept, renamed."""
+    """Write ``<stem>.json``, ``<stem>.md``, ``<stem>.html`` and the charts (``charts/<stem>_*.png``).
+
+    Earlier files are kept, renamed.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
-    for path in paths.values():
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "html": out / f"{stem}.html"}
+    chart_dir = out / "charts"
+    for path in [*paths.values(), *chart_dir.glob(f"{stem}_*.png")]:
         keep_existing(path)
+    charts = render_charts(report, chart_dir, stem)
+    relative = {title: str(path.relative_to(out)) for title, path in charts.items()}
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
-    paths["md"].write_text(render_markdown(report))
+    paths["md"].write_text(render_markdown(report, relative))
+    paths["html"].write_text(render_html(report, relative))
+    paths.update({f"chart:{title}": path for title, path in charts.items()})
     return paths

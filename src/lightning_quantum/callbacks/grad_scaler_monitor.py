@@ -40,8 +40,10 @@ class GradScalerMonitor(Callback):
 
     With a ``GradScaler`` (``precision="16-mixed"``), a step is skipped when the scaler found an inf
     or NaN gradient; the scaler then lowers its scale, which is how the skip is detected (the same
-    test Hugging Face Accelerate uses). Without a scaler (bf16, fp32) nothing skips the step, so the
-    monitor counts steps whose gradients were not finite instead: those steps corrupt the weights.
+    test Hugging Face Accelerate uses). Without a scaler (bf16, fp32) nothing would skip the step, so
+    the monitor counts steps whose gradients were not finite and, with ``skip_nonfinite_steps``,
+    skips them as a scaler would: their gradients are dropped before the optimizer runs, so a NaN
+    loss never reaches the weights (nor pruning masks or QAT ranges computed from them).
 
     Logged every ``log_every_n_steps`` optimizer steps: ``grad_scaler/scale``,
     ``grad_scaler/skipped_steps``, ``grad_scaler/skip_rate`` (and ``grad_scaler/nonfinite_steps``).
@@ -53,6 +55,8 @@ class GradScalerMonitor(Callback):
         min_steps: do not judge the skip rate before this many optimizer steps; early skips are how
             the scaler finds its scale.
         check_unscaled_gradients: without a scaler, check the gradients for inf/NaN each step.
+        skip_nonfinite_steps: without a scaler, skip a step whose gradients are not finite (counted in
+            ``nonfinite_steps``); needs ``check_unscaled_gradients``.
 
     Example:
         >>> trainer = L.Trainer(precision="16-mixed", callbacks=[GradScalerMonitor()])  # doctest: +SKIP
@@ -64,6 +68,7 @@ class GradScalerMonitor(Callback):
         max_skip_rate: float = 0.05,
         min_steps: int = 20,
         check_unscaled_gradients: bool = True,
+        skip_nonfinite_steps: bool = True,
     ) -> None:
         check_positive("log_every_n_steps", log_every_n_steps, error=MisconfigurationException)
         if not isinstance(log_every_n_steps, int):
@@ -74,6 +79,8 @@ class GradScalerMonitor(Callback):
         self.max_skip_rate = max_skip_rate
         self.min_steps = min_steps
         self.check_unscaled_gradients = check_unscaled_gradients
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.scale_history: list[tuple[int, float]] = []
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self.nonfinite_steps = 0
@@ -112,6 +119,11 @@ class GradScalerMonitor(Callback):
         self._scale_before_step = None
         if self.check_unscaled_gradients and not gradients_are_finite(optimizer):
             self.nonfinite_steps += 1
+            if self.skip_nonfinite_steps:  # as a GradScaler would: the optimizer sees no gradient this step
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
+                rank_zero_warn(f"Non-finite gradients at step {trainer.global_step}: the optimizer step is skipped.")
 
     def _record_after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_pending = False
@@ -122,6 +134,8 @@ class GradScalerMonitor(Callback):
             # GradScaler.update only ever lowers the scale when the step found inf/NaN and was skipped.
             if scale < self._scale_before_step:
                 self.skipped_steps += 1
+            if self.last_scale != scale:
+                self.scale_history.append((trainer.global_step, scale))
             self.last_scale = scale
         if self.optimizer_steps % self.log_every_n_steps == 0:
             metrics = {
@@ -152,6 +166,7 @@ class GradScalerMonitor(Callback):
             "nonfinite_steps": self.nonfinite_steps,
             "warned": self.warned,
             "last_scale": self.last_scale,
+            "scale_history": [list(h) for h in self.scale_history],
         }
 
     @override
@@ -161,3 +176,18 @@ class GradScalerMonitor(Callback):
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self.warned = bool(state_dict.get("warned", False))
         self.last_scale = state_dict.get("last_scale")
+        self.scale_history = [(int(s), float(v)) for s, v in state_dict.get("scale_history", [])]
+
+    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The counters, and the loss-scale curve (drawn in the report) when a scaler ran."""
+        extra: dict[str, Any] = {
+            "grad_scaler": {
+                "optimizer_steps": self.optimizer_steps,
+                "skipped_steps": self.skipped_steps,
+                "nonfinite_steps": self.nonfinite_steps,
+                "last_scale": self.last_scale,
+            }
+        }
+        if self.scale_history:
+            extra["loss_scale_curve"] = [list(h) for h in self.scale_history]
+        return extra

@@ -261,6 +261,7 @@ class Pruning(Callback):
         table = sparsity_report(pl_module, names=layers if self.slimmed_architecture is None else None)
         return {
             "sparsity_table": table,
+            "sparsity_curve": [list(h) for h in self.history],
             "pruning": {
                 "method": self.method,
                 "target_sparsity": self.current_sparsity,

@@ -108,7 +108,7 @@ def export_program(
     """``torch.export`` the model (eval mode) and save the program to ``path`` (``.pt2``)."""
     was_training = model.training
     model.eval()
-    dynamic = None
+    dynamic: Any = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in example_inputs)

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_quantum.benchmark import split_batch
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelExport"]
 
 _FORMATS = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".ts"}
+
+
+def _positional(example: Any, fmt: str) -> tuple[Any, ...]:
+    if isinstance(example, dict):
+        raise MisconfigurationException(f"`formats` entry {fmt!r} needs positional inputs; this model takes keywords.")
+    return example
 
 
 class ModelExport(Callback):
@@ -70,13 +77,17 @@ class ModelExport(Callback):
         )
         source = getattr(trainer, "datamodule", None) or pl_module
         inputs, _ = split_batch(next(iter(source.test_dataloader())))
-        example = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs.to(pl_module.device),)
+        example: Any
+        if isinstance(inputs, dict):  # keyword inputs (a Hugging Face encoder)
+            example = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        else:
+            example = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs.to(pl_module.device),)
         writers = {
             "safetensors": lambda p: save_safetensors(pl_module, p),
             # torch.export leaves weak references on the parameters it traced, which later stop
             # `module.to(device)` from swapping quantized weights; tracing a copy keeps the model clean.
             "pt2": lambda p: export_program(detached_copy(pl_module), example, p),
-            "torchscript": lambda p: export_torchscript(pl_module, example, p),
+            "torchscript": lambda p: export_torchscript(pl_module, _positional(example, "torchscript"), p),
         }
         for fmt in self.formats:
             path = out / f"{self.stem}{_FORMATS[fmt]}"

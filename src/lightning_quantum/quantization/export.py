@@ -103,20 +103,30 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
 
 
 def export_program(
-    model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path, *, dynamic_batch: bool = True
+    model: nn.Module, example_inputs: tuple[Any, ...] | dict[str, Any], path: str | Path, *, dynamic_batch: bool = True
 ) -> Path:
-    """``torch.export`` the model (eval mode) and save the program to ``path`` (``.pt2``)."""
+    """``torch.export`` the model (eval mode) and save the program to ``path`` (``.pt2``).
+
+    ``example_inputs`` is a tuple of positional inputs (the batch dimension is dynamic), or a dict of
+    keyword inputs, as a Hugging Face model takes them (exported at these shapes).
+    """
     was_training = model.training
     model.eval()
     dynamic: Any = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        dynamic = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in example_inputs)
-        params = list(inspect.signature(model.forward).parameters.values())
-        if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one entry for them all
-            dynamic = (dynamic,)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+    else:
+        args = tuple(example_inputs)
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            dynamic = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
+            params = list(inspect.signature(model.forward).parameters.values())
+            if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one entry
+                dynamic = (dynamic,)
     try:
-        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
+        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
     finally:
         model.train(was_training)
     out = Path(path)

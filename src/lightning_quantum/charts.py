@@ -31,7 +31,9 @@ def sparsity_chart(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     layers = [r for r in rows if r.get("layer") != "(global)"]
     fig = _figure(6.4, max(2.0, 0.35 * len(layers) + 1.2))
     ax = fig.add_subplot()
-    ax.barh([str(r["layer"]) for r in layers], [float(r["sparsity"]) for r in layers], color="#4c72b0")
+    # activation checkpointing wraps blocks; the layer is the same one, so the chart drops the wrapper's name
+    names = [str(r["layer"]).replace("._checkpoint_wrapped_module", "") for r in layers]
+    ax.barh(names, [float(r["sparsity"]) for r in layers], color="#4c72b0")
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("sparsity (share of exact zeros)")

@@ -43,6 +43,16 @@ def ultra_model():
     )
 
 
+def all_digits_accuracy(model):
+    """Accuracy over all 1,797 digits (train, val and test): a parity figure with a fine grain."""
+    import itertools
+
+    dm = DigitsDataModule(batch_size=256)
+    dm.setup()
+    loaders = (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())
+    return evaluate_accuracy(model, list(itertools.chain(*loaders)))
+
+
 def ultra_callbacks():
     return [
         Pruning(final_sparsity=0.5, start_step=2, end_step=16, frequency=2),
@@ -111,6 +121,37 @@ def test_ultra_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert evaluate_accuracy(full, dm.test_dataloader()) == evaluate_accuracy(resumed, dm.test_dataloader())
 
 
+def test_ultra_resume_from_an_exception_checkpoint_mid_epoch(tmp_path):
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    full, (full_pruning, full_qat), full_losses = _fit(tmp_path / "a")
+
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 15:  # the 4th of 6 batches of epoch 2: mid-epoch, mid-schedule
+                raise RuntimeError("crash")
+
+    crashed = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path / "b",
+            max_epochs=4,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[*ultra_callbacks(), Crash(), OnExceptionCheckpoint(tmp_path / "b")],
+        )
+    )
+    with pytest.raises(RuntimeError, match="crash"):
+        crashed.fit(ultra_model(), DigitsDataModule(batch_size=32))
+    resumed, (res_pruning, res_qat), res_losses = _fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "on_exception.ckpt")
+    assert len(res_losses.losses) == 9  # the rest of epoch 2, then epochs 3 and 4
+    assert all(torch.equal(full_pruning.masks[k], res_pruning.masks[k]) for k in full_pruning.masks)
+    assert full_qat.state_dict() == res_qat.state_dict()
+    assert abs(full_losses.losses[-1] - res_losses.losses[-1]) <= 1e-6
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(dense_values(a), dense_values(b))
+
+
 def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
     from pathlib import Path
 
@@ -122,9 +163,7 @@ def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
         )
     )
     trainer.fit(single, DigitsDataModule(batch_size=32))  # the global batch of the 2 ranks of 16
-    dm = DigitsDataModule(batch_size=32)
-    dm.setup()
-    single_acc = evaluate_accuracy(single, dm.test_dataloader())
+    single_acc = all_digits_accuracy(single)
     assert ranks[0]["masks"] == ranks[1]["masks"]  # identical masks on both ranks
     assert ranks[0]["converted"] and ranks[1]["converted"]
     print(f"ULTRA accuracy: 2-process DDP {ranks[0]['accuracy']:.4f}, one process {single_acc:.4f}")

@@ -43,10 +43,22 @@ class SeededSplitDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,  # type: ignore[arg-type]
+            sampler=EpochSeededSampler(dataset, self.seed, self._samples_done) if shuffle else None,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _samples_done(self) -> int:
+        """Samples of the current epoch's order already trained on: nonzero only when a fit resumes mid-epoch.
+
+        Lightning restores how many batches of the interrupted epoch were done (all ranks together
+        under DDP, whose sampler wrapper shards the order after this skip).
+        """
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return int(done) * self.batch_size * int(trainer.world_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import quiet_trainer  # noqa: E402
 
 from lightning_quantum.benchmark import evaluate_accuracy  # noqa: E402
 from lightning_quantum.data import DigitsDataModule  # noqa: E402
@@ -73,18 +74,7 @@ def _student() -> DigitsCNN:
 
 def _fit(model: pl.LightningModule, return_index: bool, root: str = ".") -> list[float]:
     timer = EpochTimer()
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(EPOCHS, callbacks=[timer], limit_val_batches=0, default_root_dir=root)
     trainer.fit(model, DigitsDataModule(seed=SEED, return_index=return_index, layout="image"))
     return timer.seconds
 
@@ -182,16 +172,7 @@ def minilm() -> dict[str, Any]:
         optimizer=lambda p: torch.optim.AdamW(p, lr=MINILM_LR, weight_decay=0.01),
         scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=MINILM_EPOCHS),
     )
-    trainer = pl.Trainer(
-        max_epochs=MINILM_EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(MINILM_EPOCHS, limit_val_batches=0)
     started = time.perf_counter()
     trainer.fit(model, dm)
     train_seconds = time.perf_counter() - started

@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import quiet_trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
 
 from lightning_quantum.benchmark import benchmark_model  # noqa: E402
@@ -91,16 +92,7 @@ def _classifier(net: torch.nn.Module, epochs: int) -> Classifier:
 
 def _fit(model: Classifier, dm: DigitsDataModule, epochs: int, callbacks: list[pl.Callback]) -> dict[str, Any]:
     timer = StepTimer()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, timer],
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(epochs, callbacks=[*callbacks, timer])
     started = time.perf_counter()
     trainer.fit(model, dm)
     (test,) = trainer.test(model, dm, verbose=False)

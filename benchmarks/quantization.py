@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import quiet_trainer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_quantum.benchmark import evaluate_accuracy, measure_latency_ms, serialized_size_bytes  # noqa: E402
@@ -57,16 +58,7 @@ def _train(callbacks: list[pl.Callback]) -> Classifier:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-4),
         scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=EPOCHS),
     )
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(EPOCHS, callbacks=callbacks)
     trainer.fit(model, DigitsDataModule(seed=SEED))
     return model.eval()
 

@@ -40,6 +40,11 @@ def trainer_kwargs(tmp_path, **overrides):
     return kwargs
 
 
+def ddp_trainer_kwargs(out_dir, **overrides):
+    """``trainer_kwargs`` for a 2-process CPU DDP (gloo) run over the whole training set."""
+    return trainer_kwargs(out_dir, **{"devices": 2, "strategy": "ddp", "limit_train_batches": None, **overrides})
+
+
 def run_rank_script(script, out_dir, ranks=(0, 1)):
     """Run a multi-process test script (it launches its own DDP ranks) and read each rank's JSON."""
     import json

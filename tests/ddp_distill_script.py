@@ -10,6 +10,7 @@ import torch
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.distillation import DistillationModule
 from lightning_quantum.models import DigitsCNN, DigitsMLP
+from tests.conftest import ddp_trainer_kwargs
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
@@ -17,18 +18,7 @@ torch.manual_seed(1)
 teacher = DigitsCNN().eval()
 bn_before = teacher.features[0].bn.running_mean.clone()
 model = DistillationModule(DigitsMLP(hidden=(32,), dropout=0.0), teacher, num_classes=10, cache_teacher="memory")
-trainer = pl.Trainer(
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
-    max_epochs=2,
-    limit_val_batches=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    default_root_dir=out,
-)
+trainer = pl.Trainer(**ddp_trainer_kwargs(out, max_epochs=2))
 trainer.fit(model, DigitsDataModule(batch_size=32, return_index=True))
 cached = int(model._cached.sum()) if model._cached is not None else -1
 (out / f"rank{trainer.global_rank}.json").write_text(

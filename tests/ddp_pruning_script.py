@@ -10,26 +10,14 @@ import lightning.pytorch as pl
 from lightning_quantum.callbacks import OptimizationReport, Pruning
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
+from tests.conftest import ddp_trainer_kwargs
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
 model = Classifier(DigitsMLP(hidden=(64,), dropout=0.0))
 pruning = Pruning(final_sparsity=0.7, start_step=2, end_step=12, frequency=2)
 report = OptimizationReport(output_dir=out, warmup=0, repeats=2, train_step_repeats=2, print_table=False)
-trainer = pl.Trainer(
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
-    max_epochs=2,
-    limit_train_batches=8,
-    limit_val_batches=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    callbacks=[pruning, report],
-    default_root_dir=out,
-)
+trainer = pl.Trainer(**ddp_trainer_kwargs(out, max_epochs=2, limit_train_batches=8, callbacks=[pruning, report]))
 trainer.fit(model, DigitsDataModule(batch_size=32))
 digest = hashlib.sha256()
 for name in sorted(pruning.masks):

@@ -10,25 +10,14 @@ import lightning.pytorch as pl
 from lightning_quantum.callbacks import OptimizationReport
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.quantization import is_converted
+from tests.conftest import ddp_trainer_kwargs
 from tests.test_ultra import all_digits_accuracy, ultra_callbacks, ultra_model
 
 out = Path(sys.argv[1])
 model = ultra_model()
 pruning, qat = ultra_callbacks()
 report = OptimizationReport(output_dir=out / "report", warmup=0, repeats=2, train_step_repeats=2, print_table=False)
-trainer = pl.Trainer(
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
-    max_epochs=12,
-    limit_val_batches=0,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    callbacks=[pruning, qat, report],
-    default_root_dir=out,
-)
+trainer = pl.Trainer(**ddp_trainer_kwargs(out, max_epochs=12, limit_val_batches=0, callbacks=[pruning, qat, report]))
 trainer.fit(model, DigitsDataModule(batch_size=16))  # 2 ranks x 16: the one-process run's batch of 32
 digest = hashlib.sha256()
 for name in sorted(pruning.masks):

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_quantum.weights import WEIGHT_SUFFIXES, read_checkpoint
+
 __all__ = [
     "ARCHITECTURES",
     "MODEL_SUFFIXES",
@@ -28,7 +30,7 @@ __all__ = [
     "run_profile",
 ]
 
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+MODEL_SUFFIXES = WEIGHT_SUFFIXES
 
 
 class UnsafePathError(ValueError):
@@ -95,26 +97,10 @@ def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any
         ValueError: for a file that is not weights only (a pickle with code is refused), or weights
             that do not fit the architecture.
     """
-    import torch
-
     path = resolve_inside(model_root, record["path"])
-    if path.suffix not in MODEL_SUFFIXES:
-        raise ValueError(f"`path`={record['path']!r} is not valid. Give one of: {list(MODEL_SUFFIXES)}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"`path`={record['path']!r} is not a file inside the model root.")
+    checkpoint = read_checkpoint(path, argument="path", shown=record["path"])
     model = build_architecture(record["architecture"], record.get("options") or {})
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # UnpicklingError: anything but tensors and plain data
-            raise ValueError(f"{record['path']!r} is not a weights-only file: {str(error).splitlines()[0]}") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ValueError(f"{record['path']!r} holds no state dict.")
+    state = checkpoint["state_dict"]
     state = {k.removeprefix("net."): v for k, v in state.items()}  # a Classifier's checkpoint
     try:
         model.load_state_dict(state)

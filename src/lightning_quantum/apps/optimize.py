@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -46,35 +45,17 @@ def load_weights(module: nn.Module, path: str | Path) -> nn.Module:
         ValueError: for another suffix, or a checkpoint that is not plain tensors (a pickle with code
             is refused by ``weights_only=True`` and reported as such).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`checkpoint`={str(path)!r} is not a file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from lightning_quantum.pruning.slimming import rebuild_architecture, slimmed_architecture
+    from lightning_quantum.weights import read_checkpoint
 
-        state = load_file(str(path))
-        target = module if any(k in module.state_dict() for k in state) else inference_network(module)
-        target.load_state_dict(state)
-        return module
-    if path.suffix not in (".ckpt", ".pt", ".pth"):
-        raise ValueError(f"`checkpoint`={str(path)!r} is not valid. Give a .ckpt (Lightning) or .safetensors file.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an UnpicklingError for anything but tensors and plain data
-        raise ValueError(
-            f"`checkpoint`={str(path)!r} could not be read as weights only (it is not a plain checkpoint, or it "
-            f"holds code): {str(error).splitlines()[0]}"
-        ) from None
-    slimmed = [
-        state["slimmed_architecture"]
-        for key, state in (checkpoint.get("callbacks") or {}).items()
-        if str(key).startswith("Pruning") and isinstance(state, dict) and state.get("slimmed_architecture")
-    ]
-    if slimmed:
-        from lightning_quantum.pruning.slimming import rebuild_architecture
-
-        rebuild_architecture(module, slimmed[-1])
-    module.load_state_dict(checkpoint.get("state_dict", checkpoint))
+    checkpoint = read_checkpoint(path)
+    record = slimmed_architecture(checkpoint)
+    if record is not None:
+        rebuild_architecture(module, record)
+    state = checkpoint["state_dict"]
+    # exported safetensors of a LightningModule carry its keys ("net.*"); weights of the bare network do not
+    target = module if any(k in module.state_dict() for k in state) else inference_network(module)
+    target.load_state_dict(state)
     return module
 
 

@@ -202,6 +202,16 @@ def rebuild_architecture(model: nn.Module, record: Mapping[str, Mapping[str, Any
     return model
 
 
+def slimmed_architecture(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The architecture a ``Pruning(slim=True)`` callback recorded in a Lightning checkpoint, or ``None``."""
+    records = [
+        state["slimmed_architecture"]
+        for key, state in (checkpoint.get("callbacks") or {}).items()
+        if str(key).startswith("Pruning") and isinstance(state, dict) and state.get("slimmed_architecture")
+    ]
+    return records[-1] if records else None
+
+
 def load_slimmed_checkpoint(model: nn.Module, checkpoint_path: str | Any, *, strict: bool = True) -> nn.Module:
     """Load a Lightning checkpoint of a slimmed model into a fresh, unpruned instance of it.
 
@@ -216,16 +226,12 @@ def load_slimmed_checkpoint(model: nn.Module, checkpoint_path: str | Any, *, str
         ValueError: when the checkpoint holds no slimmed architecture.
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    records = [
-        state["slimmed_architecture"]
-        for key, state in checkpoint.get("callbacks", {}).items()
-        if str(key).startswith("Pruning") and state.get("slimmed_architecture")
-    ]
-    if not records:
+    record = slimmed_architecture(checkpoint)
+    if record is None:
         raise ValueError(
             f"{checkpoint_path!s} holds no slimmed architecture: it was not saved after a Pruning callback "
             "with `slim=True` removed channels. Load it with `load_state_dict` instead."
         )
-    rebuild_architecture(model, records[-1])
+    rebuild_architecture(model, record)
     model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model

@@ -61,3 +61,35 @@ def test_data_dir_without_the_file(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def test_sentence_split_holds_out_whole_paragraphs_and_spans_of_several_widths():
+    from lightning_quantum.data import SentenceDataModule
+
+    one = SentenceDataModule(window_words=16, window_stride=6).split_texts()
+    several = SentenceDataModule(window_words=[8, 16], window_stride=[5, 6]).split_texts()
+    train_text = " ".join(several["train"])
+    assert several["test"] == one["test"] and several["val"] == one["val"]
+    assert not any(sentence in train_text for sentence in several["test"] + several["val"])
+    assert set(one["train"]) < set(several["train"])
+    assert any(len(item.split()) == 8 for item in several["train"])
+    only_sentences = SentenceDataModule(window_words=0).split_texts()["train"]
+    assert set(only_sentences) < set(one["train"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window_words": [8, 16], "window_stride": [5]}, r"`window_stride`=\[5\] must be one stride, or one per"),
+        ({"window_words": []}, r"must not be empty"),
+        ({"window_words": -4}, r"`window_words`=-4 is not valid: give whole word counts >= 0"),
+        ({"window_words": [8, 2.5]}, r"`window_words`=\[8, 2.5\] is not valid"),
+        ({"window_stride": 0}, r"`window_stride`=0 is not valid: give whole word counts >= 1"),
+        ({"batch_size": 0}, r"`batch_size`=0 is not valid"),
+    ],
+)
+def test_sentence_data_invalid_arguments(kwargs, match):
+    from lightning_quantum.data import SentenceDataModule
+
+    with pytest.raises(ValueError, match=match):
+        SentenceDataModule(**kwargs)

@@ -242,8 +242,45 @@ def test_student_from_teacher_copies_the_chosen_layers():
     }
     with pytest.raises(ValueError, match=r"`layers`=\[3, 1\] is not valid. Give increasing, distinct"):
         student_from_teacher(teacher, [3, 1])
+    with pytest.raises(ValueError, match=r"`dropout`=1.5 is not valid: give a probability in \[0, 1\)"):
+        student_from_teacher(teacher, [1, 3], dropout=1.5)
     with pytest.raises(ValueError, match=r"must divide `teacher_layers`=6"):
         layer_map(4, 6)
+
+
+def test_student_without_dropout_and_with_a_frozen_embedding_table(tmp_path):
+    from lightning_quantum.distillation import SentenceEncoder, student_from_teacher
+
+    teacher = _tiny_bert(4)
+    teacher.config.hidden_dropout_prob = 0.1
+    student = student_from_teacher(teacher, [0, 2], dropout=0.0, freeze_word_embeddings=True)
+    dropouts = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
+    assert student.config.hidden_dropout_prob == 0.0 and teacher.config.hidden_dropout_prob == 0.1
+    assert any(m.p > 0 for m in teacher.modules() if isinstance(m, torch.nn.Dropout))  # the teacher keeps its own
+    # without dropout, training mode computes what eval mode does
+    ids = torch.randint(0, 64, (3, 8))
+    student.train()
+    first = student(input_ids=ids).last_hidden_state
+    assert torch.allclose(first, student(input_ids=ids).last_hidden_state)
+    table = student.embeddings.word_embeddings.weight
+    assert not table.requires_grad and student.embeddings.position_embeddings.weight.requires_grad
+    before = table.detach().clone()
+    model = DistillationModule(
+        SentenceEncoder(student), SentenceEncoder(teacher), alpha=0.0, beta=1.0, output_loss="cosine"
+    )
+    optimized = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    assert id(table) not in optimized and id(student.encoder.layer[0].output.dense.weight) in optimized
+    batches = [
+        {"x": {"input_ids": torch.randint(0, 64, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}}
+        for _ in range(4)
+    ]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[])).fit(model, loader)
+    assert model.global_step == 4 and not torch.equal(
+        student.encoder.layer[0].output.dense.weight, teacher.encoder.layer[0].output.dense.weight
+    )
+    assert torch.equal(table, before)
 
 
 def test_embedding_distillation_with_hidden_state_pairs(tmp_path):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from lightning_quantum._validation import check_fraction, check_non_negative, check_positive
+from lightning_quantum._validation import check_fraction, check_positive
 from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.text import corpus_paragraphs, minilm_path, paragraph_sentences, word_windows
 
@@ -32,7 +33,10 @@ class SentenceDataModule(SeededSplitDataModule):
     sentence. Validation and test items are the prose sentences of their paragraphs. Training items
     are the sentences of the training paragraphs plus, unless ``window_words`` is 0, spans of
     ``window_words`` words every ``window_stride`` words of those paragraphs: distillation needs no
-    labels, and the spans give the student several times more text to match the teacher on.
+    labels, and the spans give the student several times more text to match the teacher on. Several
+    widths (``window_words=[8, 16, 24]`` with a stride each) give spans of several lengths; on
+    all-MiniLM-L6-v2 they brought the student closer to the teacher on held-out sentences than more
+    epochs over one width did (``benchmarks/distillation.py``).
 
     Batches are ``{"x": {"input_ids", "attention_mask"}, "index": sample indices}``: the inputs go to
     the model as keywords, and the indices let a teacher's outputs be cached.
@@ -44,8 +48,8 @@ class SentenceDataModule(SeededSplitDataModule):
         test_fraction: share of paragraphs held out for test (the held-out sentences of the benchmark).
         seed: seed of the split and of the shuffling.
         tokenizer_path: directory of the tokenizer; all-MiniLM-L6-v2's when ``None``.
-        window_words: words per training span; 0 trains on whole sentences only.
-        window_stride: words between the starts of consecutive spans.
+        window_words: words per training span, or a list of widths; 0 trains on whole sentences only.
+        window_stride: words between the starts of consecutive spans: one for all widths, or one per width.
     """
 
     def __init__(
@@ -56,13 +60,23 @@ class SentenceDataModule(SeededSplitDataModule):
         test_fraction: float = 0.2,
         seed: int = 42,
         tokenizer_path: str | None = None,
-        window_words: int = 16,
-        window_stride: int = 6,
+        window_words: int | Sequence[int] = 16,
+        window_stride: int | Sequence[int] = 6,
     ) -> None:
         super().__init__()
         check_positive("batch_size", batch_size)
-        check_non_negative("window_words", window_words)
-        check_positive("window_stride", window_stride)
+        widths = [window_words] if isinstance(window_words, int) else list(window_words)
+        strides = [window_stride] * len(widths) if isinstance(window_stride, int) else list(window_stride)
+        if not widths or len(strides) != len(widths):
+            raise ValueError(
+                f"`window_stride`={window_stride!r} must be one stride, or one per width of "
+                f"`window_words`={window_words!r} (which must not be empty)."
+            )
+        for width, stride in zip(widths, strides):
+            if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+                raise ValueError(f"`window_words`={window_words!r} is not valid: give whole word counts >= 0.")
+            if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+                raise ValueError(f"`window_stride`={window_stride!r} is not valid: give whole word counts >= 1.")
         check_positive("max_length", max_length)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
@@ -71,7 +85,8 @@ class SentenceDataModule(SeededSplitDataModule):
         self.eval_batch_size = batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer_path = tokenizer_path
-        self.window_words, self.window_stride = window_words, window_stride
+        # (width, stride) per span length; a width of 0 adds no spans
+        self.windows = [(w, st) for w, st in zip(widths, strides) if w]
         self.splits: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -100,7 +115,7 @@ class SentenceDataModule(SeededSplitDataModule):
             sentences = (s for p in chosen[name] for s in paragraph_sentences(p))
             texts[name] = [s for s in dict.fromkeys(sentences) if s not in train_text]
         train = [s for p in chosen["train"] for s in paragraph_sentences(p)]
-        if self.window_words:
-            train += [w for p in chosen["train"] for w in word_windows(p, self.window_words, self.window_stride)]
+        for width, stride in self.windows:
+            train += [w for p in chosen["train"] for w in word_windows(p, width, stride)]
         texts["train"] = list(dict.fromkeys(train))
         return texts

@@ -477,7 +477,8 @@ class DistillationModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        params = list(self.student.parameters()) + list(self.projections.parameters())
+        # frozen parameters (e.g. a student's fixed embedding table) stay out of the optimizer
+        params = [p for p in [*self.student.parameters(), *self.projections.parameters()] if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -97,6 +97,13 @@ def test_feature_pairs_with_projection_and_report(tmp_path):
     assert extra["teacher_parameters"] > 4 * extra["student_parameters"]
     markdown = (tmp_path / "report.md").read_text()
     assert "## Student vs teacher" in markdown and "| parameters | " in markdown.split("Student vs teacher")[1]
+    # the student's top-1 agreement with the teacher on the report's evaluation data, computed by hand
+    with torch.no_grad():
+        pairs = [(model.student(x).argmax(-1), teacher(x).argmax(-1)) for x, _ in report._eval_loader(trainer)]
+    by_hand = float(torch.cat([s == t for s, t in pairs]).float().mean())
+    versus = report.report.extra["student_vs_teacher"]
+    assert versus["agreement_kind"] == "top-1" and versus["agreement"] == pytest.approx(by_hand, abs=1e-6)
+    assert "| agreement with the teacher (top-1) | 1 |" in markdown
     from rich.console import Console
 
     from lightning_quantum.report import render_rich_table

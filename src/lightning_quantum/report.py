@@ -194,7 +194,11 @@ def _teacher_rows(report: OptimizationReportData) -> list[tuple[str, str, str, s
             f"{versus.get('speedup', 0):.2f}x faster",
         ),
         ("accuracy", _fmt(t["accuracy"]), _fmt(o["accuracy"]), "n/a" if accuracy is None else f"{accuracy:+.4f}"),
-    ]
+    ] + (
+        [(f"agreement with the teacher ({versus.get('agreement_kind')})", "1", _fmt(versus["agreement"]), "")]
+        if versus.get("agreement") is not None
+        else []
+    )
 
 
 def render_markdown(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:

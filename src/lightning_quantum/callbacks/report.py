@@ -284,6 +284,12 @@ class OptimizationReport(Callback):
                 if final_metrics.accuracy is None or teacher_metrics.accuracy is None
                 else final_metrics.accuracy - teacher_metrics.accuracy,
             }
+            agreement = getattr(pl_module, "teacher_agreement", None)
+            if callable(agreement):  # quality without labels: how closely the student follows the teacher
+                extra["student_vs_teacher"]["agreement"] = agreement(self._eval_loader(trainer))
+                extra["student_vs_teacher"]["agreement_kind"] = (
+                    "top-1" if getattr(pl_module, "output_loss", "kl") == "kl" else "cosine"
+                )
         module_extra = getattr(pl_module, "report_extra", None)  # e.g. a DistillationModule's teacher figures
         if callable(module_extra):
             extra.update(module_extra())

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
@@ -497,6 +498,29 @@ class DistillationModule(pl.LightningModule):
                 self.projections[key] = nn.Identity() if weight is None else nn.Linear(weight.shape[1], weight.shape[0])
         if "teacher_state_dict" in checkpoint:
             self.teacher.load_state_dict(checkpoint["teacher_state_dict"])
+
+    def teacher_agreement(self, loader: Any) -> float | None:
+        """The student's agreement with the teacher over ``loader``, weighted by batch size.
+
+        Top-1 agreement for classifiers, mean cosine similarity of the outputs for embedding models
+        (the quality of a student distilled without labels). ``None`` for an empty loader.
+        """
+        was_training = self.training
+        self.eval()
+        self._teacher_to_device()
+        total, count = 0.0, 0
+        try:
+            with torch.inference_mode():
+                for batch in loader:
+                    inputs, _ = split_batch(batch)
+                    inputs = move_data_to_device(inputs, self.device)
+                    student_out = self._run(self.student, inputs)
+                    n = int(student_out.shape[0])
+                    total += float(self._agreement(student_out, self._teacher_forward(inputs))) * n
+                    count += n
+        finally:
+            self.train(was_training)
+        return total / count if count else None
 
     def report_extra(self) -> dict[str, Any]:
         """Teacher figures for the optimization report (size and parameters beside the student's)."""

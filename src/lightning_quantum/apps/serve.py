@@ -260,11 +260,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def in_worker(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(app.state.pool, fn, *args)
 
-    def known_model(name: str) -> dict[str, Any]:
-        record = store.model(name)
+    def found(record: dict[str, Any] | None, detail: str) -> dict[str, Any]:
+        """``record``, or a 404 with ``detail`` when the store has none."""
         if record is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No registered model {name!r}. See GET /models.")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
         return record
+
+    def known_model(name: str) -> dict[str, Any]:
+        return found(store.model(name), f"No registered model {name!r}. See GET /models.")
 
     @app.get("/health", tags=["service"])
     async def health() -> dict[str, str]:
@@ -330,10 +333,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/optimize/jobs/{job_id}", response_model=JobStatus, tags=["optimization"])
     async def job_status(job_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
-        job = store.job(job_id)
-        if job is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No job {job_id!r}.")
-        return job
+        return found(store.job(job_id), f"No job {job_id!r}.")
 
     @app.get("/optimization/stats", tags=["optimization"])
     async def optimization_stats() -> dict[str, Any]:

@@ -36,7 +36,7 @@ class SentenceDataModule(SeededSplitDataModule):
     labels, and the spans give the student several times more text to match the teacher on. Several
     widths (``window_words=[8, 16, 24]`` with a stride each) give spans of several lengths; on
     all-MiniLM-L6-v2 they brought the student closer to the teacher on held-out sentences than more
-    epochs over one width did (``benchmarks/distillation.py``).
+    epochs over one width did (``benchmarks/minilm_recipes.py``).
 
     Batches are ``{"x": {"input_ids", "attention_mask"}, "index": sample indices}``: the inputs go to
     the model as keywords, and the indices let a teacher's outputs be cached.

@@ -27,17 +27,19 @@ def student_from_teacher(
         dropout: the student's dropout probability (hidden and attention), in [0, 1); ``None`` keeps
             the teacher's. Matching a teacher's embeddings is regression, not a task to regularise:
             without dropout all-MiniLM-L6-v2's 3-layer student ends closer to the teacher on
-            held-out sentences (``benchmarks/distillation.py``).
+            held-out sentences (``benchmarks/minilm_recipes.py``).
         freeze_word_embeddings: keep the token embedding table (which the student shares with the
             teacher) fixed. For MiniLM it is 12 M of the student's 17 M parameters, so its AdamW
             update is a third of a CPU training step; frozen, training is 1.5x faster and the
-            student as close to the teacher.
+            student as close to the teacher (``benchmarks/minilm_recipes.py``).
 
     Raises:
         ValueError: for an empty, repeated, unordered or out-of-range layer choice, a model without
             ``encoder.layer``, or a dropout outside [0, 1).
     """
-    if dropout is not None and not 0.0 <= dropout < 1.0:
+    if dropout is not None and (
+        isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1
+    ):
         raise ValueError(
             f"`dropout`={dropout!r} is not valid: give a probability in [0, 1), or None for the teacher's."
         )
@@ -113,7 +115,7 @@ def minilm_student(
     """A sentence encoder with ``layers`` of all-MiniLM-L6-v2's six, copied from it (DistilBERT-style).
 
     The defaults (no dropout, the token embedding table frozen) are the ones that distilled best and
-    fastest in ``benchmarks/distillation.py``; see :func:`student_from_teacher`.
+    fastest in ``benchmarks/minilm_recipes.py``; see :func:`student_from_teacher`.
     """
     from lightning_quantum.data.text import load_minilm
 

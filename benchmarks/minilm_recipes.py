@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lightning_quantum.data import SentenceDataModule  # noqa: E402
-from lightning_quantum.data.text import corpus_paragraphs, word_windows  # noqa: E402
+from lightning_quantum.data.text import corpus_paragraphs, mean_pool, word_windows  # noqa: E402
 from lightning_quantum.distillation import minilm_student, minilm_teacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "minilm_recipes.json"
@@ -91,11 +91,6 @@ def _texts(widths: list[tuple[int, int]], perturb: float, seed: int) -> tuple[li
     return train, split["test"]
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
 def run(name: str, recipe: dict[str, Any], tokenizer: Any, teacher: Any) -> dict[str, Any]:
     torch.manual_seed(SEED)
     train, test = _texts(recipe["widths"], recipe.get("perturb", 0.0), SEED)
@@ -114,7 +109,7 @@ def run(name: str, recipe: dict[str, Any], tokenizer: Any, teacher: Any) -> dict
         for i in range(0, len(train), 128):
             ids, mask = tr["input_ids"][i : i + 128], tr["attention_mask"][i : i + 128]
             out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
-            pooled.append(_pool(out.last_hidden_state, mask))
+            pooled.append(mean_pool(out.last_hidden_state, mask))
             for t in layers:
                 kept[t].append(out.hidden_states[t].half())
         target = torch.cat(pooled)
@@ -137,7 +132,7 @@ def run(name: str, recipe: dict[str, Any], tokenizer: Any, teacher: Any) -> dict
             width = int(lengths[batch].max())  # trimmed padding: the same result, less work
             ids, mask = tr["input_ids"][batch, :width], tr["attention_mask"][batch, :width]
             out = student.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
-            loss = (1 - F.cosine_similarity(_pool(out.last_hidden_state, mask), target[batch])).mean()
+            loss = (1 - F.cosine_similarity(mean_pool(out.last_hidden_state, mask), target[batch])).mean()
             m = mask.unsqueeze(-1).float()
             pairs = [(3, 6, token_weight)] if token_weight else []
             for s, t, w in pairs + [(s, t, 1.0) for s, t in hidden_pairs]:

@@ -17,6 +17,7 @@ __all__ = [
     "corpus_sentences",
     "minilm_path",
     "load_minilm",
+    "mean_pool",
     "mean_pooled_embeddings",
 ]
 
@@ -78,8 +79,12 @@ def load_minilm() -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def mean_pooled_embeddings(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """Sentence embeddings as sentence-transformers computes them: the mask-weighted token mean."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def mean_pool(hidden: Any, attention_mask: Any) -> Any:
+    """The mask-weighted mean over tokens of ``hidden`` (batch, tokens, width): padding does not count."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def mean_pooled_embeddings(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Sentence embeddings as sentence-transformers computes them: the mask-weighted token mean."""
+    return mean_pool(model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)

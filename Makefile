@@ -9,7 +9,7 @@ TORCH_CPU := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-all lint bench conf clean
+.PHONY: install demo test test-all test-parity lint bench conf clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# Resume, DDP, cache and reload parity once more with other kernels (as on another CPU): they must
+# agree under any kernel set, since they compare the same operations on the same inputs.
+test-parity: install
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m "parity and not slow and not gpu"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

@@ -18,6 +18,7 @@ def _grads(model, x):
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parity
 def test_declared_blocks_are_wrapped_and_numerics_unchanged():
     torch.manual_seed(0)
     net = DigitsMLP(hidden=(32, 32), dropout=0.0)

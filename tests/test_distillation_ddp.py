@@ -1,6 +1,10 @@
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_rank_script
+
+pytestmark = pytest.mark.parity
 
 SCRIPT = Path(__file__).with_name("ddp_distill_script.py")
 

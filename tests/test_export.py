@@ -55,6 +55,7 @@ def _qat(m):
 TRANSFORMS = {"float": lambda m: None, "dynamic_int8": quantize_dynamic_int8, "qat_int8": _qat}
 
 
+@pytest.mark.parity
 def test_every_artifact_reloads_in_a_fresh_process(tmp_path):
     x = torch.randn(5, 64)
     torch.save(x, tmp_path / "x.pt")

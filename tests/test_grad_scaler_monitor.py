@@ -66,6 +66,7 @@ def test_without_scaler_counts_nonfinite_steps_and_warns_once(tmp_path, digits):
     assert monitor.last_scale is None
 
 
+@pytest.mark.parity
 def test_counters_survive_resume(tmp_path, digits):
     ckpt = tmp_path / "mid.ckpt"
     first = GradScalerMonitor(min_steps=100)

@@ -10,6 +10,7 @@ from lightning_quantum.quantization import load_program, load_safetensors
 from tests.conftest import trainer_kwargs
 
 
+@pytest.mark.parity
 def test_exports_the_converted_model_and_keeps_earlier_files(tmp_path, digits):
     torch.manual_seed(0)
     model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))

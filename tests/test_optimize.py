@@ -35,6 +35,7 @@ def _same_state(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parity
 def test_quantum_dynamic_int8_leaves_the_original_and_reloads(mlp, tmp_path):
     net, dm = mlp
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -50,6 +51,7 @@ def test_quantum_dynamic_int8_leaves_the_original_and_reloads(mlp, tmp_path):
     assert torch.equal(again(x), result.model(x))
 
 
+@pytest.mark.parity
 def test_quantum_static_int8_with_calibration_saves_a_program(cnn, tmp_path):
     net, dm = cnn
     result = lq.optimize(
@@ -75,6 +77,7 @@ def test_a_step_over_the_accuracy_budget_is_rolled_back_with_its_reason(mlp):
     assert result.report.extra["steps"][0]["reason"] == prune.reason
 
 
+@pytest.mark.parity
 def test_ultra_slims_channels_quantizes_to_nf4_and_reloads(cnn, tmp_path):
     net, dm = cnn
     result = lq.optimize(
@@ -95,6 +98,7 @@ def test_ultra_slims_channels_quantizes_to_nf4_and_reloads(cnn, tmp_path):
     assert torch.equal(again(x), result.model(x))
 
 
+@pytest.mark.parity
 def test_advanced_bf16_halves_the_size(mlp, tmp_path):
     net, dm = mlp
     result = lq.optimize(net, "advanced", eval_data=dm.test_dataloader(), repeats=3)

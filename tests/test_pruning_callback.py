@@ -117,6 +117,7 @@ def _fit(tmp_path, epochs, ckpt_path=None, every_epoch=False):
     return model, pruning
 
 
+@pytest.mark.parity
 def test_resume_mid_schedule_matches_an_uninterrupted_run(tmp_path):
     full_model, full = _fit(tmp_path / "a", epochs=6, every_epoch=True)
     mid = tmp_path / "a" / "ckpts" / "epoch=1.ckpt"  # 20 steps in: the schedule runs from 5 to 45
@@ -132,6 +133,7 @@ def test_resume_mid_schedule_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parity
 def test_structured_slimming_in_fit_then_test_save_and_reload(tmp_path):
     dm = DigitsDataModule(batch_size=64, layout="image")
     torch.manual_seed(0)

@@ -4,6 +4,8 @@ import pytest
 
 from tests.conftest import run_rank_script
 
+pytestmark = pytest.mark.parity
+
 SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 

@@ -28,6 +28,7 @@ def _mlp(seed=0):
 
 
 @pytest.mark.parametrize("scheme", sorted(QAT_SCHEMES))
+@pytest.mark.parity
 def test_fake_quantized_output_matches_converted_output(scheme):
     torch.manual_seed(0)
     net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
@@ -45,6 +46,7 @@ def test_fake_quantized_output_matches_converted_output(scheme):
         torch.testing.assert_close(net(x), fake.detach(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parity
 def test_callback_converts_at_fit_end_and_evaluation_is_consistent(tmp_path, digits):
     model = _mlp()
     qat = QuantizationAwareTraining(convert_on_fit_end=False)
@@ -115,6 +117,7 @@ def _fit_for_resume(tmp_path, epochs, ckpt_path=None, **qat_kwargs):
     return model, qat
 
 
+@pytest.mark.parity
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     full, full_qat = _fit_for_resume(tmp_path / "a", 4, start_step=5)
     mid = tmp_path / "a" / "ckpts" / "epoch=1.ckpt"
@@ -185,6 +188,7 @@ def test_nothing_to_quantize_is_refused(tmp_path, digits):
         )
 
 
+@pytest.mark.parity
 def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
     full, qat = _fit_for_resume(tmp_path / "a", 3, start_step=2, freeze_ranges_step=8)
     assert qat.ranges_frozen

@@ -105,6 +105,7 @@ def test_unknown_level_on_the_command_line_lists_choices(tmp_path):
     assert "level/mega" in out.stderr and "advanced" in out.stderr and "basic" in out.stderr
 
 
+@pytest.mark.parity
 def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
     import torch
 

@@ -87,6 +87,7 @@ def _fit(root, epochs=4, ckpt_path=None, extra=()):
     return model, callbacks, losses
 
 
+@pytest.mark.parity
 def test_ultra_export_keeps_sparsity_and_int8(tmp_path):
     export = ModelExport(formats=["safetensors"], output_dir=tmp_path / "export")
     model, (pruning, qat), _ = _fit(tmp_path, extra=[export])
@@ -106,6 +107,7 @@ def test_ultra_export_keeps_sparsity_and_int8(tmp_path):
     assert zeros >= 0.49  # the exported file keeps the pruning: half the int8 weights are zero
 
 
+@pytest.mark.parity
 def test_ultra_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, (full_pruning, full_qat), full_losses = _fit(tmp_path / "a")
     mid = tmp_path / "a" / "ckpts" / "epoch=1.ckpt"  # step 12: mid pruning schedule, before QAT starts
@@ -121,6 +123,7 @@ def test_ultra_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert evaluate_accuracy(full, dm.test_dataloader()) == evaluate_accuracy(resumed, dm.test_dataloader())
 
 
+@pytest.mark.parity
 def test_ultra_resume_from_an_exception_checkpoint_mid_epoch(tmp_path):
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
@@ -152,6 +155,7 @@ def test_ultra_resume_from_an_exception_checkpoint_mid_epoch(tmp_path):
         assert torch.equal(dense_values(a), dense_values(b))
 
 
+@pytest.mark.parity
 def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
     from pathlib import Path
 

@@ -103,3 +103,19 @@ def test_recipe_does_not_import_hydra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() in {"bf16-mixed", "16-mixed", "32-true"}
+
+
+def test_level_yaml_quotes_what_omegaconf_would_misread():
+    """`nm: 2:4` unquoted is the YAML 1.1 sexagesimal integer 124; `1e3` is a float to OmegaConf."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from lightning_quantum.levels import _render_definition
+
+    ultra = next(d for d in LEVELS if d.level is OptimizationLevel.ULTRA)
+    changed = dataclasses.replace(ultra, callbacks={"pruning": {"method": "nm", "nm": "2:4", "names": ["1e3"]}})
+    cfg = OmegaConf.create(_render_definition(changed))
+    assert cfg.callbacks.pruning.nm == "2:4" and list(cfg.callbacks.pruning.names) == ["1e3"]
+    assert cfg.trainer.precision == "auto" and cfg.defaults[-1] == "_self_"
+    assert {"override /model": "ultra_digits"} in OmegaConf.to_container(cfg.defaults)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quantum.callbacks import (
@@ -145,8 +147,14 @@ def _built_levels() -> list[str]:
     return [d.level.value for d in LEVELS if not d.missing]
 
 
-def _cumulative(level: OptimizationLevel) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    definition = _BY_LEVEL[level]
+def _cumulative(
+    level: OptimizationLevel, replacement: LevelDefinition | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The callbacks and trainer settings of ``level`` and every level below it.
+
+    ``replacement`` stands in for ``level``'s own definition (to render a changed one).
+    """
+    definition = replacement or _BY_LEVEL[level]
     if definition.missing:
         raise ValueError(
             f"`level`={level.value!r} is not available yet: {definition.missing}. "
@@ -155,6 +163,8 @@ def _cumulative(level: OptimizationLevel) -> tuple[dict[str, dict[str, Any]], di
     callbacks: dict[str, dict[str, Any]] = {}
     trainer: dict[str, Any] = {}
     for d in LEVELS:
+        if d.level == level:
+            d = definition
         for name, kwargs in d.callbacks.items():
             callbacks.setdefault(name, {}).update(copy.deepcopy(dict(kwargs)))
         trainer.update(d.trainer)
@@ -243,40 +253,60 @@ def recipe(level: str | OptimizationLevel = "basic", **overrides: Any) -> Recipe
     return Recipe(level=parsed, callbacks=callbacks, trainer=trainer)
 
 
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def render_level_yaml(level: str | OptimizationLevel) -> str:
     """The Hydra file ``conf/level/<level>.yaml`` for ``level``, generated from :data:`LEVELS`."""
-    parsed = OptimizationLevel.parse(level)
-    definition = _BY_LEVEL[parsed]
+    return _render_definition(_BY_LEVEL[OptimizationLevel.parse(level)])
+
+
+class _LevelDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that Hydra's loader (OmegaConf) would read as a number.
+
+    PyYAML already quotes what YAML 1.1 reads as another type (``"2:4"`` is the sexagesimal integer
+    124, ``"yes"`` a boolean); OmegaConf also reads ``1e3`` as a float, so its float pattern is added.
+    """
+
+
+_LevelDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(  # OmegaConf's own float resolver (omegaconf/_utils.py, get_yaml_loader)
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _to_yaml(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_LevelDumper, sort_keys=False, default_flow_style=False)
+
+
+def _render_definition(definition: LevelDefinition) -> str:
+    name = definition.level.value
     lines = [
         "# @package _global_",
         "# Generated from lightning_quantum/levels.py by `make conf`. Do not edit by hand:",
         "# change the Python definition and regenerate (tests/test_levels.py checks they agree).",
-        f"# {parsed.value}: {definition.adds}.",
+        f"# {name}: {definition.adds}.",
     ]
     if definition.missing:
-        lines += [f"# Not available yet: {definition.missing}.", f"level: {parsed.value}", ""]
-        return "\n".join(lines)
-    callbacks, trainer = _cumulative(parsed)
-    lines.append("defaults:")
-    lines += [f"  - /callbacks/{name}" for name in callbacks]
+        lines.append(f"# Not available yet: {definition.missing}.")
+        return "\n".join(lines) + "\n" + _to_yaml({"level": name})
+    callbacks, trainer = _cumulative(definition.level, definition)
+    defaults: list[Any] = [f"/callbacks/{callback}" for callback in callbacks]
     if definition.model:  # Hydra wants overrides after the other entries; `model=...` from the shell still wins
-        lines.append(f"  - override /model: {definition.model}")
-    lines += ["  - _self_", "", f"level: {parsed.value}", "trainer:"]
-    lines += [f"  {key}: {_yaml_scalar(value)}" for key, value in trainer.items()]
-    lines.append("callbacks:")
-    for name, kwargs in callbacks.items():
-        if kwargs:
-            lines.append(f"  {name}:")
-            lines += [f"    {key}: {_yaml_scalar(value)}" for key, value in kwargs.items()]
-    return "\n".join(lines) + "\n"
+        defaults.append({"override /model": definition.model})
+    defaults.append("_self_")
+    body = {
+        "level": name,
+        "trainer": trainer,
+        "callbacks": {callback: kwargs for callback, kwargs in callbacks.items() if kwargs},
+    }
+    return "\n".join(lines) + "\n" + _to_yaml({"defaults": defaults}) + "\n" + _to_yaml(body)
 
 
 def write_level_configs(directory: str | Path) -> list[Path]:

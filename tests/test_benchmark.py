@@ -112,7 +112,7 @@ def test_percentile_matches_numpy_definition():
 
 @pytest.mark.parametrize("bad", [-8, 0, 2.5 * 0])
 def test_negative_batch_size_is_rejected(bad):
-    with pytest.raises(ValueError, match=r"`batch_size`=.* must be a number greater than 0"):
+    with pytest.raises(ValueError, match=r"`batch_size`=.* must be a finite number greater than 0"):
         benchmark_model(nn.Linear(2, 2), eval_data=[(torch.randn(2, 2), torch.zeros(2))], batch_size=bad)
 
 

@@ -78,8 +78,8 @@ def test_missing_data_directory_names_the_argument(tmp_path):
         train(_cfg(tmp_path, f"paths.data_dir={tmp_path / 'nowhere'}", "debug=fdr"))
 
 
-def _run_cli(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _run_cli(args, cwd, **env_vars):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "lightning_quantum.apps.train", *args],
         cwd=cwd,
@@ -210,3 +210,65 @@ def test_distill_minilm_experiment_runs_offline(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["accuracy"] is None  # unlabeled sentences: agreement, not accuracy
     assert report["extra"]["distillation"]["student_parameters"] < report["extra"]["distillation"]["teacher_parameters"]
+
+
+@pytest.mark.parametrize("stop", ["trainer.max_epochs=6", "trainer.max_steps=50"])
+def test_last_checkpoint_is_the_final_state_of_the_run(tmp_path, stop):
+    """Lightning 2.6 refreshes a `save_last` copy only when a new best is saved; last.ckpt must be the end."""
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = _cfg(tmp_path, stop, "callbacks.report=null", "callbacks.rich_progress_bar=null", "logger=none")
+    callbacks = [instantiate(cfg.callbacks[name]) for name in ("model_checkpoint", "last_checkpoint")]
+    trainer_args = {k: v for k, v in cfg.trainer.items() if k != "_target_"}
+    trainer = pl.Trainer(**{**trainer_args, "precision": "32-true"}, callbacks=callbacks, logger=False)
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    trainer.fit(model, datamodule=data)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    # 20 steps an epoch (the 50th is in the middle of the third); the trainer's epoch counter moves on
+    # when the fit stops, the checkpoint records the epoch the last step was in
+    assert last["global_step"] == trainer.global_step == (120 if "epochs" in stop else 50)
+    assert last["epoch"] == trainer.current_epoch - 1 == (5 if "epochs" in stop else 2)
+    state = model.state_dict()
+    assert last["state_dict"].keys() == state.keys()
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in state.items())
+    best = [p.name for p in (tmp_path / "checkpoints").glob("epoch_*.ckpt")]
+    assert len(best) == 1  # the best epoch is kept beside it
+
+
+def test_max_epochs_minus_one_needs_another_bound(tmp_path):
+    with pytest.raises(ValueError, match=r"`trainer.max_epochs`=-1 trains until the process is killed"):
+        train(_cfg(tmp_path, "trainer.max_epochs=-1"))
+    cfg = _cfg(tmp_path, "trainer.max_epochs=-1", "trainer.max_steps=3", "callbacks.report=null", "logger=none")
+    train(cfg)  # bounded by max_steps: allowed
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.gradient_clip_val=nan", "callbacks.pruning.final_sparsity=inf", "model.net.dropout=-inf"],
+)
+def test_non_finite_numbers_are_refused_by_name(tmp_path, override):
+    key = override.split("=")[0]
+    extra = ["level=ultra"] if "pruning" in override else []
+    with pytest.raises(ValueError, match=rf"`{key}`=-?(nan|inf) is not valid: give a finite number"):
+        train(_cfg(tmp_path, override, *extra))
+
+
+def test_a_safetensors_file_as_ckpt_path_points_to_lq_optimize(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"`ckpt_path`=.*model.safetensors' is a safetensors file.*lq-optimize"):
+        train(_cfg(tmp_path, f"ckpt_path={weights}"))
+    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`=.*missing.ckpt' is not a file"):
+        train(_cfg(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+
+
+def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    out = _run_cli(["trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if "Warning" not in line and "warn" not in line]
+    assert lines[-1].startswith("lq-train: error: `trainer.max_epochs`=-1 trains until the process is killed")
+    assert "Traceback" not in out.stderr
+    full = _run_cli(["trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
+    assert full.returncode != 0 and "Traceback" in full.stderr

@@ -7,11 +7,13 @@ says what is valid. Pure functions raise ``ValueError``; callbacks pass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
     "check_choice",
+    "check_finite",
     "check_positive",
     "check_non_negative",
     "check_fraction",
@@ -29,23 +31,35 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type[E
     return value
 
 
+def _is_finite_number(value: Any) -> bool:
+    # NaN compares false with everything, so a range check alone lets it through (`nan < 0` is False)
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_finite(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
+    """Return ``value`` when it is a finite number (not NaN, not infinite)."""
+    if not _is_finite_number(value):
+        raise error(f"`{name}`={value!r} is not valid. It must be a finite number.")
+    return value
+
+
 def check_positive(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
-    """Return ``value`` when it is a number greater than zero."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise error(f"`{name}`={value!r} is not valid. It must be a number greater than 0.")
+    """Return ``value`` when it is a finite number greater than zero."""
+    if not _is_finite_number(value) or not value > 0:
+        raise error(f"`{name}`={value!r} is not valid. It must be a finite number greater than 0.")
     return value
 
 
 def check_non_negative(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
-    """Return ``value`` when it is a number greater than or equal to zero."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise error(f"`{name}`={value!r} is not valid. It must be a number greater than or equal to 0.")
+    """Return ``value`` when it is a finite number greater than or equal to zero."""
+    if not _is_finite_number(value) or not value >= 0:
+        raise error(f"`{name}`={value!r} is not valid. It must be a finite number greater than or equal to 0.")
     return value
 
 
 def check_fraction(name: str, value: Any, *, error: type[Exception] = ValueError) -> Any:
     """Return ``value`` when it lies in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _is_finite_number(value) or not 0 <= value < 1:
         raise error(f"`{name}`={value!r} is not valid. It must lie in [0, 1).")
     return value
 

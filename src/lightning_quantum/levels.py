@@ -37,6 +37,7 @@ from lightning_quantum.callbacks import (
     OptimizationReport,
     Pruning,
     QuantizationAwareTraining,
+    RandomStateCheckpoint,
     StaticQuantization,
 )
 from lightning_quantum.precision import PrecisionDecision, resolve_precision
@@ -79,6 +80,7 @@ class OptimizationLevel(str, Enum):
 #: Their order is the order they run in: compression before export, the report last, so that it
 #: measures after every other callback's ``on_fit_end``.
 CALLBACKS: dict[str, type[Callback]] = {
+    "random_state": RandomStateCheckpoint,
     "memory_monitor": MemoryMonitor,
     "grad_scaler_monitor": GradScalerMonitor,
     "activation_checkpointing": ActivationCheckpointing,
@@ -115,8 +117,11 @@ class LevelDefinition:
 LEVELS: tuple[LevelDefinition, ...] = (
     LevelDefinition(
         OptimizationLevel.BASIC,
-        adds="baseline snapshot, benchmark and report, memory monitor, gradient clipping",
-        callbacks={"memory_monitor": {}, "report": {}},
+        adds=(
+            "baseline snapshot, benchmark and report, memory monitor, gradient clipping, generator state in "
+            "checkpoints (exact resume)"
+        ),
+        callbacks={"random_state": {}, "memory_monitor": {}, "report": {}},
         trainer={"precision": "32-true", "gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"},
     ),
     LevelDefinition(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_quantum._validation import check_choice, check_fraction, check_positive
+from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
     benchmark_model,
@@ -222,8 +222,7 @@ def optimize(
             f"Choose one of: {PRUNE_METHODS[1:]}."
         )
     if max_accuracy_drop is not None:
-        if max_accuracy_drop < 0:
-            raise ValueError(f"`max_accuracy_drop`={max_accuracy_drop} is not valid. Give 0 or more.")
+        check_non_negative("max_accuracy_drop", max_accuracy_drop)  # NaN would switch the budget off
         if eval_data is None:
             raise ValueError("`max_accuracy_drop` needs `eval_data` to measure accuracy on.")
     if example_inputs is None:

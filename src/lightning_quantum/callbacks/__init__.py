@@ -6,6 +6,7 @@ from lightning_quantum.callbacks.grad_scaler_monitor import GradScalerMonitor
 from lightning_quantum.callbacks.memory_monitor import MemoryMonitor
 from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
+from lightning_quantum.callbacks.random_state import RandomStateCheckpoint
 from lightning_quantum.callbacks.report import OptimizationReport
 from lightning_quantum.callbacks.static_quantization import StaticQuantization
 
@@ -17,5 +18,6 @@ __all__ = [
     "OptimizationReport",
     "Pruning",
     "QuantizationAwareTraining",
+    "RandomStateCheckpoint",
     "StaticQuantization",
 ]

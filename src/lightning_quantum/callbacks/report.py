@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_quantum._validation import check_choice, check_non_negative, check_positive
+from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
     benchmark_model,
@@ -102,7 +102,10 @@ class OptimizationReport(Callback):
         if max_eval_batches is not None:
             check_positive("max_eval_batches", max_eval_batches, error=err)
         check_positive("train_step_repeats", train_step_repeats, error=err)
-        if reference_accuracy is not None and not 0 <= reference_accuracy <= 1:
+        if (
+            reference_accuracy is not None
+            and not 0 <= check_finite("reference_accuracy", reference_accuracy, error=err) <= 1
+        ):
             raise err(f"`reference_accuracy`={reference_accuracy!r} is not valid. It must lie in [0, 1].")
         if not stem or "/" in stem:
             raise err(f"`stem`={stem!r} is not valid. Give a plain file name without '/'.")

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_quantum.data.sampling import EpochSeededSampler
@@ -40,19 +41,32 @@ class SeededSplitDataModule(pl.LightningDataModule):
         if not self.splits:
             self.setup("fit")
         dataset = self.splits[split]
+        trainer = self.trainer  # None outside a fit: one process
+        sampler = None
+        if shuffle:
+            sampler = EpochSeededSampler(
+                dataset,  # type: ignore[arg-type]
+                self.seed,
+                self._samples_done,
+                num_replicas=int(trainer.world_size) if trainer is not None else 1,
+                rank=int(trainer.global_rank) if trainer is not None else 0,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed, self._samples_done) if shuffle else None,  # type: ignore[arg-type]
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating an iterator draws a seed, which would otherwise come from the
+            # global generator that dropout uses, and shift a resumed fit's masks by one draw an epoch
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _samples_done(self) -> int:
         """Samples of the current epoch's order already trained on: nonzero only when a fit resumes mid-epoch.
 
-        Lightning restores how many batches of the interrupted epoch were done (all ranks together
-        under DDP, whose sampler wrapper shards the order after this skip).
+        Lightning restores how many batches of the interrupted epoch each rank had done; the ranks
+        together did ``world_size`` times as many, and the sampler shards the order after them.
         """
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:

@@ -82,7 +82,7 @@ def test_ultra_prunes_then_quantizes_from_the_final_sparsity_on():
     assert r.callbacks["qat"] == {"start_step": None, "start_after_pruning": True}
     assert r.callbacks["pruning"]["final_sparsity"] == 0.5
     callbacks = r.build_callbacks()
-    assert [type(c).__name__ for c in callbacks][3:5] == ["Pruning", "QuantizationAwareTraining"]
+    assert [type(c).__name__ for c in callbacks][4:6] == ["Pruning", "QuantizationAwareTraining"]
 
 
 def test_unknown_override_is_an_error():

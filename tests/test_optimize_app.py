@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
         "train",
         f"paths.output_dir={out}",
         "level=basic",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=5",
         "logger=none",
         "callbacks.report=null",
         "callbacks.rich_progress_bar=null",
@@ -48,7 +48,8 @@ def _optimize(out, checkpoint, *overrides):
 
 
 def test_quantum_on_a_trained_checkpoint_writes_a_smaller_model_and_its_report(tmp_path, checkpoint):
-    result = _optimize(tmp_path, checkpoint, "level=quantum")
+    # static int8 rounds differently on other CPUs' kernels: the budget matches the check below
+    result = _optimize(tmp_path, checkpoint, "level=quantum", "options.max_accuracy_drop=0.03")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["level"] == "quantum" and report["compression_ratio"] > 3.0
     assert report["accuracy_degradation"] is not None and abs(report["accuracy_degradation"]) < 0.03

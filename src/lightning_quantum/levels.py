@@ -10,7 +10,7 @@ Example:
     >>> import lightning_quantum as lq
     >>> r = lq.recipe("advanced", report={"batch_size": 128})
     >>> sorted(r.callbacks)
-    ['activation_checkpointing', 'grad_scaler_monitor', 'memory_monitor', 'report']
+    ['activation_checkpointing', 'grad_scaler_monitor', 'memory_monitor', 'random_state', 'report']
 """
 
 from __future__ import annotations

@@ -418,3 +418,21 @@ def test_attention_distillation_matches_attention_maps(tmp_path):
         model._losses(batch)
     with pytest.raises(ValueError, match=r"`attention_pairs` names student layer 'model.encoder.layer.9"):
         DistillationModule(student, teacher, attention_pairs={"model.encoder.layer.9.attention.self": "x"})
+
+
+def test_a_student_with_another_class_count_is_refused_at_setup(tmp_path):
+    from lightning_quantum.data import DigitsDataModule
+
+    model = DistillationModule(DigitsMLP(hidden=(16,), num_classes=5), _teacher(), num_classes=10)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    with pytest.raises(
+        ValueError, match=r"`num_classes`=10, but the student outputs 5 values per sample \(the teacher 10\)"
+    ):
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0  # refused before the first step
+    only_kd = DistillationModule(DigitsMLP(hidden=(16,), num_classes=5), _teacher(), alpha=0.0, beta=1.0)
+    batches = [(torch.randn(8, 64), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"The student outputs \(5,\) per sample and the teacher \(10,\)"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(
+            only_kd, torch.utils.data.DataLoader(batches, batch_size=None)
+        )

@@ -90,3 +90,37 @@ def test_torchscript_refuses_quantized_weights(tmp_path):
     quantize_dynamic_int8(model)
     with pytest.raises(ValueError, match="TorchScript cannot trace quantized tensor weights"):
         export_torchscript(model, (torch.randn(2, 64),), tmp_path / "q.ts")
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_tied_weights_round_trip_through_safetensors(tmp_path):
+    from lightning_quantum.quantization.export import load_safetensors, save_safetensors
+
+    torch.manual_seed(0)
+    model = _Tied()
+    path = save_safetensors(model, tmp_path / "tied.safetensors")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == {"a.weight", "a.bias", "b.bias"}  # the shared tensor once
+    fresh = load_safetensors(_Tied(), path)  # strict
+    x = torch.randn(3, 8)
+    assert fresh.b.weight is fresh.a.weight and torch.equal(fresh(x), model(x))
+
+
+def test_a_truncated_safetensors_file_is_named_in_the_error(tmp_path):
+    from lightning_quantum.quantization.export import load_safetensors, save_safetensors
+
+    path = save_safetensors(torch.nn.Linear(4, 4), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"m.safetensors' is not a readable safetensors file \(truncated or corrupt"):
+        load_safetensors(torch.nn.Linear(4, 4), path)

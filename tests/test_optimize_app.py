@@ -90,3 +90,50 @@ def test_missing_or_wrong_checkpoint(tmp_path):
     wrong.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"Give a .ckpt \(Lightning\) or .safetensors file"):
         _optimize(tmp_path, wrong)
+
+
+def test_a_checkpoint_of_another_architecture_says_what_it_holds(tmp_path, checkpoint):
+    cfg = _compose("optimize", f"paths.output_dir={tmp_path}", f"checkpoint={checkpoint}", "options.repeats=3")
+    with pytest.raises(ValueError) as caught:
+        run(cfg)  # the config's default DigitsMLP is 512-512; the checkpoint is 128 wide
+    message = str(caught.value)
+    assert "does not fit the model config (DigitsMLP)" in message and "of another shape" in message
+    assert "try `model=digits_mlp model.net.hidden=[128]`" in message
+    assert "_checkpoint_wrapped_module" not in message and len(message) < 600
+
+
+def test_corrupt_or_nan_input_is_one_line_on_the_command_line(tmp_path, checkpoint):
+    import os
+    import subprocess
+    import sys
+
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    cases = [
+        ([f"checkpoint={truncated}"], r"cut.safetensors' is not a readable safetensors file"),
+        (
+            [f"checkpoint={checkpoint}", "model.net.hidden=[128]", "options.max_accuracy_drop=nan"],
+            r"`options.max_accuracy_drop`=nan is not valid",
+        ),
+    ]
+    for args, match in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "lightning_quantum.apps.optimize", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert out.returncode == 2, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("lq-optimize: error: ") and "Traceback" not in out.stderr
+        assert __import__("re").search(match, last), last
+
+
+def test_nan_accuracy_budget_is_refused_not_ignored():
+    import lightning_quantum as lq
+    from lightning_quantum.models import DigitsMLP
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"`max_accuracy_drop`=(nan|inf) is not valid. It must be a finite number"):
+            lq.optimize(DigitsMLP(), "ultra", example_inputs=__import__("torch").randn(2, 64), max_accuracy_drop=value)

@@ -191,3 +191,35 @@ def test_masked_model_equals_slimmed_model_and_reloads():
     fresh = rebuild_architecture(DigitsCNN(), record)
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
+def test_a_forged_architecture_record_is_refused_before_anything_changes():
+    """A record read from a checkpoint may ask for huge tensors or set arbitrary attributes: both refused."""
+    import copy
+
+    model = DigitsCNN()
+    state = model.state_dict()
+    honest = record_architecture(model)
+    before = copy.deepcopy(model.state_dict())
+    huge = copy.deepcopy(honest)
+    huge["classifier.1"]["tensors"]["weight"] = [1 << 20, 1 << 20]  # 4 TB of float32
+    forward = copy.deepcopy(honest)
+    forward["classifier.1"]["attrs"]["forward"] = 1
+    stranger = copy.deepcopy(honest)
+    stranger["classifier.1"]["tensors"]["extra"] = [1]
+    cases = [
+        (huge, r"classifier.1.weight=\[1048576, 1048576\] must be sizes no larger than the model's \[128, 1024\]"),
+        (forward, r"sets attribute 'forward'; only size attributes are restored"),
+        (stranger, r"'classifier.1' has no parameter or buffer 'extra'"),
+        ({"classifier.1": "x"}, r"the entry of 'classifier.1' is not a mapping"),
+    ]
+    for record, match in cases:
+        with pytest.raises(ValueError, match=match):
+            rebuild_architecture(model, record)
+    # smaller than the model, but not what the weights hold: refused when the weights are given
+    smaller = copy.deepcopy(honest)
+    smaller["classifier.1"]["tensors"]["weight"] = [64, 1024]
+    with pytest.raises(ValueError, match=r"classifier.1.weight is recorded as \[64, 1024\], but the weights hold"):
+        rebuild_architecture(model, smaller, state)
+    assert model.forward.__func__ is DigitsCNN.forward
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed

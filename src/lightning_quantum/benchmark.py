@@ -31,6 +31,7 @@ import psutil
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_non_negative, check_positive
 from lightning_quantum.precision import AUTOCAST_DTYPES
 
@@ -313,16 +314,6 @@ def _threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -361,7 +352,7 @@ def measure_latency_ms(
     """Latency of each of ``repeats`` forward passes on ``inputs`` in eval mode, in ms."""
     device = _module_device(model)
     inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
-    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+    with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
         return time_calls_ms(lambda: _call(model, inputs), warmup=warmup, repeats=repeats, device=device)
 
 
@@ -425,7 +416,7 @@ def measure_peak_memory_mb(model: nn.Module, inputs: Any, *, precision: str = "3
     """
     device = _module_device(model)
     inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
-    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+    with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -482,7 +473,7 @@ def evaluate_accuracy(
     device = _module_device(model)
     total = 0
     score = 0.0
-    with _eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
+    with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
         for index, batch in enumerate(data):
             if max_batches is not None and index >= max_batches:
                 break

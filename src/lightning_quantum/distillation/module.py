@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
+from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import batch_indices, split_batch
 from lightning_quantum.distillation.losses import feature_loss, kd_loss
@@ -248,6 +249,7 @@ class DistillationModule(pl.LightningModule):
         self._cached: Tensor | None = None
         self.cache_hits = 0
         self.cache_lookups = 0
+        self._outputs_checked = False
 
     # -- plumbing --------------------------------------------------------------------------------
     def _feature(self, role: str, name: str) -> Tensor:
@@ -364,14 +366,42 @@ class DistillationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._teacher_to_device()
-        if stage == "fit":
-            self._setup_cache()
-        if stage == "fit" and self.feature_pairs and len(self.projections) < len(self.feature_pairs):
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if datamodule is None:
+        if stage != "fit":
+            return
+        self._setup_cache()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            if self.feature_pairs and len(self.projections) < len(self.feature_pairs):
                 raise RuntimeError("Feature distillation needs a DataModule to size its projections.")
-            inputs, _ = split_batch(next(iter(datamodule.train_dataloader())))
+            return  # without a DataModule the outputs are checked at the first step
+        inputs, _ = split_batch(next(iter(datamodule.train_dataloader())))
+        inputs = move_data_to_device(inputs, self.device)
+        with eval_mode(self.student), torch.no_grad():  # a probe: no dropout draw, no BatchNorm update
+            self._check_outputs(self._run(self.student, inputs), self._teacher_forward(inputs))
+        if self.feature_pairs and len(self.projections) < len(self.feature_pairs):
             self._build_projections(inputs)
+
+    def _check_outputs(self, student_out: Any, teacher_out: Any) -> None:
+        """Refuse a student whose outputs cannot be compared with the labels or with the teacher's.
+
+        Raises:
+            ValueError: naming ``num_classes`` and both output widths.
+        """
+        if self._outputs_checked or not isinstance(student_out, Tensor) or not isinstance(teacher_out, Tensor):
+            return
+        s_width, t_width = int(student_out.shape[-1]), int(teacher_out.shape[-1])
+        if self.num_classes is not None and self.alpha and s_width != self.num_classes:
+            raise ValueError(
+                f"`num_classes`={self.num_classes}, but the student outputs {s_width} values per sample (the "
+                f"teacher {t_width}): the task loss needs one student output per class."
+            )
+        if self.beta and student_out.shape != teacher_out.shape:
+            raise ValueError(
+                f"The student outputs {tuple(student_out.shape[1:])} per sample and the teacher "
+                f"{tuple(teacher_out.shape[1:])}: the `output_loss`={self.output_loss!r} compares them one to one. "
+                "Give the student the teacher's output width (classes), or set `beta`=0."
+            )
+        self._outputs_checked = True
 
     def on_fit_start(self) -> None:
         self._teacher_to_device()
@@ -394,6 +424,7 @@ class DistillationModule(pl.LightningModule):
         teacher_out = self._teacher_outputs(inputs, batch_indices(batch))
         teacher_seconds = time.perf_counter() - started
         student_out = self._run(self.student, inputs)
+        self._check_outputs(student_out, teacher_out)
         parts: dict[str, Tensor] = {}
         if self.alpha:
             if targets is None:
@@ -505,21 +536,16 @@ class DistillationModule(pl.LightningModule):
         Top-1 agreement for classifiers, mean cosine similarity of the outputs for embedding models
         (the quality of a student distilled without labels). ``None`` for an empty loader.
         """
-        was_training = self.training
-        self.eval()
         self._teacher_to_device()
         total, count = 0.0, 0
-        try:
-            with torch.inference_mode():
-                for batch in loader:
-                    inputs, _ = split_batch(batch)
-                    inputs = move_data_to_device(inputs, self.device)
-                    student_out = self._run(self.student, inputs)
-                    n = int(student_out.shape[0])
-                    total += float(self._agreement(student_out, self._teacher_forward(inputs))) * n
-                    count += n
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.inference_mode():
+            for batch in loader:
+                inputs, _ = split_batch(batch)
+                inputs = move_data_to_device(inputs, self.device)
+                student_out = self._run(self.student, inputs)
+                n = int(student_out.shape[0])
+                total += float(self._agreement(student_out, self._teacher_forward(inputs))) * n
+                count += n
         return total / count if count else None
 
     def report_extra(self) -> dict[str, Any]:

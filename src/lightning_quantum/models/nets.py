@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
+
 from torch import Tensor, nn
 
 from lightning_quantum._validation import check_fraction, check_positive
 
-__all__ = ["MLPBlock", "ConvBlock", "DigitsMLP", "DigitsCNN"]
+__all__ = ["MLPBlock", "ConvBlock", "DigitsMLP", "DigitsCNN", "digits_architecture_of"]
 
 
 class MLPBlock(nn.Module):
@@ -105,3 +109,34 @@ class DigitsCNN(nn.Module):
         if x.dim() == 2:
             x = x.view(-1, 1, 8, 8)
         return self.classifier(self.features(x))
+
+
+def digits_architecture_of(state: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Which bundled digits net a state dict holds, with the arguments that build it, or ``None``.
+
+    ``("digits_mlp", {"hidden": [128]})`` or ``("digits_cnn", {"channels": [8, 16, 32], "hidden": 64})``.
+    Keys may sit under a prefix (a Classifier's ``net.``, a DistillationModule's ``student.``) and
+    inside the activation-checkpointing wrapper. It lets an error say what a file is when it does not
+    fit the model asked for.
+    """
+    keys = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+    for prefix in ("", "net.", "student."):
+        blocks = {
+            int(m.group(1)): v
+            for k, v in keys.items()
+            if (m := re.fullmatch(rf"{re.escape(prefix)}blocks\.(\d+)\.linear\.weight", k))
+        }
+        head = keys.get(f"{prefix}head.weight")
+        if blocks and head is not None and sorted(blocks) == list(range(len(blocks))):
+            hidden = [int(blocks[i].shape[0]) for i in range(len(blocks))]
+            return "digits_mlp", {"hidden": hidden, "num_classes": int(head.shape[0])}
+        convs = [keys.get(f"{prefix}features.{i}.conv.weight") for i in (0, 1, 3)]
+        linear, out = keys.get(f"{prefix}classifier.1.weight"), keys.get(f"{prefix}classifier.4.weight")
+        if all(c is not None for c in convs) and linear is not None and out is not None:
+            channels = [int(c.shape[0]) for c in convs]  # type: ignore[union-attr]
+            return "digits_cnn", {
+                "channels": channels,
+                "hidden": int(linear.shape[0]),
+                "num_classes": int(out.shape[0]),
+            }
+    return None

@@ -173,32 +173,84 @@ def record_architecture(model: nn.Module) -> dict[str, dict[str, Any]]:
     return record
 
 
+def _invalid_record(detail: str) -> ValueError:
+    return ValueError(f"The recorded (slimmed) architecture is not valid: {detail}")
+
+
+def _checked_dims(label: str, value: Any, current: tuple[int, ...] | list[int]) -> list[int]:
+    """``value`` as a list of ints of ``current``'s length, each in [0, the current size]: slimming only removes."""
+    if not isinstance(value, (list, tuple)) or len(value) != len(current):
+        raise _invalid_record(f"{label}={value!r} must be {len(current)} sizes (the model has {list(current)}).")
+    for v, c in zip(value, current):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= c:
+            raise _invalid_record(f"{label}={list(value)!r} must be sizes no larger than the model's {list(current)}.")
+    return list(value)
+
+
 @torch.no_grad()
-def rebuild_architecture(model: nn.Module, record: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+def rebuild_architecture(
+    model: nn.Module, record: Mapping[str, Mapping[str, Any]], state_dict: Mapping[str, Tensor] | None = None
+) -> nn.Module:
     """Reshape a fresh instance of the model to a recorded (slimmed) architecture, in place.
 
     Parameters and buffers get new, uninitialized storage of the recorded shapes, so load the
-    slimmed ``state_dict`` right after.
+    slimmed ``state_dict`` right after. The record comes from a file, so it is held to what
+    slimming can produce: it names only modules, parameters and buffers the model has, and size
+    attributes from a fixed list (``in_features``, ``out_channels``, ...); every size is at most the
+    model's own (channels are only ever removed). With ``state_dict``, each recorded shape must also
+    be the shape of the tensor the file holds for it, so nothing is allocated that the file does not
+    fill.
 
     Raises:
-        ValueError: when the record names a module the model lacks.
+        ValueError: when the record names a module the model lacks, an attribute or tensor outside
+            that list, a size larger than the model's, or a shape the ``state_dict`` disagrees with.
     """
+    if not isinstance(record, Mapping):
+        raise _invalid_record(f"expected a mapping of module names, got {type(record).__name__}.")
+    changes: list[tuple[nn.Module, str, list[int] | None, str, Any]] = []
     for name, entry in record.items():
         try:
             module = model.get_submodule(name) if name else model
         except AttributeError as err:
             raise ValueError(f"The recorded architecture has a module {name!r} that this model lacks.") from err
-        for attr, value in entry.get("attrs", {}).items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-        for tname, shape in entry["tensors"].items():
-            old = getattr(module, tname)
-            if list(old.shape) == list(shape):
-                continue
-            new = torch.empty(shape, dtype=old.dtype, device=old.device)
-            if isinstance(old, nn.Parameter):
-                setattr(module, tname, nn.Parameter(new, requires_grad=old.requires_grad))
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("tensors", {}), Mapping):
+            raise _invalid_record(f"the entry of {name!r} is not a mapping with `tensors`.")
+        for attr, value in (entry.get("attrs") or {}).items():
+            if attr not in _SHAPE_ATTRS or not hasattr(module, attr):
+                raise _invalid_record(
+                    f"{name!r} sets attribute {attr!r}; only size attributes are restored: {', '.join(_SHAPE_ATTRS)}."
+                )
+            current = getattr(module, attr)
+            if isinstance(current, int) and not isinstance(current, bool):
+                dims = _checked_dims(f"{name}.{attr}", [value], [current])
+                changes.append((module, attr, None, "attr", dims[0]))
+            elif isinstance(current, tuple):
+                changes.append((module, attr, None, "attr", tuple(_checked_dims(f"{name}.{attr}", value, current))))
             else:
-                module.register_buffer(tname, new)
+                raise _invalid_record(f"{name}.{attr} is not a size on this model.")
+        for tname, shape in entry["tensors"].items():
+            if tname not in module._parameters and tname not in module._buffers:
+                raise _invalid_record(f"{name!r} has no parameter or buffer {tname!r}.")
+            old = getattr(module, tname)
+            if old is None:
+                raise _invalid_record(f"{name}.{tname} is empty on this model.")
+            key = f"{name}.{tname}" if name else tname
+            dims = _checked_dims(key, shape, list(old.shape))
+            if state_dict is not None and tname not in module._non_persistent_buffers_set:
+                held = state_dict.get(key)
+                if held is None or list(held.shape) != dims:
+                    found = "no such tensor" if held is None else f"a tensor of shape {list(held.shape)}"
+                    raise _invalid_record(f"{key} is recorded as {dims}, but the weights hold {found}.")
+            changes.append((module, tname, dims, "tensor", old))
+    for module, attr, shape, kind, value in changes:  # nothing changes unless the whole record is valid
+        if kind == "attr":
+            setattr(module, attr, value)
+        elif shape is not None and list(value.shape) != shape:
+            new = torch.empty(shape, dtype=value.dtype, device=value.device)
+            if isinstance(value, nn.Parameter):
+                setattr(module, attr, nn.Parameter(new, requires_grad=value.requires_grad))
+            else:
+                module.register_buffer(attr, new)
     return model
 
 
@@ -232,6 +284,6 @@ def load_slimmed_checkpoint(model: nn.Module, checkpoint_path: str | Any, *, str
             f"{checkpoint_path!s} holds no slimmed architecture: it was not saved after a Pruning callback "
             "with `slim=True` removed channels. Load it with `load_state_dict` instead."
         )
-    rebuild_architecture(model, record)
+    rebuild_architecture(model, record, checkpoint["state_dict"])
     model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model

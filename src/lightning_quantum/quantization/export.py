@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum.weights import read_safetensors
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -37,6 +39,30 @@ def _is_subclass(tensor: Any) -> bool:
     )
 
 
+def _storage_key(tensor: Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors one (tied weights): storage, offset, dtype and shape; ``None`` if unknown."""
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape))
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage of its own
+        return None
+
+
+def tied_aliases(state: dict[str, Any]) -> dict[str, str]:
+    """The names of ``state`` whose tensor is one already listed under an earlier name (tied weights),
+    mapped to that earlier name: ``{"b.weight": "a.weight"}`` after ``b.weight = a.weight``."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = _storage_key(tensor) if isinstance(tensor, Tensor) and tensor.numel() else None
+        if key is None:
+            continue
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
 def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str] | None]:
     """The model's weights as plain, contiguous tensors (tied ones once), plus torchao metadata if any."""
     state = model.state_dict()
@@ -45,17 +71,12 @@ def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
         state, metadata = flatten_tensor_state_dict(state)
-    tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, Any, torch.dtype]] = set()
-    for name, tensor in state.items():
-        if not isinstance(tensor, Tensor):
-            continue
-        plain = tensor.detach()
-        key = (plain.untyped_storage().data_ptr(), plain.storage_offset(), plain.dtype)
-        if plain.numel() and key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = plain.contiguous().cpu()
+    aliases = tied_aliases(state)
+    tensors = {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in state.items()
+        if isinstance(tensor, Tensor) and name not in aliases
+    }
     return tensors, metadata
 
 
@@ -74,31 +95,46 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
     """Load weights written by :func:`save_safetensors` into ``model`` (quantized weights included).
 
     ``model`` is a fresh instance of the same architecture; quantized torchao weights replace its
-    float parameters (``load_state_dict(assign=True)``).
+    float parameters (``load_state_dict(assign=True)``). Tied weights were written once: the other
+    names of a tied tensor are loaded through it, and stay tied.
+
+    Raises:
+        ValueError: for a truncated or corrupt file (named).
+        RuntimeError: with ``strict``, for keys the file lacks or the model does not have.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
 
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
+    aliases = tied_aliases(model.state_dict())
     four_bit = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
     if four_bit:  # bitsandbytes 4-bit layers take their packed weights and quantization state first
         result = model.load_state_dict(load_prequantized_4bit(model, tensors), strict=False)
-        missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in four_bit]
+        missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in four_bit and k not in aliases]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"Loading {path}: missing keys {missing}, unexpected keys {result.unexpected_keys}.")
         return model
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-    if metadata and any(isinstance(v, str) and '"_type"' in v for v in metadata.values()):
+    assign = bool(metadata and any(isinstance(v, str) and '"_type"' in v for v in metadata.values()))
+    state: dict[str, Any] = dict(tensors)
+    if assign:
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
         state, leftover = unflatten_tensor_state_dict(tensors, metadata)
         state.update(leftover)
-        model.load_state_dict(state, strict=strict, assign=True)
-    else:
-        model.load_state_dict(tensors, strict=strict)
+    result = model.load_state_dict(state, strict=False, assign=assign)
+    missing = [k for k in result.missing_keys if not (k in aliases and aliases[k] in state)]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"Loading {path}: missing keys {missing}, unexpected keys {result.unexpected_keys}.")
+    if assign:  # assign=True put new tensors in place of the loaded names: tie their aliases to them again
+        for alias, name in aliases.items():
+            if alias in state:
+                continue
+            owner, _, attr = alias.rpartition(".")
+            source_owner, _, source_attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(source_owner), source_attr))
     return model
 
 

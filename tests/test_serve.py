@@ -1,6 +1,7 @@
 """lq-serve: an end-to-end job on digits, persistence, security, schemathesis and a loopback load test."""
 
 import asyncio
+import json
 import os
 import pickle
 import statistics
@@ -176,25 +177,63 @@ def test_schemathesis_finds_no_server_error(model_root, tmp_path):
     operations = [result.ok() for result in schema.get_all_operations()]
     failures: list[str] = []
     calls = 0
-    with TestClient(app):  # runs the lifespan (the worker pool) around the calls
+    non_finite = 0
+    with TestClient(app) as client:  # runs the lifespan (the worker pool) around the calls
 
         def run(operation):
             @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             @given(case=operation.as_strategy())
             def check(case):
-                nonlocal calls
+                nonlocal calls, non_finite
                 calls += 1
                 try:
                     case.call_and_validate(checks=[not_a_server_error])
                 except Exception as error:
                     failures.append(f"{operation.label}: {error}")
+                # the same body with every number made NaN or infinite, which JSON parsers accept
+                mutated, count = _non_finite(case.body)
+                if count:
+                    non_finite += 1
+                    response = client.request(
+                        case.method,
+                        case.formatted_path,
+                        content=json.dumps(mutated),
+                        headers={"content-type": "application/json"},
+                    )
+                    if response.status_code >= 500:
+                        failures.append(
+                            f"{operation.label} with non-finite numbers: {response.status_code} {response.text}"
+                        )
 
             check()
 
         for operation in operations:
             run(operation)
-    print(f"schemathesis: {calls} calls over {len(operations)} operations, {len(failures)} with a server error")
-    assert len(operations) >= 8 and calls > 50 and not failures, failures[:3]
+    print(
+        f"schemathesis: {calls} calls over {len(operations)} operations, {non_finite} more with non-finite numbers, "
+        f"{len(failures)} with a server error"
+    )
+    assert len(operations) >= 8 and calls > 50 and non_finite > 20 and not failures, failures[:3]
+
+
+def _non_finite(body, _cycle=(float("nan"), float("inf"), float("-inf"))):
+    """``body`` with each number replaced by NaN, inf or -inf in turn, and how many were replaced."""
+    count = 0
+
+    def walk(value):
+        nonlocal count
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            count += 1
+            return _cycle[count % 3]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(body), count
 
 
 def test_200_concurrent_requests_on_loopback(model_root, tmp_path):
@@ -232,3 +271,141 @@ def test_200_concurrent_requests_on_loopback(model_root, tmp_path):
     print(f"200 concurrent GETs: p50 {statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms")
     assert codes.count(200) == 200
     assert p95 < float(os.environ.get("LQ_LOAD_P95_MS", "5000"))
+
+
+def test_corrupt_files_are_422_naming_the_file(model_root, tmp_path):
+    from safetensors.torch import save_file
+
+    cut = model_root / "cut.safetensors"
+    cut.write_bytes((model_root / "digits.safetensors").read_bytes()[:100])
+    later = model_root / "later.safetensors"
+    save_file({k: v.contiguous() for k, v in DigitsMLP(hidden=(64,)).state_dict().items()}, str(later))
+    with _client(model_root, tmp_path / "service") as client:
+        response = client.post("/models", json={**MODEL, "name": "cut", "path": "cut.safetensors"})
+        assert response.status_code == 422 and "'cut.safetensors' is not a readable safetensors file" in response.text
+        assert client.post("/models", json={**MODEL, "name": "later", "path": "later.safetensors"}).status_code == 201
+        later.write_bytes(later.read_bytes()[:100])  # truncated after registration
+        response = client.post("/performance/profile", json={"model": "later", "repeats": 2})
+        assert response.status_code == 422 and "'later.safetensors' is not a readable safetensors file" in response.text
+        wrong = client.post("/models", json={**MODEL, "name": "wide", "options": {"hidden": [128]}})
+        assert wrong.status_code == 422 and "holds a digits_mlp with options {'hidden': [64]" in wrong.text
+
+
+def test_non_finite_numbers_are_422_with_a_json_body(model_root, tmp_path):
+    with _client(model_root, tmp_path / "service") as client:
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            body = '{"model": "digits", "options": {"max_accuracy_drop": X, "prune_amount": X}}'.replace("X", literal)
+            response = client.post("/optimize/model", content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 422, response.text
+            errors = response.json()["detail"]  # renders: the non-finite inputs are shown as strings
+            assert {e["loc"][-1] for e in errors} == {"max_accuracy_drop", "prune_amount"}
+            assert all("finite number" in e["msg"] for e in errors) and errors[0]["input"] in ("nan", "inf", "-inf")
+
+
+def test_reregistering_a_name_is_409_unless_replace(model_root, tmp_path):
+    with _client(model_root, tmp_path / "service") as client:
+        assert client.post("/models", json=MODEL).status_code == 201
+        again = client.post("/models", json=MODEL)
+        assert again.status_code == 409 and "`replace`: true" in again.json()["detail"]
+        assert client.post("/models", json={**MODEL, "replace": True}).status_code == 201
+
+
+def test_chunked_body_over_the_limit_is_413_and_the_app_is_a_fastapi_app(model_root, tmp_path):
+    from fastapi import FastAPI
+
+    app = create_app(ServiceSettings(model_root=model_root, data_dir=tmp_path / "service", max_body_bytes=1024))
+    assert isinstance(app, FastAPI)
+
+    def chunks():
+        yield b'{"model": "digits", "level": "quantum", "options": {'
+        for _ in range(64):
+            yield b" " * 64
+        yield b"}}"
+
+    with TestClient(app) as client:
+        response = client.post("/optimize/model", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in {k.lower() for k in response.request.headers}  # really chunked
+        assert response.status_code == 413
+
+
+def test_bearer_scheme_is_declared_for_the_docs(model_root, tmp_path):
+    with _client(model_root, tmp_path / "service", token=TOKEN) as client:
+        schema = client.get("/openapi.json").json()  # public, so /docs can load and send the token
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert schema["paths"]["/models"]["post"]["security"] == [{"HTTPBearer": []}]
+        assert "security" not in schema["paths"]["/health"]["get"]
+        assert client.get("/docs").status_code == 200
+
+
+def test_no_token_on_a_public_host_refuses_to_start(model_root, capsys, monkeypatch):
+    from lightning_quantum.apps.serve import main
+
+    monkeypatch.delenv("LQ_SERVE_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model-root", str(model_root), "--host", "0.0.0.0"])
+    assert stopped.value.code == 2
+    assert "refusing to serve on --host 0.0.0.0 without a bearer token" in capsys.readouterr().err
+
+
+def _gate(monkeypatch, tmp_path):
+    import lightning_quantum.apps.serve as serve
+    from tests.serve_helpers import gated_optimization_job
+
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("LQ_TEST_GATE", str(gate))  # the spawned job worker inherits it
+    monkeypatch.setattr(serve, "run_optimization_job", gated_optimization_job)
+    return gate
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_jobs_are_queued_until_a_worker_takes_them_and_profiles_do_not_wait(model_root, tmp_path, monkeypatch):
+    gate = _gate(monkeypatch, tmp_path)
+    with _client(model_root, tmp_path / "service") as client:
+        assert client.post("/models", json=MODEL).status_code == 201
+        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2}}
+        ids = [client.post("/optimize/model", json=body).json()["job_id"] for _ in range(3)]
+        _wait_for(lambda: list(tmp_path.glob("started-*")))  # the first job is in the worker, held at the gate
+        jobs = [client.get(f"/optimize/jobs/{i}").json() for i in ids]
+        assert [j["status"] for j in jobs] == ["running", "queued", "queued"]
+        assert [j["queue_position"] for j in jobs] == [None, 1, 2]
+        assert jobs[0]["started_at"] >= jobs[0]["created_at"] and jobs[1]["started_at"] is None
+        stats = client.get("/optimization/stats").json()["by_status"]
+        assert stats["running"] == 1 and stats["queued"] == 2
+        # a profile does not wait behind the queue: it answers while every job is held
+        profile = client.post("/performance/profile", json={"model": "digits", "repeats": 2})
+        assert profile.status_code == 200
+        assert [client.get(f"/optimize/jobs/{i}").json()["status"] for i in ids] == ["running", "queued", "queued"]
+        gate.write_text("open")
+        done = [_wait(client, i) for i in ids]
+        assert [j["status"] for j in done] == ["succeeded"] * 3
+        assert done[1]["started_at"] >= done[0]["finished_at"]
+
+
+def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(model_root, tmp_path, monkeypatch):
+    import signal
+
+    gate = _gate(monkeypatch, tmp_path)
+    app = create_app(ServiceSettings(model_root=model_root, data_dir=tmp_path / "service"))
+    with TestClient(app) as client:
+        assert client.post("/models", json=MODEL).status_code == 201
+        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2}}
+        first, second = (client.post("/optimize/model", json=body).json()["job_id"] for _ in range(2))
+        _wait_for(lambda: list(tmp_path.glob("started-*")))
+        (pid,) = app.state.workers["jobs"][0].pids()
+        os.kill(pid, signal.SIGKILL)
+        failed = _wait(client, first)
+        assert failed["status"] == "failed" and "worker process died while running this" in failed["error"]
+        assert "exit code -9" in failed["error"]
+        gate.write_text("open")
+        assert _wait(client, second)["status"] == "succeeded"  # a new worker took the queue on
+        assert app.state.workers["jobs"][0].pids() != [pid]
+        assert client.post("/models", json={**MODEL, "name": "again"}).status_code == 201

@@ -8,6 +8,7 @@ their results in SQLite, so they survive a restart.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_quantum.weights import WEIGHT_SUFFIXES, read_checkpoint
+from lightning_quantum.weights import WEIGHT_SUFFIXES, read_checkpoint, state_mismatch
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +29,7 @@ __all__ = [
     "resolve_inside",
     "run_optimization_job",
     "run_profile",
+    "exit_with_parent",
 ]
 
 MODEL_SUFFIXES = WEIGHT_SUFFIXES
@@ -63,6 +65,22 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
     if not resolved.is_relative_to(base):
         raise UnsafePathError(f"The path {relative!r} leads outside the model root.")
     return resolved
+
+
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Make this (worker) process exit once ``parent_pid`` is no longer its parent.
+
+    A process pool's initializer: when the server dies, even by SIGKILL, its workers are re-parented
+    (to PID 1 or a subreaper) and would live on, each holding a model and a few hundred MB. A daemon
+    thread polls ``os.getppid()`` and ends the worker within ``interval`` seconds of that.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # -- architectures a registered model may have: a fixed list, never a Python target from a request ------
@@ -102,10 +120,17 @@ def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any
     model = build_architecture(record["architecture"], record.get("options") or {})
     state = checkpoint["state_dict"]
     state = {k.removeprefix("net."): v for k, v in state.items()}  # a Classifier's checkpoint
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"The weights in {record['path']!r} do not fit `{record['architecture']}`: {error}") from None
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        from lightning_quantum.models import digits_architecture_of
+
+        found = digits_architecture_of(state)
+        hint = f" The file holds a {found[0]} with options {found[1]}." if found else ""
+        raise ValueError(
+            f"The weights in {record['path']!r} do not fit `{record['architecture']}` with options "
+            f"{record.get('options') or {}}: {mismatch}.{hint}"
+        )
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -220,6 +245,8 @@ class JobStore:
     """Models, jobs and their results in one SQLite file (thread-safe; one connection, serialized)."""
 
     INTERRUPTED = "the service stopped before this job finished (it was restarted); submit it again"
+    STOPPED_RUNNING = "the service was stopped while this job ran; submit it again"
+    STOPPED_QUEUED = "the service was stopped before this job started; submit it again"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -287,12 +314,22 @@ class JobStore:
             "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?", (time.time(), error, job_id)
         )
 
-    def fail_interrupted(self) -> int:
-        """Mark jobs left queued or running by a stopped service as failed, with the reason; return how many."""
-        rows = self._execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")
+    def fail_interrupted(self, reason: str | None = None, statuses: tuple[str, ...] = ("queued", "running")) -> int:
+        """Mark the jobs in ``statuses`` as failed with ``reason`` (a restart's by default); return how many."""
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._execute(f"SELECT id FROM jobs WHERE status IN ({marks})", statuses)
         for row in rows:
-            self.fail_job(row["id"], self.INTERRUPTED)
+            self.fail_job(row["id"], reason or self.INTERRUPTED)
         return len(rows)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next queued job to start, 2 for the one after it, ...; ``None`` unless the job is queued."""
+        rows = self._execute(
+            "SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND rowid <= "
+            "(SELECT rowid FROM jobs WHERE id = ? AND status = 'queued')",
+            (job_id,),
+        )
+        return int(rows[0]["n"]) or None
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         rows = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -301,6 +338,7 @@ class JobStore:
         out = dict(rows[0])
         out["options"] = json.loads(out["options"])
         out["result"] = json.loads(out["result"]) if out["result"] else None
+        out["queue_position"] = self.queue_position(job_id) if out["status"] == "queued" else None
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -3,29 +3,38 @@
     lq-serve --model-root models --data-dir service --port 8000 [--token-env LQ_TOKEN]
 
 Models are registered from files inside ``--model-root`` (safetensors, or checkpoints read with
-``weights_only=True``) with an architecture from a fixed list; optimization jobs and profiles run in
-a worker process, so the event loop never blocks; models, jobs and results live in SQLite under
-``--data-dir`` and survive a restart (a job cut off by one is marked failed, with the reason).
+``weights_only=True``) with an architecture from a fixed list. Optimization jobs wait in a queue
+(``queued``, with their place in it) until one of the job worker processes takes them
+(``running``); registration checks and profiles run in a worker of their own, so they never wait
+behind jobs. Models, jobs and results live in SQLite under ``--data-dir`` and survive a restart; a
+job cut off by a restart or a stop is marked failed with the reason. A worker that dies is replaced
+and its job marked failed; workers exit by themselves when the server process is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import math
 import multiprocessing
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from lightning_quantum.gpu import gpu_status
@@ -33,6 +42,7 @@ from lightning_quantum.serving import (
     MODEL_SUFFIXES,
     JobStore,
     UnsafePathError,
+    exit_with_parent,
     load_registered_model,
     resolve_inside,
     run_optimization_job,
@@ -40,6 +50,8 @@ from lightning_quantum.serving import (
 )
 
 log = logging.getLogger(__name__)
+
+_UNPROCESSABLE = 422  # Starlette renamed its constant (…_ENTITY to …_CONTENT); the number is the same
 
 
 class Level(str, Enum):
@@ -58,7 +70,8 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", descri
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse from JSON as floats; refused here, since a range check lets NaN through
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ArchitectureOptions(_Strict):
@@ -71,7 +84,7 @@ class ArchitectureOptions(_Strict):
     width: int | None = Field(None, ge=1, le=4096, description="digits_cnn: width of the hidden linear layer")
 
 
-class ModelRegistration(_Strict):
+class _ModelFields(_Strict):
     name: Name
     path: str = Field(min_length=1, max_length=512, description="a file inside the model root")
     architecture: Architecture
@@ -79,7 +92,11 @@ class ModelRegistration(_Strict):
     dataset: Literal["digits"] = "digits"
 
 
-class RegisteredModel(ModelRegistration):
+class ModelRegistration(_ModelFields):
+    replace: bool = Field(False, description="replace a model registered under the same name (409 otherwise)")
+
+
+class RegisteredModel(_ModelFields):
     created_at: float
 
 
@@ -103,6 +120,7 @@ class ModelOptimizationRequest(_Strict):
 class JobAccepted(BaseModel):
     job_id: str
     status: str
+    queue_position: int | None
 
 
 class StepResult(BaseModel):
@@ -137,9 +155,10 @@ class JobStatus(BaseModel):
     model: str
     level: str
     status: Literal["queued", "running", "succeeded", "failed"]
+    queue_position: int | None = Field(None, description="1: the next job to start; null unless queued")
     options: dict[str, Any]
     created_at: float
-    started_at: float | None
+    started_at: float | None = Field(description="when a worker took the job; null while queued")
     finished_at: float | None
     error: str | None
     result: ModelOptimizationResponse | None
@@ -175,52 +194,134 @@ class ServiceSettings:
     workers: int = 1
 
 
-class _Limits:
-    """Pure ASGI middleware: the bearer token on every route but ``/health``, and the body size cap."""
+class WorkerCrashed(RuntimeError):
+    """The worker process running a call died (killed, out of memory); a new one replaces it."""
 
-    def __init__(self, app: Any, settings: ServiceSettings) -> None:
-        self.app, self.settings = app, settings
+
+class Worker:
+    """One spawned worker process that runs calls one at a time, and is replaced when it dies.
+
+    The process starts at the first call and exits by itself when the server process is gone
+    (:func:`~lightning_quantum.serving.exit_with_parent`), so a killed server leaves no worker behind.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=1,
+                # spawn: a clean interpreter (no forked torch threads or event loop)
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
+        return self._executor
+
+    def pids(self) -> list[int]:
+        """The worker's process id (empty before the first call)."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return [p.pid for p in processes.values() if p.pid is not None]
+
+    def _exit_codes(self) -> list[int | None]:
+        processes = getattr(self._executor, "_processes", None) or {}
+        return [p.exitcode for p in processes.values()]
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the worker process.
+
+        Raises:
+            WorkerCrashed: when the process died during the call (it is replaced for the next one).
+        """
+        try:
+            future = self._pool().submit(fn, *args)
+        except BrokenProcessPool:  # died while idle: a fresh process takes the call
+            self._discard()
+            future = self._pool().submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            codes = self._exit_codes()
+            self._discard()
+            raise WorkerCrashed(
+                f"the {self.name} worker process died while running this (exit code {codes[0] if codes else '?'}: "
+                "killed, or out of memory); a new worker replaces it"
+            ) from None
+
+    def _discard(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the worker process now, whatever it is doing."""
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+        self._discard()
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for a request body over ``max_body_bytes``, declared or streamed (chunked).
+
+    The body is read (up to the limit) before the app sees it, so a chunked upload over the limit
+    gets 413 too, not a 400 from a half-read JSON body.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        token = self.settings.token
-        if token and scope.get("path") != "/health":
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(value.encode(), token.encode()):
-                response = JSONResponse(
-                    {"detail": "Missing or wrong bearer token."},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                return await response(scope, receive, send)
-        limit = self.settings.max_body_bytes
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        limit = self.max_body_bytes
         too_large = JSONResponse({"detail": f"The request body is larger than {limit} bytes."}, status_code=413)
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await too_large(scope, receive, send)
-        seen = 0
-
-        async def capped_receive() -> dict:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, capped_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+# Declared in the OpenAPI schema, so /docs can send the token; checked by each app's `require_token`.
+_BEARER = HTTPBearer(auto_error=False, description="the token in the server's LQ_SERVE_TOKEN (or --token-env)")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as strings: JSON has no such numbers, and a 422 must still render."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -233,20 +334,68 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     interrupted = store.fail_interrupted()
     if interrupted:
         log.warning("Marked %d job(s) cut off by a restart as failed", interrupted)
-    tasks: set[asyncio.Task] = set()
+    job_workers = [Worker(f"job {i}") for i in range(settings.workers)]
+    quick_worker = Worker("registration and profile")
+
+    started: dict[str, Any] = {"count": 0}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # spawn: a clean interpreter per worker (no forked torch threads or event loop)
-        pool = ProcessPoolExecutor(max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"))
-        app.state.pool = pool
+        # Reentrant: a second server (or test client) over the same app shares the first one's queue
+        # and workers, and the last one to stop ends them.
+        if started["count"] == 0:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[tuple[str, dict[str, Any], str, dict[str, Any]]] = asyncio.Queue()
+            started.update(
+                loop=loop,
+                queue=queue,
+                consumers=[loop.create_task(_take_jobs(worker, queue)) for worker in job_workers],
+            )
+        started["count"] += 1
         try:
             yield
         finally:
-            for task in list(tasks):
-                task.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            store.close()
+            started["count"] -= 1
+            if started["count"] == 0:
+                await _stop(started["consumers"])
+
+    async def _stop(consumers: list[asyncio.Task]) -> None:
+        for task in consumers:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)  # running jobs are marked stopped
+        stopped = store.fail_interrupted(JobStore.STOPPED_QUEUED, statuses=("queued",))
+        if stopped:
+            log.warning("Marked %d queued job(s) failed: the service stopped", stopped)
+        for worker in (*job_workers, quick_worker):
+            worker.stop()
+        store.close()
+
+    def enqueue(item: tuple[str, dict[str, Any], str, dict[str, Any]]) -> None:
+        """Put a job on the queue, from whichever event loop serves the request."""
+        loop, queue = started["loop"], started["queue"]
+        if loop is asyncio.get_running_loop():
+            queue.put_nowait(item)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    async def _take_jobs(worker: Worker, queue: asyncio.Queue) -> None:
+        while True:
+            job_id, record, level, options = await queue.get()
+            store.start_job(job_id)
+            try:
+                result = await worker.run(
+                    run_optimization_job, str(model_root), str(artifacts), job_id, record, level, options
+                )
+            except asyncio.CancelledError:
+                store.fail_job(job_id, JobStore.STOPPED_RUNNING)
+                raise
+            except Exception as error:  # the job fails with its reason; the service goes on
+                log.warning("Job %s failed: %s: %s", job_id, type(error).__name__, error)
+                store.fail_job(job_id, f"{type(error).__name__}: {error}")
+            else:
+                store.finish_job(job_id, result)
+            finally:
+                queue.task_done()
 
     app = FastAPI(
         title="lightning-quantum optimization service",
@@ -256,9 +405,23 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     app.state.store = store
     app.state.settings = settings
+    app.state.workers = {"jobs": job_workers, "quick": quick_worker}
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
 
-    async def in_worker(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(app.state.pool, fn, *args)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+
+    async def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
+        token = settings.token
+        if token and (
+            credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode())
+        ):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "Missing or wrong bearer token.", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    api = APIRouter(dependencies=[Depends(require_token)])
 
     def found(record: dict[str, Any] | None, detail: str) -> dict[str, Any]:
         """``record``, or a 404 with ``detail`` when the store has none."""
@@ -274,73 +437,65 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """Liveness: 200 while the service runs (no token needed)."""
         return {"status": "ok"}
 
-    @app.get("/gpu/status", tags=["service"])
+    @api.get("/gpu/status", tags=["service"])
     async def gpu() -> dict[str, Any]:
         """``gpu_status()``: ``available: false`` on a machine without a GPU."""
         return await asyncio.to_thread(gpu_status)
 
-    @app.post("/models", status_code=201, response_model=RegisteredModel, tags=["models"])
+    @api.post("/models", status_code=201, response_model=RegisteredModel, tags=["models"])
     async def register_model(registration: ModelRegistration) -> dict[str, Any]:
-        """Register a weights file inside the model root; it is loaded once (in the worker) to check it."""
-        record = registration.model_dump(mode="json")
+        """Register a weights file inside the model root; it is loaded once (in a worker) to check it.
+
+        A name already registered answers 409 unless ``replace`` is true.
+        """
+        record = registration.model_dump(mode="json", exclude={"replace"})
+        if not registration.replace and store.model(registration.name) is not None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"A model named {registration.name!r} is registered already; send `replace`: true to replace it.",
+            )
         try:
             path = resolve_inside(model_root, registration.path)
         except UnsafePathError as error:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"`path` is refused: {error}") from None
+            raise HTTPException(_UNPROCESSABLE, f"`path` is refused: {error}") from None
         if path.suffix not in MODEL_SUFFIXES or not path.is_file():
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
                 f"`path`={registration.path!r} is not a {'/'.join(MODEL_SUFFIXES)} file inside the model root.",
             )
         try:
-            await in_worker(_check_loads, str(model_root), record)
+            await quick_worker.run(_check_loads, str(model_root), record)
         except (ValueError, FileNotFoundError) as error:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+            raise HTTPException(_UNPROCESSABLE, str(error)) from None
+        except WorkerCrashed as error:
+            raise HTTPException(_UNPROCESSABLE, f"`path`={registration.path!r} could not be loaded: {error}") from None
         store.add_model(record)
         return known_model(registration.name)
 
-    @app.get("/models", response_model=list[RegisteredModel], tags=["models"])
+    @api.get("/models", response_model=list[RegisteredModel], tags=["models"])
     async def list_models() -> list[dict[str, Any]]:
         return store.models()
 
-    @app.post("/optimize/model", status_code=202, response_model=JobAccepted, tags=["optimization"])
-    async def optimize_model(request: ModelOptimizationRequest) -> dict[str, str]:
-        """Start an optimization job; poll ``GET /optimize/jobs/{id}`` for its status and result."""
+    @api.post("/optimize/model", status_code=202, response_model=JobAccepted, tags=["optimization"])
+    async def optimize_model(request: ModelOptimizationRequest) -> dict[str, Any]:
+        """Queue an optimization job; poll ``GET /optimize/jobs/{id}`` for its status and result."""
         record = known_model(request.model)
         options = request.options.model_dump()
         level = request.level.value
         job_id = store.create_job(request.model, level, options)
+        enqueue((job_id, record, level, options))
+        return {"job_id": job_id, "status": "queued", "queue_position": store.queue_position(job_id)}
 
-        async def run_job() -> None:
-            store.start_job(job_id)
-            try:
-                result = await in_worker(
-                    run_optimization_job, str(model_root), str(artifacts), job_id, record, level, options
-                )
-            except asyncio.CancelledError:
-                store.fail_job(job_id, JobStore.INTERRUPTED)
-                raise
-            except Exception as error:  # the job fails with its reason; the service goes on
-                log.exception("Job %s failed", job_id)
-                store.fail_job(job_id, f"{type(error).__name__}: {error}")
-            else:
-                store.finish_job(job_id, result)
-
-        task = asyncio.create_task(run_job())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return {"job_id": job_id, "status": "queued"}
-
-    @app.get("/optimize/jobs/{job_id}", response_model=JobStatus, tags=["optimization"])
+    @api.get("/optimize/jobs/{job_id}", response_model=JobStatus, tags=["optimization"])
     async def job_status(job_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
         return found(store.job(job_id), f"No job {job_id!r}.")
 
-    @app.get("/optimization/stats", tags=["optimization"])
+    @api.get("/optimization/stats", tags=["optimization"])
     async def optimization_stats() -> dict[str, Any]:
         """Counts by status, and by level the mean compression ratio, speedup and accuracy degradation."""
         return store.stats()
 
-    @app.post("/performance/profile", response_model=ProfileResponse, tags=["performance"])
+    @api.post("/performance/profile", response_model=ProfileResponse, tags=["performance"])
     async def profile(request: ProfileRequest) -> dict[str, Any]:
         """Latency, throughput and memory of a registered model, or of a finished job's optimized model."""
         record = known_model(request.model)
@@ -351,7 +506,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             if job["status"] != "succeeded":
                 raise HTTPException(status.HTTP_409_CONFLICT, f"Job {request.job_id!r} is {job['status']}.")
         try:
-            return await in_worker(
+            return await quick_worker.run(
                 run_profile,
                 str(model_root),
                 str(artifacts),
@@ -361,14 +516,26 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 request.repeats,
             )
         except (ValueError, FileNotFoundError) as error:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+            raise HTTPException(_UNPROCESSABLE, str(error)) from None
+        except WorkerCrashed as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Profiling failed: {error}.") from None
 
-    return _Limits(app, settings)  # type: ignore[return-value]
+    app.include_router(api)
+    return app
 
 
 def _check_loads(model_root: str, record: dict[str, Any]) -> bool:
     load_registered_model(model_root, record)
     return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only localhost is known to stay on this machine
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,22 +544,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=Path("lq-service"), type=Path, help="SQLite database and artifacts")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", default=8000, type=int)
-    parser.add_argument("--workers", default=1, type=int, help="worker processes for jobs and profiles")
+    parser.add_argument("--workers", default=1, type=int, help="worker processes for optimization jobs")
     parser.add_argument("--max-body-bytes", default=64 * 1024, type=int)
     parser.add_argument(
         "--token-env", default="LQ_SERVE_TOKEN", help="environment variable holding the bearer token (unset: no token)"
+    )
+    parser.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="serve on a non-loopback --host without a bearer token (anyone who reaches the port can use it)",
     )
     args = parser.parse_args(argv)
     if not args.model_root.is_dir():
         parser.error(f"--model-root {str(args.model_root)!r} is not a directory.")
     if args.workers < 1 or args.max_body_bytes < 1:
         parser.error("--workers and --max-body-bytes must be 1 or more.")
+    token = os.environ.get(args.token_env) or None
+    if token is None and not _is_loopback(args.host):
+        if not args.insecure_no_token:
+            parser.error(
+                f"refusing to serve on --host {args.host} without a bearer token: anyone who reaches the port could "
+                f"register files and start jobs. Set {args.token_env}, or pass --insecure-no-token."
+            )
+        log.warning("Serving on %s WITHOUT a bearer token (--insecure-no-token)", args.host)
     import uvicorn
 
     settings = ServiceSettings(
         model_root=args.model_root,
         data_dir=args.data_dir,
-        token=os.environ.get(args.token_env) or None,
+        token=token,
         max_body_bytes=args.max_body_bytes,
         workers=args.workers,
     )

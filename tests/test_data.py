@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,44 @@ def test_sentence_data_invalid_arguments(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         SentenceDataModule(**kwargs)
+
+
+def test_epoch_seeded_sampler_shards_pads_and_skips_like_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    from lightning_quantum.data import EpochSeededSampler
+
+    data = list(range(11))
+    done = {"n": 0}
+    ranks = [EpochSeededSampler(data, seed=3, samples_done=lambda: done["n"], num_replicas=3, rank=r) for r in range(3)]
+    assert all(isinstance(s, DistributedSampler) for s in ranks)  # Lightning leaves it unwrapped
+    full = [list(s) for s in ranks]
+    assert [len(s) for s in ranks] == [4, 4, 4] and all(len(f) == 4 for f in full)
+    flat = sorted(i for f in full for i in f)
+    assert set(flat) == set(data) and len(flat) == 12  # every sample, one padded repeat
+    done["n"] = 6  # two batches of 1 per rank were done before a restart: the rest of each rank's shard
+    assert [list(s) for s in ranks] == [f[2:] for f in full]
+    for s in ranks:
+        s.set_epoch(1)
+    done["n"] = 0
+    assert [list(s) for s in ranks] != full  # another order each epoch
+    with pytest.raises(ValueError, match=r"`rank`=3 is not valid. It must be an integer in \[0, 3\)"):
+        EpochSeededSampler(data, seed=3, num_replicas=3, rank=3)
+
+
+@pytest.mark.parity
+def test_ddp_epochs_reshuffle_cover_the_data_and_resume_mid_epoch_exactly(tmp_path):
+    from tests.conftest import run_rank_script
+
+    ranks = run_rank_script(Path(__file__).with_name("ddp_resume_script.py"), tmp_path)
+    for epoch in ("0", "1"):
+        seen = ranks[0]["whole"][epoch] + ranks[1]["whole"][epoch]
+        assert set(seen) == set(range(1257)) and len(seen) == 1258  # once each, plus DistributedSampler's pad
+    assert ranks[0]["whole"]["0"] != ranks[0]["whole"]["1"]  # set_epoch reached the sampler
+    for rank in ranks:
+        assert rank["checkpoint_step"] == 55
+        # the interrupted run and its resume saw exactly what the uninterrupted run saw, in order
+        assert rank["cut"]["0"] == rank["whole"]["0"]
+        assert rank["cut"]["1"] + rank["rest"]["1"] == rank["whole"]["1"] and "0" not in rank["rest"]
+        assert rank["resumed_weights"] == rank["whole_weights"]  # the same steps on the same batches: bitwise
+    assert ranks[0]["whole_weights"] == ranks[1]["whole_weights"]

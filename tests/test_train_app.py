@@ -264,11 +264,22 @@ def test_a_safetensors_file_as_ckpt_path_points_to_lq_optimize(tmp_path):
         train(_cfg(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
 
 
-def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path):
+def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path, monkeypatch, capsys):
     out = _run_cli(["trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert out.returncode == 2
-    lines = [line for line in out.stderr.strip().splitlines() if "Warning" not in line and "warn" not in line]
-    assert lines[-1].startswith("lq-train: error: `trainer.max_epochs`=-1 trains until the process is killed")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("lq-train: error: `trainer.max_epochs`=-1 trains until the process is killed")
+    )
     assert "Traceback" not in out.stderr
-    full = _run_cli(["trainer.max_epochs=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
-    assert full.returncode != 0 and "Traceback" in full.stderr
+    from lightning_quantum.apps._config import report_user_errors
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the traceback stays available, as Hydra's own errors do
+    with pytest.raises(ValueError, match="bad value"), report_user_errors("lq-train"):
+        raise ValueError("bad value")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with pytest.raises(SystemExit) as stopped, report_user_errors("lq-train"):
+        raise ValueError("bad\nvalue")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "lq-train: error: bad value (HYDRA_FULL_ERROR=1 shows the traceback)\n"

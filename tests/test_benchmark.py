@@ -124,3 +124,19 @@ def test_nothing_to_time_is_an_error():
 def test_bad_batch_layout_is_an_error():
     with pytest.raises(ValueError, match="Valid layouts"):
         evaluate_accuracy(nn.Linear(2, 2), [(torch.randn(2, 2), torch.zeros(2), "extra")])
+
+
+def test_cuda_working_memory_leaves_out_what_was_allocated_before(monkeypatch):
+    """A stand-in for a GPU: the allocator figures of a device already holding 900 MiB (model, optimizer, a
+    baseline copy) that peaks at 930 MiB in the call; the working memory is the 30 MiB increase."""
+    from lightning_quantum.benchmark import peak_increase_bytes
+
+    mib = 2**20
+    state = {"allocated": 900 * mib, "peak": 900 * mib}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"])
+    )
+    assert peak_increase_bytes(lambda: state.update(peak=930 * mib), torch.device("cuda", 0)) == 30 * mib

@@ -95,3 +95,53 @@ def test_gpu_status_on_a_real_gpu():
     assert status["available"] and status["devices"][0]["memory_total_mb"] > 0
     stats = memory_stats("cuda:0")
     assert "memory/cuda_allocated_mb" in stats
+
+
+def _cpu_4bit(monkeypatch):
+    """Let Lightning's 4-bit layers quantize on the CPU (bitsandbytes >= 0.48 can; Lightning allows CUDA only)."""
+    import bitsandbytes as bnb
+    import lightning.fabric.plugins.precision.bitsandbytes as fabric_bnb
+
+    def quantize(params4bit, weight, device):
+        w = weight.contiguous().to(device="cpu", dtype=torch.half)
+        packed, state = bnb.functional.quantize_4bit(
+            w,
+            blocksize=params4bit.blocksize,
+            compress_statistics=params4bit.compress_statistics,
+            quant_type=params4bit.quant_type,
+            quant_storage=params4bit.quant_storage,
+        )
+        return fabric_bnb._replace_param(params4bit, packed, state)
+
+    monkeypatch.setattr(fabric_bnb._Linear4bit, "quantize", staticmethod(quantize))
+    return fabric_bnb
+
+
+def test_qlora_experiment_has_trainable_weights_and_the_right_dtypes(tmp_path, monkeypatch):
+    """A stand-in for CUDA: the experiment's plugin converts the model as on a GPU, quantizing on the CPU."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from lightning_quantum.apps.train import match_bitsandbytes_dtype
+    from lightning_quantum.callbacks.report import precision_of
+    from tests.test_train_app import _cfg
+
+    cfg = _cfg(tmp_path, "experiment=qlora_gpu", "model.net.dropout=0.0")
+    plugin = instantiate(cfg.trainer.plugins[0])
+    fabric_bnb = _cpu_4bit(monkeypatch)
+    model = instantiate(cfg.model)
+    match_bitsandbytes_dtype(model, [plugin])
+    model = plugin.convert_module(model)
+    for layer in model.modules():
+        if isinstance(layer, fabric_bnb._Linear4bit):
+            layer.quantize_(device=torch.device("cpu"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["net.head.weight", "net.head.bias"]  # the 4-bit layers are frozen, the head learns
+    x, y = plugin.convert_input(torch.randn(8, 64)), torch.randint(0, 10, (8,))
+    with plugin.forward_context():
+        loss = model.training_step((x, y), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and model.net.head.weight.grad.abs().sum() > 0
+    trainer = SimpleNamespace(precision_plugin=plugin, precision="32-true")
+    assert precision_of(trainer) == ("nf4-dq (bitsandbytes, bfloat16 compute)", "bf16-true")

@@ -109,3 +109,16 @@ def test_baseline_snapshot_is_the_plain_model(tmp_path, digits):
     assert not any(isinstance(m, CheckpointWrapper) for m in report._baseline.modules())
     assert report.report is not None and report.paths["json"].exists()
     assert report.report.extra["fit_step_time_ms_median"] > 0
+
+
+def test_bf16_true_run_reports_and_times_training_steps(tmp_path, tiny_classifier, digits):
+    """The training-step comparison casts the batch as the precision plugin does (bf16-true needs it)."""
+    import lightning.pytorch as pl
+
+    from lightning_quantum.callbacks import OptimizationReport
+    from tests.conftest import trainer_kwargs
+
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, train_step_repeats=2, print_table=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-true", callbacks=[report]))
+    trainer.fit(tiny_classifier, digits)
+    assert report.report.precision == "bf16-true" and report.report.train_step_time_ms["optimized"] > 0

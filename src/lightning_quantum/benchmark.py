@@ -417,15 +417,27 @@ def measure_peak_memory_mb(model: nn.Module, inputs: Any, *, precision: str = "3
     device = _module_device(model)
     inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
     with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            _call(model, inputs)
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) / _MB
-        with _CPUPeakRSS() as rss:
-            _call(model, inputs)
-    return (_resident_bytes(model) + rss.peak_increase_bytes) / _MB
+        working = peak_increase_bytes(lambda: _call(model, inputs), device)
+    return (_resident_bytes(model) + working) / _MB
+
+
+def peak_increase_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """How far memory use rose above its level before ``fn()`` at the peak of the call, in bytes.
+
+    CUDA: ``max_memory_allocated`` above what was allocated before, so the figure leaves out what
+    else lives on the device (the model in training, its optimizer state, a baseline copy).
+    CPU: the peak RSS increase of the process.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    with _CPUPeakRSS() as rss:
+        fn()
+    return rss.peak_increase_bytes
 
 
 def measure_training_peak_memory_mb(model: nn.Module, inputs: Any) -> float:
@@ -439,16 +451,7 @@ def measure_training_peak_memory_mb(model: nn.Module, inputs: Any) -> float:
     device = _module_device(model)
     inputs = _to_device(inputs, device)
     model.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        _call(model, inputs).float().sum().backward()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / _MB
-    with _CPUPeakRSS() as rss:
-        _call(model, inputs).float().sum().backward()
-    return rss.peak_increase_bytes / _MB
+    return peak_increase_bytes(lambda: _call(model, inputs).float().sum().backward(), device) / _MB
 
 
 def _top1_correct(outputs: Tensor, targets: Tensor) -> float:

@@ -90,6 +90,20 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+def match_bitsandbytes_dtype(model: Any, plugins: list[Any]) -> None:
+    """Give the layers a bitsandbytes plugin leaves in place its compute dtype.
+
+    Lightning's ``BitsandbytesPrecision`` swaps the ``Linear`` layers for 4-bit (or 8-bit) ones that
+    compute in its dtype and return activations in it, and leaves every other layer as built, the
+    ``ignore_modules`` (the trainable head) included: a float32 head would then get bfloat16
+    activations. Its ``init_module`` context would build the model in that dtype, but it refuses
+    ``ignore_modules``; so the model is cast here, before the plugin converts it.
+    """
+    for plugin in plugins:
+        if type(plugin).__name__ == "BitsandbytesPrecision":
+            model.to(plugin.dtype)
+
+
 def _check_stopping(trainer_cfg: DictConfig) -> None:
     """Refuse ``max_epochs=-1`` (train until killed) unless ``max_steps`` or ``max_time`` bounds the fit."""
     if (
@@ -202,6 +216,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     plugins = [instantiate(p) for p in trainer_cfg.get("plugins") or []]
     # A precision plugin (bitsandbytes 4-bit, say) sets the precision itself; Lightning refuses both.
     precision = None if any(isinstance(p, Precision) for p in plugins) else decision.precision
+    match_bitsandbytes_dtype(model, plugins)
     trainer: pl.Trainer = instantiate(
         trainer_cfg, precision=precision, plugins=plugins or None, callbacks=callbacks, logger=loggers or False
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import statistics
 import time
@@ -34,6 +35,35 @@ log = logging.getLogger(__name__)
 __all__ = ["OptimizationReport"]
 
 _EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
+
+
+#: Lightning's bitsandbytes layer classes, by the mode they were built for
+_BNB_MODES = {
+    "_NF4Linear": "nf4",
+    "_NF4DQLinear": "nf4-dq",
+    "_FP4Linear": "fp4",
+    "_FP4DQLinear": "fp4-dq",
+    "_Linear8bitLt": "int8-training",
+    "_Int8LinearInference": "int8",
+}
+_TRUE_PRECISION_OF = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float32: "32-true"}
+
+
+def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
+    """The precision the report names, and the one its measurement runs the model under.
+
+    ``trainer.precision`` says ``"32-true"`` for a bitsandbytes plugin, whose model computes in the
+    plugin's dtype with 4-bit (or 8-bit) linears: the report names it (``"nf4-dq (bitsandbytes,
+    bfloat16 compute)"``) and measures it with inputs in that dtype, as the plugin feeds them.
+    """
+    plugin = trainer.precision_plugin
+    if type(plugin).__name__ == "BitsandbytesPrecision":
+        mode = _BNB_MODES.get(getattr(getattr(plugin, "_linear_cls", None), "__name__", ""), "bitsandbytes")
+        dtype = getattr(plugin, "dtype", torch.float32)
+        return f"{mode} (bitsandbytes, {str(dtype).removeprefix('torch.')} compute)", _TRUE_PRECISION_OF.get(
+            dtype, "32-true"
+        )
+    return str(trainer.precision), str(trainer.precision)
 
 
 class OptimizationReport(Callback):
@@ -225,10 +255,10 @@ class OptimizationReport(Callback):
         settings = self._settings(trainer)
         loader = self._eval_loader(trainer)
         baseline = self._baseline.to(pl_module.device)
-        precision = str(trainer.precision)
+        name, runs_as = precision_of(trainer)
         baseline_metrics = benchmark_model(baseline, eval_data=loader, precision="32-true", **settings)
-        final_metrics = benchmark_model(pl_module, eval_data=loader, precision=precision, **settings)
-        return baseline_metrics, final_metrics
+        final_metrics = benchmark_model(pl_module, eval_data=loader, precision=runs_as, **settings)
+        return baseline_metrics, dataclasses.replace(final_metrics, precision=name)
 
     def _train_step_times(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         if not self.compare_train_step:
@@ -238,12 +268,14 @@ class OptimizationReport(Callback):
         loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
         if loader is None:
             return None
-        batch = next(iter(loader))
-        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        batch = trainer.strategy.batch_to_device(next(iter(loader)), pl_module.device)
         steps = {
             "baseline": make_train_step(detached_copy(self._baseline), batch, forward_context=contextlib.nullcontext),
+            # the trainer's precision plugin casts the batch as in fit (bf16-true and 16-true need it)
             "optimized": make_train_step(
-                detached_copy(pl_module), batch, forward_context=trainer.precision_plugin.forward_context
+                detached_copy(pl_module),
+                trainer.precision_plugin.convert_input(batch),
+                forward_context=trainer.precision_plugin.forward_context,
             ),
         }
         quick = is_fast_dev_run(trainer)

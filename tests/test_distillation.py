@@ -436,3 +436,63 @@ def test_a_student_with_another_class_count_is_refused_at_setup(tmp_path):
         pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(
             only_kd, torch.utils.data.DataLoader(batches, batch_size=None)
         )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_teacher_follows_every_move_of_its_module(precision):
+    """A stand-in for `.to("cuda")`: a dtype cast through `Module._apply`. The report's baseline is a
+    deep copy moved with `.to(device)`: its teacher must move with it."""
+    from lightning_quantum.callbacks._common import detached_copy
+
+    model = DistillationModule(DigitsMLP(hidden=(8,)), DigitsMLP(hidden=(16,)), teacher_precision=precision)
+    copy = detached_copy(model).to(torch.float64)
+    assert copy.student.head.weight.dtype == torch.float64
+    expected = torch.float64 if precision == "fp32" else torch.bfloat16  # a bf16 teacher keeps its precision
+    assert copy.teacher.head.weight.dtype == expected
+    assert model.teacher.head.weight.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+    assert copy.teacher is not model.teacher and not copy.teacher.training
+    model.to("meta")  # a device move: followed whatever the teacher's precision
+    assert model.teacher.head.weight.device.type == "meta"
+
+
+class _DictNet(nn.Module):
+    """Takes keyword inputs, as a Hugging Face model does."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.Linear(4, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, a, b):
+        return self.head(torch.relu(self.body(a + b)))
+
+
+def test_setup_gives_each_model_the_batch_where_it_lives():
+    """A stand-in for a CUDA run: at `setup` Lightning has moved the teacher to the target device (here
+    `meta`) but not the student; dict inputs and the feature-pair probe must reach each where it is."""
+    from types import SimpleNamespace
+
+    batches = [{"x": {"a": torch.randn(6, 4), "b": torch.randn(6, 4)}, "index": torch.arange(6)}]
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def set_up(**kwargs):
+        model = DistillationModule(_DictNet(8), _DictNet(16), alpha=0.0, beta=1.0, **kwargs)
+        model._device = torch.device("meta")  # what Lightning sets before `setup` on a GPU run
+        model.trainer = SimpleNamespace(datamodule=Data(), global_rank=0, default_root_dir=".")
+        model.setup("fit")
+        assert model.teacher.head.weight.device.type == "meta" and model.student.head.weight.device.type == "cpu"
+        return model
+
+    cached = set_up(cache_teacher="memory")  # the cache sizes itself from one teacher forward
+    assert cached._cache is not None and cached._cache.device.type == "meta"  # on the target device
+    projected = set_up(feature_pairs={"body": "body"})  # the feature probe runs both models
+    assert projected.projections["body"].weight.device.type == "cpu"  # with the student, which it extends
+
+
+def test_teacher_time_share_is_measured_in_training_steps(tmp_path):
+    _, model = _distill_losses(tmp_path, "off")
+    assert 0 < model.teacher_seconds < model.step_seconds
+    assert 0 < model.report_extra()["distillation"]["teacher_time_share"] < 1

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import itertools
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +53,44 @@ def _select(inputs: Any, mask: Tensor) -> Any:
 def _device_of(inputs: Any) -> torch.device:
     first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
     return first.device if isinstance(first, Tensor) else torch.device("cpu")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (or buffers) live; the CPU for a module without tensors."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _Stopwatch:
+    """Seconds spent in timed spans, summed. On CUDA the spans are timed with events and read only when
+    the total is asked for, so timing does not stall the GPU every step (wall clock alone would time
+    the kernel launches, not the work)."""
+
+    def __init__(self) -> None:
+        self._done = 0.0
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def span(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((start, end))
+            return
+        started = time.perf_counter()
+        yield
+        self._done += time.perf_counter() - started
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._pending:
+            end.synchronize()
+            self._done += start.elapsed_time(end) / 1000.0
+        self._pending.clear()
+        return self._done
 
 
 def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
@@ -238,8 +278,8 @@ class DistillationModule(pl.LightningModule):
         for s_name, t_name in attention.items():
             _resolve(student, s_name, "student", "attention_pairs").register_forward_hook(_keep_attention)
             _resolve(teacher, t_name, "teacher", "attention_pairs").register_forward_hook(_keep_attention)
-        self.teacher_seconds = 0.0
-        self.step_seconds = 0.0
+        self._teacher_time = _Stopwatch()
+        self._step_time = _Stopwatch()
         self.cache_teacher = cache_teacher
         self.cache_max_mb = cache_max_mb
         self.cache_dir = cache_dir
@@ -269,20 +309,32 @@ class DistillationModule(pl.LightningModule):
         if not self.feature_pairs or len(self.projections) == len(self.feature_pairs):
             return
         with torch.no_grad():
-            self._run(self.student, inputs)
+            self._run_where(self.student, inputs)
         self._teacher_forward(inputs)
         for s_name, t_name in self.feature_pairs.items():
             s_dim = self._feature("s", s_name).shape[-1]
             t_dim = self._feature("t", t_name).shape[-1]
             key = self._projection_key(s_name)
-            self.projections[key] = nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim).to(self.device)
+            self.projections[key] = (
+                nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim).to(_module_device(self.student))
+            )
 
     @staticmethod
     def _run(model: nn.Module, inputs: Any) -> Any:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
+    @classmethod
+    def _run_where(cls, model: nn.Module, inputs: Any) -> Any:
+        """``model`` on ``inputs`` moved to its device (tensors or dicts of them; setup and probes only)."""
+        return cls._run(model, move_data_to_device(inputs, _module_device(model)))
+
     def _teacher_forward(self, inputs: Any) -> Tensor:
-        """The teacher's outputs under ``no_grad``, as float32 whatever precision it runs at."""
+        """The teacher's outputs under ``no_grad``, as float32 whatever precision it runs at.
+
+        The inputs go where the teacher lives (in a training step they are there already; at setup,
+        before Lightning moves the student, they may not be).
+        """
+        inputs = move_data_to_device(inputs, _module_device(self.teacher))
         with torch.no_grad():
             if self.teacher_precision == "bf16":
                 return self._run(self.teacher, _cast_floats(inputs, torch.bfloat16)).float()
@@ -290,6 +342,21 @@ class DistillationModule(pl.LightningModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.student(*args, **kwargs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DistillationModule:
+        """Every move or cast of the module (``.to``, ``.cuda``, ``.half``, a deep copy's ``.to``) reaches
+        the teacher, which is kept out of the module tree and so would otherwise stay behind.
+
+        A teacher kept at a lower precision on purpose (``teacher_precision``) follows the device only.
+        """
+        super()._apply(fn, recurse)
+        teacher = self.__dict__.get("teacher")
+        if isinstance(teacher, nn.Module):
+            if self.__dict__.get("teacher_precision", "fp32") == "fp32":
+                teacher._apply(fn, recurse)
+            else:
+                teacher.to(fn(torch.empty(0)).device)
+        return self
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
@@ -319,7 +386,7 @@ class DistillationModule(pl.LightningModule):
                 "training batches carry no sample index (e.g. DigitsDataModule(return_index=True))"
             )
         inputs, _ = split_batch(first)
-        out = self._teacher_forward(inputs.to(self.device) if isinstance(inputs, Tensor) else inputs)
+        out = self._teacher_forward(inputs)
         size = len(loader.dataset)  # type: ignore[arg-type]
         mb = size * out[0].numel() * 4 / 2**20
         if mb > self.cache_max_mb:
@@ -375,9 +442,10 @@ class DistillationModule(pl.LightningModule):
                 raise RuntimeError("Feature distillation needs a DataModule to size its projections.")
             return  # without a DataModule the outputs are checked at the first step
         inputs, _ = split_batch(next(iter(datamodule.train_dataloader())))
-        inputs = move_data_to_device(inputs, self.device)
+        # At setup Lightning has not moved the student yet (the teacher is already on the target
+        # device): each model gets the batch where it lives.
         with eval_mode(self.student), torch.no_grad():  # a probe: no dropout draw, no BatchNorm update
-            self._check_outputs(self._run(self.student, inputs), self._teacher_forward(inputs))
+            self._check_outputs(self._run_where(self.student, inputs), self._teacher_forward(inputs))
         if self.feature_pairs and len(self.projections) < len(self.feature_pairs):
             self._build_projections(inputs)
 
@@ -418,11 +486,20 @@ class DistillationModule(pl.LightningModule):
     def on_test_start(self) -> None:
         self._teacher_to_device()
 
-    def _losses(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    @property
+    def teacher_seconds(self) -> float:
+        """Seconds the teacher took in training steps so far (cache lookups included)."""
+        return self._teacher_time.seconds
+
+    @property
+    def step_seconds(self) -> float:
+        """Seconds of the training steps' forward passes and losses so far."""
+        return self._step_time.seconds
+
+    def _losses(self, batch: Any, training: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
         inputs, targets = split_batch(batch)
-        started = time.perf_counter()
-        teacher_out = self._teacher_outputs(inputs, batch_indices(batch))
-        teacher_seconds = time.perf_counter() - started
+        with self._teacher_time.span(_device_of(inputs)) if training else contextlib.nullcontext():
+            teacher_out = self._teacher_outputs(inputs, batch_indices(batch))
         student_out = self._run(self.student, inputs)
         self._check_outputs(student_out, teacher_out)
         parts: dict[str, Tensor] = {}
@@ -460,7 +537,6 @@ class DistillationModule(pl.LightningModule):
             + self.feature_weight * parts.get("feature_loss", 0.0)
             + self.attention_weight * parts.get("attention_loss", 0.0)
         )
-        self.teacher_seconds += teacher_seconds
         return loss, parts, student_out, teacher_out  # type: ignore[return-value]
 
     def _agreement(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
@@ -470,10 +546,9 @@ class DistillationModule(pl.LightningModule):
         return F.cosine_similarity(student_out.float(), teacher_out.float(), dim=-1).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        started = time.perf_counter()
-        loss, parts, student_out, teacher_out = self._losses(batch)
+        with self._step_time.span(_device_of(split_batch(batch)[0])):
+            loss, parts, student_out, teacher_out = self._losses(batch, training=True)
         self.log("train/loss", loss, prog_bar=True)
-        self.step_seconds += time.perf_counter() - started
         # Each self.log costs about a millisecond of Lightning bookkeeping on CPU (profiled: more than
         # the distillation arithmetic itself), so the detail is logged only on the steps the loggers
         # write (`log_every_n_steps`).
@@ -481,8 +556,9 @@ class DistillationModule(pl.LightningModule):
         if (self.global_step + 1) % every == 0:
             detail = {f"distill/{k}": v.detach() for k, v in parts.items()}
             detail["distill/agreement"] = self._agreement(student_out.detach(), teacher_out.detach())
-            if self.step_seconds:
-                detail["distill/teacher_time_share"] = torch.tensor(self.teacher_seconds / self.step_seconds)
+            step_seconds = self.step_seconds
+            if step_seconds:
+                detail["distill/teacher_time_share"] = torch.tensor(self.teacher_seconds / step_seconds)
             if self.cache_lookups:
                 detail["distill/cache_hit_rate"] = torch.tensor(self.cache_hits / self.cache_lookups)
             self.log_dict(detail)

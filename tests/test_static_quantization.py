@@ -89,3 +89,22 @@ def test_missing_submodule(tmp_path, digits):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[StaticQuantization(submodule="backbone")]))
     with pytest.raises(MisconfigurationException, match=r"`submodule`='backbone' is not a submodule of Classifier"):
         trainer.fit(Classifier(DigitsMLP(hidden=(16,))), digits)
+
+
+def test_a_bf16_model_is_calibrated_as_a_float32_cpu_copy():
+    """A stand-in for a CUDA model: one in another dtype. The X86 quantizer calibrates a float32 CPU copy
+    (the batches are float32 CPU tensors), and the model itself is left as it was."""
+    from lightning_quantum.quantization.static import CPUOnly
+
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(32,), dropout=0.0).eval()
+    reference = net(torch.randn(2, 64)).shape
+    low = net.to(torch.bfloat16)
+    batches = [(torch.randn(16, 64), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    graph = quantize_static_int8(low, batches, max_batches=2)
+    assert low.head.weight.dtype == torch.bfloat16  # untouched
+    assert graph(torch.randn(4, 64)).shape == (4, *reference[1:])
+    wrapped = torch.nn.Sequential(CPUOnly(graph))
+    wrapped.to(torch.float64)  # a move or cast of the model around it leaves the CPU graph alone
+    out = wrapped(torch.randn(3, 64))
+    assert out.dtype == torch.float32 and out.shape[0] == 3

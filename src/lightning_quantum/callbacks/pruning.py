@@ -309,6 +309,8 @@ class Pruning(Callback):
         if missing:
             raise RuntimeError(f"Pruning masks name parameters this model lacks: {missing[:5]}.")
         names = list(self.masks)
+        # masks live on their weight's device (ranking and the next update run there); checkpoints hold CPU copies
+        self.masks = {n: self.masks[n].to(params[n].device) for n in names}
         self._params = [params[n] for n in names]
         # Hot path: keep-masks in each weight's dtype, built once per mask change, for one fused multiply.
         self._mask_list = [self.masks[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]

@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_positive
-from lightning_quantum.quantization.static import quantize_static_int8
+from lightning_quantum.quantization.static import CPUOnly, quantize_static_int8
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,13 @@ class StaticQuantization(Callback):
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.float_module = float_module
-        self._swap(pl_module, quantized.to(pl_module.device))
-        rank_zero_info(f"Static int8: `{self.submodule}` calibrated on {batches} {self.split} batches")
+        # The X86 int8 graph runs on the CPU; on a GPU run the module around it keeps its device, and
+        # the graph is called with its inputs copied to the CPU.
+        self._swap(pl_module, quantized if pl_module.device.type == "cpu" else CPUOnly(quantized))
+        rank_zero_info(
+            f"Static int8: `{self.submodule}` calibrated on {batches} {self.split} batches"
+            + ("" if pl_module.device.type == "cpu" else f" (a CPU model: it runs on the CPU, not {pl_module.device})")
+        )
 
     def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         return {

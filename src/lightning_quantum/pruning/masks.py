@@ -106,7 +106,7 @@ def _grow_mask(scores: Tensor, n_prune: int, previous: Tensor | None) -> Tensor:
     (``argpartition``), about 40x faster than ``torch.topk`` with a large ``k`` on 300k scores
     (0.85 ms against 33 ms here); on CUDA it is ``torch.topk``.
     """
-    keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.clone()
+    keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.to(scores.device, copy=True)
     n_new = n_prune - int(keep.numel() - keep.sum()) if previous is not None else n_prune
     if n_new <= 0:
         return keep
@@ -143,10 +143,12 @@ def unstructured_masks(
             for name, w in weights.items()
         }
     names = list(weights)
-    flat = torch.cat([weights[n].detach().abs().float().flatten().cpu() for n in names])
+    # ranked where the weights live (torch.topk on CUDA); layers split over devices meet on the first's
+    device = weights[names[0]].device if names else torch.device("cpu")
+    flat = torch.cat([weights[n].detach().abs().float().flatten().to(device) for n in names])
     prev = None
     if all(n in previous for n in names) and names:
-        prev = torch.cat([previous[n].flatten().cpu() for n in names])
+        prev = torch.cat([previous[n].flatten().to(device) for n in names])
     keep = _grow_mask(flat, round(sparsity * flat.numel()), prev)
     masks, offset = {}, 0
     for n in names:
@@ -175,7 +177,7 @@ def structured_masks(
     for name, w in weights.items():
         rows = w.detach().float().flatten(1).norm(p=norm, dim=1)
         prev = previous.get(name)
-        prev_rows = prev.flatten(1).any(dim=1) if prev is not None else None
+        prev_rows = prev.to(rows.device).flatten(1).any(dim=1) if prev is not None else None
         n_prune = min(round(sparsity * rows.numel()), rows.numel() - 1)
         keep_rows = _grow_mask(rows, n_prune, prev_rows)
         masks[name] = keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
@@ -293,5 +295,5 @@ def make_pruning_permanent(model: nn.Module, masks: Mapping[str, Tensor] | None 
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, mask in masks.items():
-                params[name].mul_(mask.to(params[name].dtype))
+                params[name].mul_(mask.to(device=params[name].device, dtype=params[name].dtype))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

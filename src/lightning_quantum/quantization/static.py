@@ -2,29 +2,73 @@
 ``X86InductorQuantizer``, calibration on real batches, ``convert_pt2e``.
 
 The result is a ``torch.fx.GraphModule`` that runs eagerly and under ``torch.compile`` (where
-Inductor lowers it to int8 kernels). On Hugging Face BERT-style encoders the quantizer's annotation
+Inductor lowers it to int8 kernels). The X86 quantizer targets CPU inference: a model on another
+device, or in another dtype (bf16-true training), is calibrated and converted as a float32 CPU copy,
+and the int8 graph comes back on the CPU. On Hugging Face BERT-style encoders the quantizer's annotation
 fails in torchao 0.18 (``IndexError`` in ``_annotate_linear_unary``); the error says to use
 :func:`~lightning_quantum.quantization.quantize_dynamic_int8` there instead.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_quantum.benchmark import split_batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_static_int8", "unobserved_modules"]
+__all__ = ["CPUOnly", "quantize_static_int8", "unobserved_modules"]
 
 
 def _as_args(inputs: Any) -> tuple[Any, ...]:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    """Positional inputs on the CPU in float32, where the X86 quantizer's graph runs."""
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(_cpu_float(a) for a in args)
+
+
+def _cpu_float(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.to("cpu", torch.float32) if value.is_floating_point() else value.cpu()
+    return value
+
+
+def _cpu_float32_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is a float32 CPU model, else a float32 CPU copy of it (the original stays)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32) for t in tensors):
+        return model
+    where = sorted({f"{t.device.type} {str(t.dtype).removeprefix('torch.')}" for t in tensors})
+    log.info(
+        "Static int8 targets CPU inference (X86 quantizer): calibrating a float32 CPU copy of a model on %s", where
+    )
+    return copy.deepcopy(model).to("cpu", torch.float32)
+
+
+class CPUOnly(nn.Module):
+    """Runs a CPU-only module (the X86 int8 graph) for callers on any device.
+
+    Inputs are copied to the CPU and the outputs back to the device of the first input tensor; moves
+    and casts of the model around it (``.to("cuda")``, ``.half()``) leave the module where it is.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        out = self.module(*move_data_to_device(args, "cpu"), **move_data_to_device(kwargs, "cpu"))
+        return out if first is None else move_data_to_device(out, first.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CPUOnly:
+        return self  # the int8 graph stays on the CPU, in float32 activations
 
 
 def _batch_dynamic_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -57,6 +101,9 @@ def quantize_static_int8(
 ) -> torch.fx.GraphModule:
     """Calibrate and convert ``model`` to static int8; the original model is not modified.
 
+    The X86 quantizer targets CPU inference: a model on a GPU, or in bf16 or fp16, is calibrated as
+    a float32 CPU copy, and the returned graph runs on the CPU.
+
     Args:
         model: the float model (put in eval mode for export).
         calibration_data: batches as a ``DataLoader`` yields them; inputs are split from targets.
@@ -76,6 +123,7 @@ def quantize_static_int8(
     except StopIteration:
         raise ValueError("`calibration_data` is empty: static quantization needs at least one batch.") from None
     example = _as_args(split_batch(first)[0])
+    model = _cpu_float32_copy(model)
     was_training = model.training
     model.eval()
     try:

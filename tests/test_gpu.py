@@ -38,6 +38,7 @@ def _fake_pynvml(fail_init=False):
     nvml.nvmlSystemGetDriverVersion = lambda: "575.51"
     nvml.nvmlDeviceGetCount = lambda: 1
     nvml.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
+    nvml.nvmlDeviceGetUUID = lambda h: f"GPU-{h.removeprefix('handle')}".encode()
     nvml.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
     nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2 * 2**30, total=80 * 2**30)
     nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=37)
@@ -55,6 +56,8 @@ def test_gpu_status_reads_every_field(monkeypatch):
     (device,) = status["devices"]
     assert device == {
         "index": 0,
+        "uuid": "GPU-0",
+        "cuda_index": 0,
         "name": "NVIDIA H100 80GB HBM3",
         "memory_used_mb": 2048.0,
         "memory_total_mb": 81920.0,
@@ -145,3 +148,70 @@ def test_qlora_experiment_has_trainable_weights_and_the_right_dtypes(tmp_path, m
     assert torch.isfinite(loss) and model.net.head.weight.grad.abs().sum() > 0
     trainer = SimpleNamespace(precision_plugin=plugin, precision="32-true")
     assert precision_of(trainer) == ("nf4-dq (bitsandbytes, bfloat16 compute)", "bf16-true")
+
+
+def _fake_machine(monkeypatch, capabilities=((8, 0), (7, 5), (9, 0), (8, 6)), visible=None):
+    """A fake NVML of four GPUs (NVML indices 0-3, UUIDs GPU-0 ... GPU-3) and ``CUDA_VISIBLE_DEVICES``."""
+    nvml, calls = _fake_pynvml()
+    nvml.nvmlDeviceGetCount = lambda: len(capabilities)
+    nvml.nvmlDeviceGetUUID = lambda h: f"GPU-{h.removeprefix('handle')}".encode()
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: f"handle{uuid.removeprefix('GPU-')}"
+    nvml.nvmlDeviceGetIndex = lambda h: int(h.removeprefix("handle"))
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: capabilities[int(h.removeprefix("handle"))]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    return nvml, calls
+
+
+def test_cuda_devices_map_to_nvml_by_uuid_under_cuda_visible_devices(monkeypatch):
+    from lightning_quantum.gpu import nvml_index
+
+    nvml, calls = _fake_machine(monkeypatch, visible="2,GPU-3")
+    assert [nvml_index(i, nvml) for i in (0, 1)] == [2, 3]  # CUDA 0 is NVML 2: NVML ignores the variable
+    with pytest.raises(ValueError, match="CUDA device 2 is not among CUDA_VISIBLE_DEVICES='2,GPU-3'"):
+        nvml_index(2, nvml)
+    devices = gpu_status()["devices"]
+    assert [(d["index"], d["uuid"], d["cuda_index"]) for d in devices] == [
+        (0, "GPU-0", None),
+        (1, "GPU-1", None),
+        (2, "GPU-2", 0),
+        (3, "GPU-3", 1),
+    ]
+
+
+def test_nvml_shutdown_errors_are_not_raised_and_monitor_shuts_nvml_down_when_fit_raises(monkeypatch):
+    from lightning_quantum.callbacks import MemoryMonitor
+
+    nvml, calls = _fake_machine(monkeypatch)
+
+    def failing_shutdown():
+        calls["shutdown"] += 1
+        raise nvml.NVMLError("Uninitialized")
+
+    nvml.nvmlShutdown = failing_shutdown
+    assert gpu_status()["available"] and calls["shutdown"] == 1
+    monitor = MemoryMonitor()
+    monitor._nvml_index = 2  # as `setup` leaves it on a GPU run
+    monitor.on_exception(None, None, RuntimeError("fit failed"))
+    assert monitor._nvml_index is None and calls["shutdown"] == 2
+
+
+def test_precision_auto_reads_the_chosen_device_without_initializing_cuda(monkeypatch):
+    """`precision=auto` must not initialize CUDA in the launching process (fork-based DDP then fails),
+    and must look at the device the Trainer will use."""
+    import lightning_quantum.precision as precision
+
+    _fake_machine(monkeypatch)
+    monkeypatch.setattr(precision, "num_cuda_devices", lambda: 4)
+
+    def initializes_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda was asked, which initializes CUDA")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", initializes_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", initializes_cuda)
+    assert precision.resolve_precision("auto").precision == "bf16-mixed"  # device 0: 8.0
+    assert precision.resolve_precision("auto", devices=[1]).precision == "16-mixed"  # device 1: 7.5
+    assert precision.resolve_precision("auto", devices="1,2").precision == "16-mixed"

@@ -205,7 +205,9 @@ class Recipe:
     def precision_decision(self) -> PrecisionDecision:
         """The precision ``trainer_kwargs`` will use, with the reason."""
         return resolve_precision(
-            self.trainer.get("precision", "32-true"), accelerator=str(self.trainer.get("accelerator", "auto"))
+            self.trainer.get("precision", "32-true"),
+            accelerator=str(self.trainer.get("accelerator", "auto")),
+            devices=self.trainer.get("devices"),
         )
 
     def trainer_kwargs(self) -> dict[str, Any]:

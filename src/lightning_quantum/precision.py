@@ -19,10 +19,13 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.accelerators.cuda import num_cuda_devices
 
 from lightning_quantum._validation import check_choice
+from lightning_quantum.gpu import cuda_capability
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +82,22 @@ class HardwareInfo:
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def detect(cls) -> HardwareInfo:
-        """Read the hardware of this process: CUDA device 0 and the CPU flags."""
-        if torch.cuda.is_available():
+    def detect(cls, cuda_index: int = 0) -> HardwareInfo:
+        """Read the hardware of this process: CUDA device ``cuda_index`` and the CPU flags.
+
+        CUDA is not initialized: the device count and the compute capability come from NVML (as
+        Lightning counts devices), because a process that has initialized CUDA cannot fork the
+        workers of ``strategy="ddp_fork"`` or ``ddp_notebook``. Only without NVML is the capability
+        read through ``torch.cuda``.
+        """
+        if num_cuda_devices() > cuda_index:
+            capability = cuda_capability(cuda_index)
+            if capability is None:  # no NVML: torch.cuda it is (this initializes CUDA)
+                capability = torch.cuda.get_device_capability(cuda_index)
             return cls(
                 cuda_available=True,
-                cuda_capability=torch.cuda.get_device_capability(0),
-                cuda_name=torch.cuda.get_device_name(0),
+                cuda_capability=capability,
+                cuda_name=f"CUDA device {cuda_index}",
                 cpu_flags=_read_cpu_flags(),
             )
         return cls(cpu_flags=_read_cpu_flags())
@@ -99,11 +111,21 @@ class PrecisionDecision:
     reason: str
 
 
+def first_device_index(devices: Any) -> int:
+    """The first device a ``Trainer(devices=...)`` value selects: ``[2, 3]`` and ``"2,3"`` give 2, a count 0."""
+    if isinstance(devices, (list, tuple)) and devices:
+        return int(devices[0])
+    if isinstance(devices, str) and "," in devices:
+        return int(devices.split(",")[0].strip())
+    return 0
+
+
 def resolve_precision(
     precision: str | int = "auto",
     *,
     accelerator: str = "auto",
     hardware: HardwareInfo | None = None,
+    devices: Any = None,
 ) -> PrecisionDecision:
     """Turn ``precision`` into a concrete Lightning precision string.
 
@@ -111,7 +133,8 @@ def resolve_precision(
         precision: ``"auto"``, a Lightning precision such as ``"bf16-mixed"``, or an alias
             (``"32"``, ``16``, ``"bf16"``).
         accelerator: the ``Trainer`` accelerator; ``"cpu"`` applies the CPU rules even when CUDA is there.
-        hardware: the hardware to decide for; detected when not given.
+        hardware: the hardware to decide for; detected when not given (without initializing CUDA).
+        devices: the ``Trainer``'s ``devices``: the GPU rules look at the first device it selects.
 
     Raises:
         ValueError: for an unknown precision or accelerator.
@@ -122,7 +145,7 @@ def resolve_precision(
     if precision != "auto":
         resolved = _ALIASES.get(precision, precision)
         return PrecisionDecision(resolved, f"asked for {precision!r}")
-    hw = hardware if hardware is not None else HardwareInfo.detect()
+    hw = hardware if hardware is not None else HardwareInfo.detect(first_device_index(devices))
     if hw.cuda_available and accelerator != "cpu":
         major, minor = hw.cuda_capability or (0, 0)
         name = hw.cuda_name or "CUDA device"

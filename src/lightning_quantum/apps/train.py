@@ -202,7 +202,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     trainer_cfg = cfg.trainer
-    decision = resolve_precision(trainer_cfg.precision, accelerator=str(trainer_cfg.get("accelerator", "auto")))
+    decision = resolve_precision(
+        trainer_cfg.precision,
+        accelerator=str(trainer_cfg.get("accelerator", "auto")),
+        devices=OmegaConf.to_container(trainer_cfg.devices)
+        if OmegaConf.is_list(trainer_cfg.get("devices"))
+        else trainer_cfg.get("devices"),
+    )
     log.info("precision=%s resolved to %s: %s", trainer_cfg.precision, decision.precision, decision.reason)
 
     datamodule = instantiate(cfg.data)

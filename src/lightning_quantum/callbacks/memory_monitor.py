@@ -6,13 +6,14 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_quantum._validation import check_positive
 from lightning_quantum.callbacks._common import is_sanity_checking
-from lightning_quantum.gpu import memory_stats
+from lightning_quantum.gpu import memory_stats, nvml_index
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,32 @@ class MemoryMonitor(Callback):
         except Exception as err:  # ImportError or any NVMLError: NVML is optional here
             log.info("MemoryMonitor: NVML unavailable (%s); logging torch.cuda figures only", err)
             return
-        index = pl_module.device.index
-        self._nvml_index = int(index) if index is not None else 0
+        cuda_index = pl_module.device.index if pl_module.device.index is not None else torch.cuda.current_device()
+        try:
+            self._nvml_index = nvml_index(int(cuda_index))  # NVML ignores CUDA_VISIBLE_DEVICES
+        except (pynvml.NVMLError, ValueError) as err:
+            log.info("MemoryMonitor: no NVML device for cuda:%s (%s); logging torch.cuda figures only", cuda_index, err)
+            self._nvml_index = -1  # initialized: `_shutdown_nvml` releases it
+            self._shutdown_nvml()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._shutdown_nvml()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._shutdown_nvml()  # Lightning does not call `teardown` when fit raises
+
+    def _shutdown_nvml(self) -> None:
         if self._nvml_index is None:
             return
         import pynvml
 
-        pynvml.nvmlShutdown()
         self._nvml_index = None
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as err:
+            log.debug("nvmlShutdown: %s", err)
 
     @override
     def on_train_batch_end(

@@ -124,3 +124,21 @@ def test_a_truncated_safetensors_file_is_named_in_the_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ValueError, match=r"m.safetensors' is not a readable safetensors file \(truncated or corrupt"):
         load_safetensors(torch.nn.Linear(4, 4), path)
+
+
+def test_quantized_weights_load_onto_the_models_device(tmp_path):
+    """A stand-in for a CUDA model: `load_state_dict(assign=True)` would put the file's CPU tensors in place
+    of a `meta` model's; they go to the model's device first."""
+    from lightning_quantum.models import DigitsMLP
+    from lightning_quantum.quantization import quantize_dynamic_int8
+    from lightning_quantum.quantization.export import load_safetensors, save_safetensors
+
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=(32,), dropout=0.0)
+    quantize_dynamic_int8(model)
+    path = save_safetensors(model, tmp_path / "int8.safetensors")
+    fresh = DigitsMLP(hidden=(32,), dropout=0.0)
+    quantize_dynamic_int8(fresh)
+    fresh.to("meta")
+    load_safetensors(fresh, path)
+    assert {p.device.type for p in fresh.parameters()} == {"meta"}

@@ -118,3 +118,28 @@ def test_counters_survive_resume(tmp_path, digits):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         GradScalerMonitor(**kwargs)
+
+
+def test_the_scalers_calibration_skips_are_left_out_of_the_warning_rate(tmp_path, digits):
+    """A GradScaler starts high and skips until a step passes: three overflowing first steps, then none."""
+    import warnings
+
+    monitor = GradScalerMonitor(min_steps=5, max_skip_rate=0.05)
+    model = InfGradientClassifier(poison_steps={0, 1, 2})
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_steps=12,
+            limit_train_batches=12,
+            limit_val_batches=0,
+            plugins=[_fp16_scaler_plugin()],
+            callbacks=[monitor],
+        )
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, digits)
+    assert monitor.skipped_steps == 3 and monitor.calibration_skips == 3
+    assert monitor.skip_rate == 0.0 and not monitor.warned
+    assert not [w for w in caught if "max_skip_rate" in str(w.message)]
+    assert monitor.report_extra(model)["grad_scaler"]["calibration_skips"] == 3

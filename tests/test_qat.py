@@ -206,3 +206,21 @@ def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
         fake = full(x)
         convert_qat(full, "int8_dynamic_int8_weight")
         torch.testing.assert_close(full(x), fake, atol=1e-5, rtol=0)
+
+
+def test_frozen_ranges_from_a_cpu_checkpoint_land_on_the_layers_device():
+    """A stand-in for a CUDA model resumed from a checkpoint read onto the CPU: the model is on `meta`."""
+    from lightning_quantum.quantization.qat import freeze_ranges_from_state, freeze_weight_ranges, prepare_qat
+
+    torch.manual_seed(0)
+    trained = DigitsMLP(hidden=(32,), dropout=0.0)
+    prepare_qat(trained, "int8_dynamic_int8_weight")
+    trained(torch.randn(4, 64))
+    freeze_weight_ranges(trained)
+    state = {k: v.cpu() for k, v in trained.state_dict().items()}
+    fresh = DigitsMLP(hidden=(32,), dropout=0.0)
+    prepare_qat(fresh, "int8_dynamic_int8_weight")
+    fresh.to("meta")
+    assert freeze_ranges_from_state(fresh, state) == 2
+    quantizer = fresh.head.weight_fake_quantizer
+    assert quantizer.scale.device.type == "meta" and quantizer.zero_point.device.type == "meta"

@@ -9,9 +9,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_quantum.benchmark import split_batch
@@ -77,17 +77,19 @@ class ModelExport(Callback):
         )
         source = getattr(trainer, "datamodule", None) or pl_module
         inputs, _ = split_batch(next(iter(source.test_dataloader())))
-        example: Any
-        if isinstance(inputs, dict):  # keyword inputs (a Hugging Face encoder)
-            example = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-        else:
-            example = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs.to(pl_module.device),)
+        # Programs are traced on a CPU copy, with CPU inputs (tuples and dicts too): a program traced on
+        # a GPU loads only where that GPU is. (torch.export also leaves weak references on the parameters
+        # it traced, which later stop `module.to(device)` from swapping quantized weights: a copy keeps
+        # the model clean.)
+        example: Any = move_data_to_device(inputs, "cpu")
+        if not isinstance(example, dict):  # dicts are keyword inputs (a Hugging Face encoder)
+            example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
         writers = {
-            "safetensors": lambda p: save_safetensors(pl_module, p),
-            # torch.export leaves weak references on the parameters it traced, which later stop
-            # `module.to(device)` from swapping quantized weights; tracing a copy keeps the model clean.
-            "pt2": lambda p: export_program(detached_copy(pl_module), example, p),
-            "torchscript": lambda p: export_torchscript(pl_module, _positional(example, "torchscript"), p),
+            "safetensors": lambda p: save_safetensors(pl_module, p),  # tensors are written from the CPU
+            "pt2": lambda p: export_program(detached_copy(pl_module).cpu(), example, p),
+            "torchscript": lambda p: export_torchscript(
+                detached_copy(pl_module).cpu(), _positional(example, "torchscript"), p
+            ),
         }
         for fmt in self.formats:
             path = out / f"{self.stem}{_FORMATS[fmt]}"

@@ -47,7 +47,9 @@ class GradScalerMonitor(Callback):
 
     Logged every ``log_every_n_steps`` optimizer steps: ``grad_scaler/scale``,
     ``grad_scaler/skipped_steps``, ``grad_scaler/skip_rate`` (and ``grad_scaler/nonfinite_steps``).
-    The counters are part of the checkpoint, so they survive resume.
+    A scaler starts at a high scale and skips steps until it has found one that does not overflow:
+    those first skips are its calibration, counted in ``calibration_skips`` and left out of the skip
+    rate that the warning judges. The counters are part of the checkpoint, so they survive resume.
 
     Args:
         log_every_n_steps: how often to log, in optimizer steps.
@@ -84,6 +86,8 @@ class GradScalerMonitor(Callback):
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self.nonfinite_steps = 0
+        self.calibration_skips = 0
+        self._calibrated = False
         self.warned = False
         self.last_scale: float | None = None
         self._scale_before_step: float | None = None
@@ -91,8 +95,10 @@ class GradScalerMonitor(Callback):
 
     @property
     def skip_rate(self) -> float:
-        bad = self.skipped_steps + self.nonfinite_steps
-        return bad / self.optimizer_steps if self.optimizer_steps else 0.0
+        """Skipped and non-finite steps over the optimizer steps, the scaler's calibration left out."""
+        steps = self.optimizer_steps - self.calibration_skips
+        bad = self.skipped_steps - self.calibration_skips + self.nonfinite_steps
+        return bad / steps if steps > 0 else 0.0
 
     @override
     def on_before_optimizer_step(
@@ -134,6 +140,10 @@ class GradScalerMonitor(Callback):
             # GradScaler.update only ever lowers the scale when the step found inf/NaN and was skipped.
             if scale < self._scale_before_step:
                 self.skipped_steps += 1
+                if not self._calibrated:  # no step has passed yet: the scaler is still finding its scale
+                    self.calibration_skips += 1
+            else:
+                self._calibrated = True
             if self.last_scale != scale:
                 self.scale_history.append((trainer.global_step, scale))
             self.last_scale = scale
@@ -164,6 +174,8 @@ class GradScalerMonitor(Callback):
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
+            "calibration_skips": self.calibration_skips,
+            "calibrated": self._calibrated,
             "warned": self.warned,
             "last_scale": self.last_scale,
             "scale_history": [list(h) for h in self.scale_history],
@@ -174,6 +186,8 @@ class GradScalerMonitor(Callback):
         self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+        self.calibration_skips = int(state_dict.get("calibration_skips", 0))
+        self._calibrated = bool(state_dict.get("calibrated", self.optimizer_steps > self.skipped_steps))
         self.warned = bool(state_dict.get("warned", False))
         self.last_scale = state_dict.get("last_scale")
         self.scale_history = [(int(s), float(v)) for s, v in state_dict.get("scale_history", [])]
@@ -185,6 +199,7 @@ class GradScalerMonitor(Callback):
                 "optimizer_steps": self.optimizer_steps,
                 "skipped_steps": self.skipped_steps,
                 "nonfinite_steps": self.nonfinite_steps,
+                "calibration_skips": self.calibration_skips,
                 "last_scale": self.last_scale,
             }
         }

@@ -124,6 +124,9 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
 
         state, leftover = unflatten_tensor_state_dict(tensors, metadata)
         state.update(leftover)
+    if assign:  # assign=True puts the file's tensors in place as they are: on the model's devices first
+        current = model.state_dict()
+        state = {k: v.to(current[k].device) if k in current and isinstance(v, Tensor) else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if not (k in aliases and aliases[k] in state)]
     if strict and (missing or result.unexpected_keys):

@@ -161,12 +161,13 @@ def freeze_ranges_from_state(model: nn.Module, state_dict: dict[str, Any], prefi
         key = f"{prefix}{name}.weight_fake_quantizer."
         quantizer: Any = getattr(module, "weight_fake_quantizer", None)
         if isinstance(module, cls) and key + "scale" in state_dict and not quantizer.config.range_learning:
-            scale = state_dict[key + "scale"].detach().clone()
+            device: torch.device = module.weight.device  # type: ignore[assignment]  # a checkpoint is read onto the CPU; the layer may be on a GPU
+            scale = state_dict[key + "scale"].detach().to(device, copy=True)
             zero = state_dict.get(key + "zero_point")  # absent for symmetric schemes: zeros
             zero = (
-                zero.detach().clone()
+                zero.detach().to(device, copy=True)
                 if isinstance(zero, Tensor)
-                else torch.zeros(scale.shape, dtype=quantizer.config.zero_point_precision)
+                else torch.zeros(scale.shape, dtype=quantizer.config.zero_point_precision, device=device)
             )
             _freeze_quantizer(quantizer, scale, zero)
             count += 1

@@ -126,6 +126,7 @@ def test_bad_batch_layout_is_an_error():
         evaluate_accuracy(nn.Linear(2, 2), [(torch.randn(2, 2), torch.zeros(2), "extra")])
 
 
+@pytest.mark.gpu_stand_in
 def test_cuda_working_memory_leaves_out_what_was_allocated_before(monkeypatch):
     """A stand-in for a GPU: the allocator figures of a device already holding 900 MiB (model, optimizer, a
     baseline copy) that peaks at 930 MiB in the call; the working memory is the 30 MiB increase."""

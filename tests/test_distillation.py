@@ -438,6 +438,7 @@ def test_a_student_with_another_class_count_is_refused_at_setup(tmp_path):
         )
 
 
+@pytest.mark.gpu_stand_in
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_teacher_follows_every_move_of_its_module(precision):
     """A stand-in for `.to("cuda")`: a dtype cast through `Module._apply`. The report's baseline is a
@@ -467,6 +468,7 @@ class _DictNet(nn.Module):
         return self.head(torch.relu(self.body(a + b)))
 
 
+@pytest.mark.gpu_stand_in
 def test_setup_gives_each_model_the_batch_where_it_lives():
     """A stand-in for a CUDA run: at `setup` Lightning has moved the teacher to the target device (here
     `meta`) but not the student; dict inputs and the feature-pair probe must reach each where it is."""

@@ -126,6 +126,7 @@ def test_a_truncated_safetensors_file_is_named_in_the_error(tmp_path):
         load_safetensors(torch.nn.Linear(4, 4), path)
 
 
+@pytest.mark.gpu_stand_in
 def test_quantized_weights_load_onto_the_models_device(tmp_path):
     """A stand-in for a CUDA model: `load_state_dict(assign=True)` would put the file's CPU tensors in place
     of a `meta` model's; they go to the model's device first."""

@@ -48,6 +48,7 @@ def _fake_pynvml(fail_init=False):
     return nvml, calls
 
 
+@pytest.mark.gpu_stand_in
 def test_gpu_status_reads_every_field(monkeypatch):
     nvml, calls = _fake_pynvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
@@ -120,6 +121,7 @@ def _cpu_4bit(monkeypatch):
     return fabric_bnb
 
 
+@pytest.mark.gpu_stand_in
 def test_qlora_experiment_has_trainable_weights_and_the_right_dtypes(tmp_path, monkeypatch):
     """A stand-in for CUDA: the experiment's plugin converts the model as on a GPU, quantizing on the CPU."""
     from types import SimpleNamespace
@@ -166,6 +168,7 @@ def _fake_machine(monkeypatch, capabilities=((8, 0), (7, 5), (9, 0), (8, 6)), vi
     return nvml, calls
 
 
+@pytest.mark.gpu_stand_in
 def test_cuda_devices_map_to_nvml_by_uuid_under_cuda_visible_devices(monkeypatch):
     from lightning_quantum.gpu import nvml_index
 
@@ -182,6 +185,7 @@ def test_cuda_devices_map_to_nvml_by_uuid_under_cuda_visible_devices(monkeypatch
     ]
 
 
+@pytest.mark.gpu_stand_in
 def test_nvml_shutdown_errors_are_not_raised_and_monitor_shuts_nvml_down_when_fit_raises(monkeypatch):
     from lightning_quantum.callbacks import MemoryMonitor
 
@@ -199,6 +203,7 @@ def test_nvml_shutdown_errors_are_not_raised_and_monitor_shuts_nvml_down_when_fi
     assert monitor._nvml_index is None and calls["shutdown"] == 2
 
 
+@pytest.mark.gpu_stand_in
 def test_precision_auto_reads_the_chosen_device_without_initializing_cuda(monkeypatch):
     """`precision=auto` must not initialize CUDA in the launching process (fork-based DDP then fails),
     and must look at the device the Trainer will use."""

@@ -120,6 +120,7 @@ def test_invalid_arguments(kwargs, match):
         GradScalerMonitor(**kwargs)
 
 
+@pytest.mark.gpu_stand_in
 def test_the_scalers_calibration_skips_are_left_out_of_the_warning_rate(tmp_path, digits):
     """A GradScaler starts high and skips until a step passes: three overflowing first steps, then none."""
     import warnings

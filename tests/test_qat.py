@@ -208,6 +208,7 @@ def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
         torch.testing.assert_close(full(x), fake, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu_stand_in
 def test_frozen_ranges_from_a_cpu_checkpoint_land_on_the_layers_device():
     """A stand-in for a CUDA model resumed from a checkpoint read onto the CPU: the model is on `meta`."""
     from lightning_quantum.quantization.qat import freeze_ranges_from_state, freeze_weight_ranges, prepare_qat

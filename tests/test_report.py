@@ -111,6 +111,7 @@ def test_baseline_snapshot_is_the_plain_model(tmp_path, digits):
     assert report.report.extra["fit_step_time_ms_median"] > 0
 
 
+@pytest.mark.gpu_stand_in
 def test_bf16_true_run_reports_and_times_training_steps(tmp_path, tiny_classifier, digits):
     """The training-step comparison casts the batch as the precision plugin does (bf16-true needs it)."""
     import lightning.pytorch as pl

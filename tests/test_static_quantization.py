@@ -91,6 +91,7 @@ def test_missing_submodule(tmp_path, digits):
         trainer.fit(Classifier(DigitsMLP(hidden=(16,))), digits)
 
 
+@pytest.mark.gpu_stand_in
 def test_a_bf16_model_is_calibrated_as_a_float32_cpu_copy():
     """A stand-in for a CUDA model: one in another dtype. The X86 quantizer calibrates a float32 CPU copy
     (the batches are float32 CPU tensors), and the model itself is left as it was."""

@@ -123,3 +123,19 @@ def test_bf16_true_run_reports_and_times_training_steps(tmp_path, tiny_classifie
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-true", callbacks=[report]))
     trainer.fit(tiny_classifier, digits)
     assert report.report.precision == "bf16-true" and report.report.train_step_time_ms["optimized"] > 0
+
+
+def test_a_slower_or_larger_model_is_never_called_faster_or_smaller():
+    """0.32x as fast reads "3.12x slower" (1 / 0.32), never "0.32x faster"."""
+    from lightning_quantum.report import ratio_words
+
+    report = build_report(
+        _metrics(),
+        _metrics(inference_latency_ms=6.25, model_size_mb=8.0, model_size_bytes=8 * 2**20),
+        optimization_duration_seconds=1.0,
+    )
+    assert report.speedup == pytest.approx(0.32)
+    md = render_markdown(report)
+    assert "3.12x slower" in md and "2.00x larger" in md and "faster" not in md and "smaller" not in md
+    assert ratio_words(1.0, "faster", "slower") == "1.00x faster"
+    assert ratio_words(float("nan"), "faster", "slower") == ratio_words(0.0, "faster", "slower") == "n/a"

@@ -148,19 +148,36 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def ratio_words(ratio: float, more: str, less: str) -> str:
+    """A ratio in words that never reads backwards: 3.2 -> "3.20x faster", 0.32 -> "3.13x slower".
+
+    ``ratio`` is baseline over optimized (time or size); at or above 1 the optimized model is ``more``
+    (faster, smaller), below 1 it is ``less`` by the inverse ratio. A ratio that is not a finite
+    positive number reads "n/a".
+    """
+    if not (ratio > 0 and ratio != float("inf")):
+        return "n/a"
+    return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / ratio:.2f}x {less}"
+
+
 def _rows(report: OptimizationReportData) -> list[tuple[str, str, str, str]]:
     """(figure, baseline, optimized, change) rows shared by the Markdown and rich renderings."""
     b, o = report.baseline, report.optimized
     step = report.train_step_time_ms or {}
     acc_change = "n/a" if report.accuracy_degradation is None else f"{-report.accuracy_degradation:+.4f}"
     return [
-        ("size (MB)", _fmt(b["model_size_mb"]), _fmt(o["model_size_mb"]), f"{report.compression_ratio:.2f}x smaller"),
+        (
+            "size (MB)",
+            _fmt(b["model_size_mb"]),
+            _fmt(o["model_size_mb"]),
+            ratio_words(report.compression_ratio, "smaller", "larger"),
+        ),
         ("parameters", str(b["num_parameters"]), str(o["num_parameters"]), ""),
         (
             f"latency p50 (ms, batch {o['batch_size']}, {o['num_threads']} threads)",
             _fmt(b["inference_latency_ms"]),
             _fmt(o["inference_latency_ms"]),
-            f"{report.speedup:.2f}x faster",
+            ratio_words(report.speedup, "faster", "slower"),
         ),
         ("latency p95 (ms)", _fmt(b["inference_latency_p95_ms"]), _fmt(o["inference_latency_p95_ms"]), ""),
         ("throughput (samples/s)", _fmt(b["requests_per_second"]), _fmt(o["requests_per_second"]), ""),
@@ -191,7 +208,7 @@ def _teacher_rows(report: OptimizationReportData) -> list[tuple[str, str, str, s
             "latency p50 (ms)",
             _fmt(t["inference_latency_ms"]),
             _fmt(o["inference_latency_ms"]),
-            f"{versus.get('speedup', 0):.2f}x faster",
+            ratio_words(versus.get("speedup", 0), "faster", "slower"),
         ),
         ("accuracy", _fmt(t["accuracy"]), _fmt(o["accuracy"]), "n/a" if accuracy is None else f"{accuracy:+.4f}"),
     ] + (

@@ -29,21 +29,26 @@ def _fp16_scaler_plugin():
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
 
 
-def test_scaler_counts_skipped_steps_after_injected_inf(tmp_path, digits):
-    torch.manual_seed(0)
-    monitor = GradScalerMonitor(min_steps=1, max_skip_rate=0.5)
-    model = InfGradientClassifier(poison_steps={1, 3})
-    before = model.net.head.weight.detach().clone()
-    trainer = pl.Trainer(
+def _fp16_trainer(tmp_path, steps, monitor):
+    """A CPU Trainer of ``steps`` optimizer steps under fp16 with a GradScaler, and ``monitor``."""
+    return pl.Trainer(
         **trainer_kwargs(
             tmp_path,
-            max_steps=6,
-            limit_train_batches=6,
+            max_steps=steps,
+            limit_train_batches=steps,
             limit_val_batches=0,
             plugins=[_fp16_scaler_plugin()],
             callbacks=[monitor],
         )
     )
+
+
+def test_scaler_counts_skipped_steps_after_injected_inf(tmp_path, digits):
+    torch.manual_seed(0)
+    monitor = GradScalerMonitor(min_steps=1, max_skip_rate=0.5)
+    model = InfGradientClassifier(poison_steps={1, 3})
+    before = model.net.head.weight.detach().clone()
+    trainer = _fp16_trainer(tmp_path, 6, monitor)
     trainer.fit(model, digits)
     assert monitor.optimizer_steps == 6
     assert monitor.skipped_steps == 2
@@ -127,16 +132,7 @@ def test_the_scalers_calibration_skips_are_left_out_of_the_warning_rate(tmp_path
 
     monitor = GradScalerMonitor(min_steps=5, max_skip_rate=0.05)
     model = InfGradientClassifier(poison_steps={0, 1, 2})
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            tmp_path,
-            max_steps=12,
-            limit_train_batches=12,
-            limit_val_batches=0,
-            plugins=[_fp16_scaler_plugin()],
-            callbacks=[monitor],
-        )
-    )
+    trainer = _fp16_trainer(tmp_path, 12, monitor)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, digits)

@@ -39,7 +39,7 @@ def _same_state(a, b):
 def test_quantum_dynamic_int8_leaves_the_original_and_reloads(mlp, tmp_path):
     net, dm = mlp
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = lq.optimize(net, "quantum", eval_data=dm.test_dataloader(), repeats=3)
+    result = lq.optimize(net, "quantum", eval_data=dm.test_dataloader(), repeats=3, deploy=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not net.training
     assert result.applied == ["int8"] and result.steps[0].detail["kind"] == "dynamic"
     assert result.report.compression_ratio > 3.0 and result.report.level == "quantum"
@@ -55,7 +55,7 @@ def test_quantum_dynamic_int8_leaves_the_original_and_reloads(mlp, tmp_path):
 def test_quantum_static_int8_with_calibration_saves_a_program(cnn, tmp_path):
     net, dm = cnn
     result = lq.optimize(
-        net, "quantum", calibration_data=dm.train_dataloader(), eval_data=dm.test_dataloader(), repeats=3
+        net, "quantum", calibration_data=dm.train_dataloader(), eval_data=dm.test_dataloader(), repeats=3, deploy=False
     )
     assert result.steps[0].detail["kind"] == "static" and result.report.compression_ratio > 3.0
     x = next(iter(dm.test_dataloader()))[0]
@@ -68,7 +68,7 @@ def test_quantum_static_int8_with_calibration_saves_a_program(cnn, tmp_path):
 def test_a_step_over_the_accuracy_budget_is_rolled_back_with_its_reason(mlp):
     net, dm = mlp
     result = lq.optimize(
-        net, "ultra", eval_data=dm.test_dataloader(), prune_amount=0.98, max_accuracy_drop=0.01, repeats=3
+        net, "ultra", eval_data=dm.test_dataloader(), prune_amount=0.98, max_accuracy_drop=0.01, repeats=3, deploy=False
     )
     prune = result.steps[0]
     assert prune.name == "prune" and not prune.kept and prune.accuracy_drop > 0.01
@@ -88,6 +88,7 @@ def test_ultra_slims_channels_quantizes_to_nf4_and_reloads(cnn, tmp_path):
         prune_amount=0.25,
         slim=True,
         repeats=3,
+        deploy=False,
     )
     assert result.applied == ["prune", "nf4"]
     assert result.after.num_parameters < result.before.num_parameters
@@ -101,7 +102,7 @@ def test_ultra_slims_channels_quantizes_to_nf4_and_reloads(cnn, tmp_path):
 @pytest.mark.parity
 def test_advanced_bf16_halves_the_size(mlp, tmp_path):
     net, dm = mlp
-    result = lq.optimize(net, "advanced", eval_data=dm.test_dataloader(), repeats=3)
+    result = lq.optimize(net, "advanced", eval_data=dm.test_dataloader(), repeats=3, deploy=False)
     assert result.report.compression_ratio == pytest.approx(2.0, rel=0.01)
     lq.save_optimized(result, tmp_path)
     again = lq.load_optimized(DigitsMLP(hidden=(128, 128)), tmp_path)
@@ -117,6 +118,8 @@ def test_advanced_bf16_halves_the_size(mlp, tmp_path):
         ({"prune_amount": 1.0}, r"`prune_amount`=1.0 is not valid"),
         ({"slim": True}, r"`slim`=True removes channels, so it needs a structured `prune_method`"),
         ({"max_accuracy_drop": -0.1}, r"`max_accuracy_drop`=-0.1 is not valid"),
+        ({"compile": True}, r"`compile`=True with `deploy`=True: the deployment gate already measures"),
+        ({"keep_slower": True, "deploy": False}, r"`keep_slower`=True only matters with `deploy`=True"),
     ],
 )
 def test_invalid_arguments(mlp, kwargs, match):
@@ -131,3 +134,47 @@ def test_accuracy_budget_needs_eval_data(mlp):
         lq.optimize(net, "quantum", example_inputs=torch.randn(4, 64), max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match=r"Give `example_inputs`, `eval_data` or `calibration_data`"):
         lq.optimize(net, "quantum")
+
+
+def _force_times(monkeypatch, fastest, slow_prefix=None):
+    """Make the deployment gate see ``fastest`` as the fastest form (and ``slow_prefix`` forms 10x slower)."""
+    import lightning_quantum.deployment as deployment
+
+    def times(modules, *args, **kwargs):
+        return {f: [0.1 if f == fastest else 10.0 if slow_prefix and f.startswith(slow_prefix) else 1.0] for f in modules}
+
+    monkeypatch.setattr(deployment, "_time_interleaved", times)
+
+
+@pytest.mark.parity
+def test_deploy_rolls_back_an_int8_step_that_runs_slower_and_ships_the_float_form(mlp, tmp_path, monkeypatch):
+    net, dm = mlp
+    _force_times(monkeypatch, "float compiled", slow_prefix="int8")
+    result = lq.optimize(net, "quantum", eval_data=dm.test_dataloader(), repeats=3)
+    int8, deploy = result.steps
+    assert not int8.kept and int8.reason.startswith("slower on this machine: its fastest form (int8 ")
+    assert "loses to float compiled" in int8.reason and "`keep_slower`=True keeps it" in int8.reason
+    assert deploy.name == "deploy" and deploy.kept and deploy.detail == {"form": "float compiled"}
+    assert result.applied == ["deploy"] and result.report.compression_ratio == pytest.approx(1.0, rel=0.01)
+    assert result.report.extra["deployment"]["form"] == "float compiled"
+    lq.save_optimized(result, tmp_path)
+    again = lq.load_optimized(DigitsMLP(hidden=(128, 128)), tmp_path)
+    assert type(again).__name__ == "FrozenInference"  # compiled again on load
+    x = next(iter(dm.test_dataloader()))[0]
+    with torch.no_grad():
+        assert torch.equal(again(x), result.model(x))
+
+
+@pytest.mark.parity
+def test_keep_slower_keeps_the_int8_step_and_ships_an_int8_form(mlp, tmp_path, monkeypatch):
+    net, dm = mlp
+    _force_times(monkeypatch, "float eager", slow_prefix="int8")
+    result = lq.optimize(net, "quantum", eval_data=dm.test_dataloader(), repeats=3, keep_slower=True)
+    assert result.applied == ["int8", "deploy"] and result.steps[1].detail["form"].startswith("int8 ")
+    assert {c["form"] for c in result.report.extra["deployment"]["candidates"]} == {"int8 eager", "int8 compiled"}
+    assert result.report.compression_ratio > 3.0
+    lq.save_optimized(result, tmp_path)
+    again = lq.load_optimized(DigitsMLP(hidden=(128, 128)), tmp_path)
+    x = next(iter(dm.test_dataloader()))[0]
+    with torch.no_grad():
+        assert torch.equal(again(x), result.model(x))

@@ -49,7 +49,7 @@ def _optimize(out, checkpoint, *overrides):
 
 def test_quantum_on_a_trained_checkpoint_writes_a_smaller_model_and_its_report(tmp_path, checkpoint):
     # static int8 rounds differently on other CPUs' kernels: the budget matches the check below
-    result = _optimize(tmp_path, checkpoint, "level=quantum", "options.max_accuracy_drop=0.03")
+    result = _optimize(tmp_path, checkpoint, "level=quantum", "options.max_accuracy_drop=0.03", "options.deploy=false")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["level"] == "quantum" and report["compression_ratio"] > 3.0
     assert report["accuracy_degradation"] is not None and abs(report["accuracy_degradation"]) < 0.03
@@ -60,7 +60,8 @@ def test_quantum_on_a_trained_checkpoint_writes_a_smaller_model_and_its_report(t
 
 def test_ultra_without_an_accuracy_budget_prunes_and_quantizes_to_nf4(tmp_path, checkpoint):
     result = _optimize(
-        tmp_path, checkpoint, "level=ultra", "options.prune_amount=0.5", "options.max_accuracy_drop=null"
+        tmp_path, checkpoint, "level=ultra", "options.prune_amount=0.5", "options.max_accuracy_drop=null",
+        "options.deploy=false",
     )
     assert result.applied == ["prune", "nf4"] and result.report.sparsity >= 0.5
     assert (tmp_path / "model.safetensors").is_file()

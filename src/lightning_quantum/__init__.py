@@ -6,6 +6,7 @@ Example:
 """
 
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model
+from lightning_quantum.deployment import DeploymentDecision, choose_deployment, load_deployment, save_deployment
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.levels import OptimizationLevel, Recipe, recipe
 from lightning_quantum.optimize import OptimizationResult, load_optimized, optimize, save_optimized
@@ -21,12 +22,16 @@ __all__ = [
     "OptimizationResult",
     "PrecisionDecision",
     "Recipe",
+    "DeploymentDecision",
     "benchmark_model",
+    "choose_deployment",
     "gpu_status",
+    "load_deployment",
     "load_optimized",
     "optimize",
     "recipe",
     "resolve_precision",
+    "save_deployment",
     "save_optimized",
     "__version__",
 ]

@@ -10,7 +10,7 @@ Example:
     >>> import lightning_quantum as lq
     >>> r = lq.recipe("advanced", report={"batch_size": 128})
     >>> sorted(r.callbacks)
-    ['activation_checkpointing', 'grad_scaler_monitor', 'memory_monitor', 'random_state', 'report']
+    ['activation_checkpointing', 'deployment', 'grad_scaler_monitor', 'memory_monitor', 'random_state', 'report']
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_quantum.callbacks import (
     ActivationCheckpointing,
+    DeploymentGate,
     GradScalerMonitor,
     MemoryMonitor,
     ModelExport,
@@ -87,6 +88,7 @@ CALLBACKS: dict[str, type[Callback]] = {
     "pruning": Pruning,
     "qat": QuantizationAwareTraining,
     "static_quantization": StaticQuantization,
+    "deployment": DeploymentGate,
     "export": ModelExport,
     "report": OptimizationReport,
 }
@@ -119,21 +121,31 @@ LEVELS: tuple[LevelDefinition, ...] = (
         OptimizationLevel.BASIC,
         adds=(
             "baseline snapshot, benchmark and report, memory monitor, gradient clipping, generator state in "
-            "checkpoints (exact resume)"
+            "checkpoints (exact resume), a deployment gate that ships the faster of eager and compiled"
         ),
-        callbacks={"random_state": {}, "memory_monitor": {}, "report": {}},
+        callbacks={"random_state": {}, "memory_monitor": {}, "deployment": {"numerics": ["float"]}, "report": {}},
         trainer={"precision": "32-true", "gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"},
     ),
     LevelDefinition(
         OptimizationLevel.ADVANCED,
-        adds="mixed precision (bf16, or fp16 with GradScaler), grad-scaler monitor, activation checkpointing",
-        callbacks={"grad_scaler_monitor": {}, "activation_checkpointing": {}},
+        adds=(
+            "mixed precision (bf16, or fp16 with GradScaler), grad-scaler monitor, activation checkpointing, bf16 "
+            "forms at the deployment gate"
+        ),
+        callbacks={
+            "grad_scaler_monitor": {},
+            "activation_checkpointing": {},
+            "deployment": {"numerics": ["float", "bf16"]},
+        },
         trainer={"precision": "auto"},
     ),
     LevelDefinition(
         OptimizationLevel.QUANTUM,
-        adds="quantization-aware training to int8 (torchao), export to safetensors and torch.export",
-        callbacks={"qat": {"start_step": None}, "export": {}},
+        adds=(
+            "quantization-aware training to int8 (torchao), int8 forms at the deployment gate (the fastest form "
+            "within the accuracy budget ships), export to safetensors and torch.export"
+        ),
+        callbacks={"qat": {"start_step": None}, "deployment": {"numerics": ["float", "bf16", "int8"]}, "export": {}},
     ),
     LevelDefinition(
         OptimizationLevel.ULTRA,

@@ -136,23 +136,16 @@ def _nf4(model: nn.Module) -> tuple[nn.Module, dict]:
 
 
 def _bf16(model: nn.Module) -> tuple[nn.Module, dict]:
-    return _CastInputs(model.to(torch.bfloat16), torch.bfloat16), {"dtype": "bfloat16"}
+    from lightning_quantum.deployment import CastInputs
+
+    return CastInputs(model.to(torch.bfloat16), torch.bfloat16), {"dtype": "bfloat16"}
 
 
-class _CastInputs(nn.Module):
-    """A bf16 model that takes and returns float32: floating inputs are cast in, outputs cast out."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        def cast(x: Any) -> Any:
-            return x.to(self.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
-
-        out = self.model(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
-        return out.float() if isinstance(out, Tensor) else out
+#: The steps that change the numerics (the others, pruning, keep float weights).
+_NUMERICS_STEPS = ("bf16", "int8", "nf4")
+#: The numerics the deployment gate may try at each level.
+_LEVEL_NUMERICS = {"basic": ["float"], "advanced": ["float", "bf16"], "quantum": ["float", "bf16", "int8"]}
+_LEVEL_NUMERICS["ultra"] = _LEVEL_NUMERICS["quantum"]
 
 
 def optimize(
@@ -169,6 +162,8 @@ def optimize(
     slim: bool = False,
     calibration_batches: int = 8,
     compile: bool = False,
+    deploy: bool = True,
+    keep_slower: bool = False,
     batch_size: int = 64,
     repeats: int = 30,
 ) -> OptimizationResult:
@@ -185,7 +180,12 @@ def optimize(
       and ``slim``, channels are removed for real), then NF4 4-bit linear weights (bitsandbytes); when
       NF4 is rolled back or cannot run, QUANTUM's int8 step is tried in its place.
 
-    ``compile=True`` ends with :func:`~lightning_quantum.quantization.compile_for_inference`.
+    Then, with ``deploy`` (the default), the deployment gate
+    (:func:`~lightning_quantum.deployment.choose_deployment`) measures the result's inference forms
+    on this machine (float, bf16 up to the level, int8 at QUANTUM and ULTRA; each eager and compiled)
+    and the fastest within the accuracy budget is the result. When that is not the compressed
+    numerics (int8 that runs slower than float here, say), the step that brought them is rolled back
+    like a step over ``max_accuracy_drop``, with the times as its reason, unless ``keep_slower``.
 
     Args:
         model: the trained model (a plain ``nn.Module`` mapping inputs to outputs).
@@ -202,7 +202,10 @@ def optimize(
         prune_method: ULTRA: ``l1_unstructured`` (global), ``l1_structured`` or ``l2_structured``.
         slim: ULTRA with a structured method: remove the pruned channels (smaller, faster model).
         calibration_batches: batches of ``calibration_data`` to calibrate on.
-        compile: compile the result with Inductor (freezing) for inference.
+        compile: without ``deploy``, compile the result with Inductor (freezing) for inference.
+        deploy: choose the inference form by measuring it here (compiled forms among them).
+        keep_slower: keep the compressed numerics even where another form is faster; the gate then
+            picks among their forms only.
         batch_size: samples per timed batch when it is assembled from ``eval_data``.
         repeats: timed forward passes per measurement.
 
@@ -221,6 +224,13 @@ def optimize(
             f"`slim`=True removes channels, so it needs a structured `prune_method`, not {prune_method!r}. "
             f"Choose one of: {PRUNE_METHODS[1:]}."
         )
+    if compile and deploy:
+        raise ValueError(
+            "`compile`=True with `deploy`=True: the deployment gate already measures the compiled forms and ships "
+            "one where it is faster. Set `deploy`=False to compile unconditionally."
+        )
+    if keep_slower and not deploy:
+        raise ValueError("`keep_slower`=True only matters with `deploy`=True, which measures what is slower.")
     if max_accuracy_drop is not None:
         check_non_negative("max_accuracy_drop", max_accuracy_drop)  # NaN would switch the budget off
         if eval_data is None:
@@ -243,9 +253,10 @@ def optimize(
         return None if eval_data is None else evaluate_accuracy(candidate, eval_data, metric=metric)
 
     steps: list[StepRecord] = []
+    float_current = current  # the model before its numerics changed: the gate's float form
 
     def attempt(name: str, transform: Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]) -> bool:
-        nonlocal current
+        nonlocal current, float_current
         t0 = time.perf_counter()
         try:
             candidate, detail = transform(copy.deepcopy(current))
@@ -266,6 +277,8 @@ def optimize(
             record.reason = f"accuracy drop {drop:.4f} is above `max_accuracy_drop`={max_accuracy_drop}: rolled back"
             log.warning("optimize: step %s rolled back: %s", name, record.reason)
         else:
+            if name not in _NUMERICS_STEPS:
+                float_current = candidate
             current = candidate
         steps.append(record)
         return record.kept
@@ -288,6 +301,12 @@ def optimize(
         from lightning_quantum.quantization import compile_for_inference
 
         attempt("compile", lambda m: (compile_for_inference(m), {}))
+    extra: dict[str, Any] = {}
+    if deploy:
+        current = _deploy(
+            current, float_current, steps, level, keep_slower, eval_data, timed, example_inputs, metric,
+            batch_size, repeats, max_accuracy_drop, reference, extra,
+        )
     duration = time.perf_counter() - started
     after = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
     report = build_report(
@@ -296,10 +315,76 @@ def optimize(
         optimization_duration_seconds=duration,
         accuracy_reference="the original model",
         level=level,
-        extra={"steps": [asdict(s) for s in steps], "post_training": True},
+        extra={"steps": [asdict(s) for s in steps], "post_training": True, **extra},
     )
     original.train(was_training)
     return OptimizationResult(current, before, after, report, steps)
+
+
+def _deploy(
+    current: nn.Module,
+    float_current: nn.Module,
+    steps: list[StepRecord],
+    level: str,
+    keep_slower: bool,
+    eval_data: Iterable[Any] | None,
+    timed: Any,
+    example_inputs: Any,
+    metric: Callable[[Tensor, Tensor], float] | None,
+    batch_size: int,
+    repeats: int,
+    max_accuracy_drop: float | None,
+    reference: float | None,
+    extra: dict[str, Any],
+) -> nn.Module:
+    """Run the deployment gate on the result of the steps; roll back a numerics step the gate passed over."""
+    from lightning_quantum.benchmark import serialized_size_bytes
+    from lightning_quantum.deployment import choose_deployment, forms_for, trained_form
+
+    t0 = time.perf_counter()
+    trained = trained_form(current)
+    numerics_step = next((s for s in reversed(steps) if s.kept and s.name in _NUMERICS_STEPS), None)
+    if keep_slower and numerics_step is not None:
+        forms = [trained, trained.replace("eager", "compiled")]
+    else:
+        forms = forms_for(_LEVEL_NUMERICS[level])
+    module, decision = choose_deployment(
+        current,
+        eval_data,
+        example_inputs=timed if timed is not None else (example_inputs if eval_data is None else None),
+        float_model=float_current if float_current is not current else None,
+        forms=forms,
+        batch_size=batch_size,
+        repeats=repeats,
+        max_accuracy_drop=max_accuracy_drop if max_accuracy_drop is not None else 0.01,
+        metric=metric,
+    )
+    winner = decision.winner
+    if numerics_step is not None and decision.form.split()[0] not in (trained.split()[0], "trained"):
+        own = [c for c in decision.candidates if c.form.split()[0] == trained.split()[0] and c.latency_p50_ms]
+        best = min(own, key=lambda c: c.latency_p50_ms or 0.0) if own else None
+        numerics_step.kept = False
+        numerics_step.reason = (
+            f"slower on this machine: its fastest form ({best.form if best else trained}, "
+            f"{best.latency_p50_ms if best else float('nan'):.3f} ms p50) loses to {decision.form} "
+            f"({winner.latency_p50_ms:.3f} ms): rolled back (`keep_slower`=True keeps it)"
+        )
+        log.warning("optimize: step %s rolled back: %s", numerics_step.name, numerics_step.reason)
+    drop = reference - winner.accuracy if reference is not None and winner.accuracy is not None else None
+    steps.append(
+        StepRecord(
+            "deploy",
+            True,
+            winner.accuracy,
+            drop,
+            serialized_size_bytes(module) / 2**20,
+            time.perf_counter() - t0,
+            {"form": decision.form},
+            reason=decision.reason,
+        )
+    )
+    extra["deployment"] = decision.to_dict()
+    return module
 
 
 RECIPE = "optimized.json"
@@ -320,10 +405,14 @@ def save_optimized(
     from lightning_quantum.quantization.export import export_program, save_safetensors
     from lightning_quantum.report import keep_existing
 
+    from lightning_quantum.quantization.export import FrozenInference
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = write_report(result.report, directory)
     model = result.model
+    if isinstance(model, FrozenInference):  # a compiled form: its weights; the recipe says to compile again
+        model = model.model
     if isinstance(model, torch.fx.GraphModule):
         if example_inputs is None:
             raise ValueError("A static int8 model is saved as a torch.export program: give `example_inputs`.")
@@ -369,15 +458,31 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
     recipe = json.loads(recipe_path.read_text())
     fmt, file = recipe.get("format"), Path(str(recipe.get("file", ""))).name  # a bare name: stays in directory
     if fmt == "pt2":
-        return load_program(directory / file)
+        program = load_program(directory / file)
+        deploy = next((s for s in recipe.get("steps", []) if s.get("name") == "deploy"), None)
+        if deploy is not None and _deployed_form(deploy.get("detail") or {}, recipe_path)[1]:
+            from lightning_quantum.quantization import compile_for_inference
+
+            return compile_for_inference(program)
+        return program
     if fmt != "safetensors":
         raise ValueError(f"{recipe_path}: `format`={fmt!r} is not valid. Choose from: 'pt2', 'safetensors'.")
     if model is None:
         raise ValueError("Safetensors weights load into a model: give a fresh instance of the original architecture.")
     model = model.eval()
+    kept = {step.get("name") for step in recipe.get("steps", [])}
+    compiled = False
     for step in recipe.get("steps", []):
         name, detail = step.get("name"), step.get("detail") or {}
-        if name == "prune":
+        if name == "deploy":
+            numerics, compiled = _deployed_form(detail, recipe_path)
+            if numerics == "bf16" and "bf16" not in kept:
+                model = _bf16(model)[0]
+            elif numerics == "int8" and "int8" not in kept:
+                from lightning_quantum.quantization import quantize_dynamic_int8
+
+                quantize_dynamic_int8(model)
+        elif name == "prune":
             if detail.get("architecture"):
                 from lightning_quantum.pruning.slimming import rebuild_architecture
 
@@ -392,4 +497,20 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
             _nf4(model)
         else:
             raise ValueError(f"{recipe_path}: unknown step {name!r} ({detail}).")
-    return load_safetensors(model, directory / file).eval()
+    loaded = load_safetensors(model, directory / file).eval()
+    if compiled:
+        from lightning_quantum.quantization import compile_for_inference
+
+        return compile_for_inference(loaded)
+    return loaded
+
+
+def _deployed_form(detail: dict[str, Any], recipe_path: Path) -> tuple[str, bool]:
+    """(numerics, compiled) of a recipe's ``deploy`` step, or a ``ValueError`` naming a bad form."""
+    from lightning_quantum.deployment import FORMS
+
+    form = detail.get("form")
+    if form not in (*FORMS, "trained eager", "trained compiled"):
+        raise ValueError(f"{recipe_path}: the deploy step's `form`={form!r} is not valid. Choose one of: {FORMS}.")
+    numerics, runner = str(form).split()
+    return numerics, runner == "compiled"

@@ -94,6 +94,7 @@ def build_report(
     train_step_time_ms: dict[str, float] | None = None,
     level: str | None = None,
     extra: dict[str, Any] | None = None,
+    baseline_is_reference: bool = True,
 ) -> OptimizationReportData:
     """Combine two measurements into the report.
 
@@ -106,8 +107,12 @@ def build_report(
         train_step_time_ms: ``{"baseline": ms, "optimized": ms}`` median training step times.
         level: the optimization level, when one was used.
         extra: anything else to keep with the report (for example the per-layer sparsity table).
+        baseline_is_reference: without ``reference_accuracy``, measure degradation against the
+            baseline's accuracy; ``False`` leaves it unmeasured (a baseline at chance level).
     """
-    reference = reference_accuracy if reference_accuracy is not None else baseline.accuracy
+    reference = reference_accuracy
+    if reference is None and baseline_is_reference:
+        reference = baseline.accuracy
     degradation = reference - optimized.accuracy if reference is not None and optimized.accuracy is not None else None
     ratio = None
     if train_step_time_ms is not None:
@@ -218,6 +223,36 @@ def _teacher_rows(report: OptimizationReportData) -> list[tuple[str, str, str, s
     )
 
 
+DEPLOYMENT_HEADERS = ("form", "p50 ms", "p95 ms", "accuracy", "cosine", "build s", "MB", "verdict")
+
+
+def _deployment(report: OptimizationReportData) -> tuple[str, list[tuple[str, ...]]]:
+    """(the decision in words, one row per candidate form) when a DeploymentGate chose the shipped form."""
+    record = report.extra.get("deployment")
+    if not isinstance(record, dict):
+        return "", []
+    winner = next((c for c in record["candidates"] if c["form"] == record["form"]), {})
+    words = (
+        f"{record['reason']} Compile time of the shipped form: {winner.get('build_seconds', 0.0):.1f} s; "
+        f"the gate measured {len(record['candidates'])} forms at batch {record['batch_size']} in "
+        f"{record['gate_seconds']:.1f} s."
+    )
+    rows = [
+        (
+            c["form"],
+            _fmt(c["latency_p50_ms"]),
+            _fmt(c["latency_p95_ms"]),
+            _fmt(c["accuracy"]),
+            _fmt(c["cosine_to_trained"]),
+            f"{c['build_seconds']:.2f}",
+            _fmt(None if c["size_bytes"] is None else c["size_bytes"] / 2**20),
+            ("SHIPPED; " if c["form"] == record["form"] else "") + c["note"],
+        )
+        for c in record["candidates"]
+    ]
+    return words, rows
+
+
 def render_markdown(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:
     """The report as a Markdown document; ``charts`` (title to relative PNG path) are embedded."""
     title = f"# Optimization report{f' ({report.level})' if report.level else ''}"
@@ -242,6 +277,10 @@ def render_markdown(report: OptimizationReportData, charts: dict[str, str] | Non
             "|---|---|---|---|",
         ]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in teacher]
+    words, candidates = _deployment(report)
+    if candidates:
+        lines += ["", "## Deployment", "", words, "", "| " + " | ".join(DEPLOYMENT_HEADERS) + " |"]
+        lines += ["|" + "---|" * len(DEPLOYMENT_HEADERS)] + ["| " + " | ".join(row) + " |" for row in candidates]
     for name, table in report.extra.items():
         if isinstance(table, list) and table and isinstance(table[0], dict):
             headers = list(table[0])
@@ -277,6 +316,9 @@ def render_html(report: OptimizationReportData, charts: dict[str, str] | None = 
     teacher = _teacher_rows(report)
     if teacher:
         parts += ["<h2>Student vs teacher</h2>", table(("figure", "teacher", "student", "student vs teacher"), teacher)]  # type: ignore[arg-type]
+    words, candidates = _deployment(report)
+    if candidates:
+        parts += ["<h2>Deployment</h2>", f"<p>{escape(words)}</p>", table(DEPLOYMENT_HEADERS, candidates)]
     for title_, path in (charts or {}).items():
         parts.append(f"<h2>{escape(title_)}</h2><img src='{escape(path)}' alt='{escape(title_)}'>")
     for name, rows in report.extra.items():
@@ -334,17 +376,26 @@ def render_rich_table(report: OptimizationReportData) -> Any:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for row in _rows(report):
         table.add_row(*row)
-    teacher = _teacher_rows(report)
-    if not teacher:
-        return table
     from rich.console import Group
 
-    versus = Table(title="Student vs teacher")
-    for header in ("figure", "teacher", "student", "student vs teacher"):
-        versus.add_column(header, justify="left" if header == "figure" else "right")
-    for row in teacher:
-        versus.add_row(*row)
-    return Group(table, versus)
+    parts: list[Any] = [table]
+    teacher = _teacher_rows(report)
+    if teacher:
+        versus = Table(title="Student vs teacher")
+        for header in ("figure", "teacher", "student", "student vs teacher"):
+            versus.add_column(header, justify="left" if header == "figure" else "right")
+        for row in teacher:
+            versus.add_row(*row)
+        parts.append(versus)
+    words, candidates = _deployment(report)
+    if candidates:
+        forms = Table(title="Deployment: the candidate forms", caption=words)
+        for header in DEPLOYMENT_HEADERS:
+            forms.add_column(header, justify="left" if header in ("form", "verdict") else "right")
+        for row in candidates:
+            forms.add_row(*row)
+        parts.append(forms)
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def keep_existing(path: Path) -> None:

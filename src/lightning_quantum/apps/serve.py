@@ -107,6 +107,8 @@ class OptimizationOptions(_Strict):
     prune_amount: float = Field(0.5, ge=0.0, lt=1.0, description="ultra: share of weights (or channels) removed")
     prune_method: Literal["l1_unstructured", "l1_structured", "l2_structured"] = "l1_unstructured"
     slim: bool = Field(False, description="ultra with a structured method: remove the pruned channels")
+    deploy: bool = Field(True, description="measure the inference forms here and ship the fastest within budget")
+    keep_slower: bool = Field(False, description="keep compressed numerics even where another form is faster")
     batch_size: int = Field(64, ge=1, le=1024)
     repeats: int = Field(30, ge=1, le=200)
 

@@ -17,10 +17,25 @@ def is_fast_dev_run(trainer: pl.Trainer) -> bool:
     return bool(getattr(trainer, "fast_dev_run", False))
 
 
-def detached_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` that leaves the ``Trainer`` (and whatever it holds) behind."""
+def detached_copy(module: nn.Module, *, without: tuple[str, ...] = ()) -> nn.Module:
+    """A deep copy of ``module`` that leaves the ``Trainer`` (and whatever it holds) behind.
+
+    The attributes named in ``without`` (a distillation teacher, say) are ``None`` in the copy.
+    """
     memo: dict[int, Any] = {}
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None:
-        memo[id(trainer)] = None
+    for name in ("_trainer", *without):
+        value = module.__dict__.get(name, getattr(module, name, None))
+        if value is not None:
+            memo[id(value)] = None
     return copy.deepcopy(module, memo)
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A detached copy for inference: no teacher, no activation checkpointing wrappers, no QAT fake quantizers."""
+    from lightning_quantum.checkpointing import disable_activation_checkpointing
+    from lightning_quantum.quantization.qat import unprepare_qat
+
+    out = detached_copy(module, without=("teacher",))
+    disable_activation_checkpointing(out)
+    unprepare_qat(out)
+    return out

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
+from lightning_quantum.callbacks._common import inference_copy
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -115,6 +116,8 @@ class QuantizationAwareTraining(Callback):
         self.ranges_frozen = False
         self.layers: list[str] = []
         self._resolved_start = 0
+        #: a copy of the model with the float weights QAT trained, taken just before conversion
+        self.float_model: torch.nn.Module | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
@@ -153,6 +156,8 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.convert_on_fit_end and self.phase == "prepared":
+            # The float weights before conversion: the DeploymentGate's float form, the report's reference.
+            self.float_model = inference_copy(pl_module)
             self._set_enabled(pl_module, True)
             convert_qat(pl_module, self.scheme, group_size=self.group_size)
             self.phase = "converted"

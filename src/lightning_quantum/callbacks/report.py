@@ -18,11 +18,17 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
+from lightning_quantum._modules import eval_mode
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
     benchmark_model,
     compare_train_step_ms,
+    _call,
+    _module_device,
+    _to_device,
+    evaluate_accuracy,
     make_train_step,
+    split_batch,
 )
 from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
 from lightning_quantum.checkpointing import disable_activation_checkpointing
@@ -66,6 +72,12 @@ def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
     return str(trainer.precision), str(trainer.precision)
 
 
+def _deployment_gate(trainer: pl.Trainer) -> Any:
+    from lightning_quantum.callbacks.deployment import DeploymentGate
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, DeploymentGate)), None)  # type: ignore[attr-defined]
+
+
 class OptimizationReport(Callback):
     """Measure the model before and after ``fit`` and write ``report.json`` and ``report.md``.
 
@@ -89,7 +101,9 @@ class OptimizationReport(Callback):
         compare_train_step: time a training step of the baseline (fp32) and final configuration.
         train_step_repeats: timed training steps per configuration.
         reference_accuracy: the accuracy that ``accuracy_degradation`` is measured against, for
-            example the test accuracy of a BASIC run; the fit-start snapshot's accuracy when ``None``.
+            example the test accuracy of a BASIC run. When ``None``: a distillation run's teacher, else
+            the float model before QAT's int8 conversion, else the fit-start snapshot unless it is at
+            chance level (then no degradation is reported, and the report says why).
         print_table: print the rich table on rank zero.
         log_to_logger: log the figures to the trainer's loggers as ``report/*``.
         keep_baseline_in_checkpoint: store the snapshot's weights in the callback state, so that
@@ -257,6 +271,11 @@ class OptimizationReport(Callback):
         baseline = self._baseline.to(pl_module.device)
         name, runs_as = precision_of(trainer)
         baseline_metrics = benchmark_model(baseline, eval_data=loader, precision="32-true", **settings)
+        gate = _deployment_gate(trainer)
+        if gate is not None and gate.module is not None and gate.decision is not None:
+            # The form that ships is the one measured: what the DeploymentGate chose (it takes float32 inputs).
+            final_metrics = benchmark_model(gate.module, eval_data=loader, precision="32-true", **settings)
+            return baseline_metrics, dataclasses.replace(final_metrics, precision=f"{gate.decision.form} ({name} training)")
         final_metrics = benchmark_model(pl_module, eval_data=loader, precision=runs_as, **settings)
         return baseline_metrics, dataclasses.replace(final_metrics, precision=name)
 
@@ -325,6 +344,9 @@ class OptimizationReport(Callback):
                 extra["student_vs_teacher"]["agreement_kind"] = (
                     "top-1" if getattr(pl_module, "output_loss", "kl") == "kl" else "cosine"
                 )
+        reference, reference_name, baseline_is_reference = self._accuracy_reference(
+            trainer, baseline_metrics, extra.get("teacher")
+        )
         module_extra = getattr(pl_module, "report_extra", None)  # e.g. a DistillationModule's teacher figures
         if callable(module_extra):
             extra.update(module_extra())
@@ -336,10 +358,9 @@ class OptimizationReport(Callback):
             baseline_metrics,
             final_metrics,
             optimization_duration_seconds=duration,
-            reference_accuracy=self.reference_accuracy,
-            accuracy_reference="the given reference_accuracy"
-            if self.reference_accuracy is not None
-            else "the model at fit start",
+            reference_accuracy=reference,
+            accuracy_reference=reference_name,
+            baseline_is_reference=baseline_is_reference,
             train_step_time_ms=step_times,
             level=self.level,
             extra=extra,
@@ -355,6 +376,48 @@ class OptimizationReport(Callback):
             Console().print(render_rich_table(self.report))
         if self.log_to_logger:
             self._log_figures(trainer)
+
+    def _accuracy_reference(
+        self, trainer: pl.Trainer, baseline: OptimizationPerformanceMetrics, teacher: dict[str, Any] | None
+    ) -> tuple[float | None, str, bool]:
+        """(reference accuracy, its name, whether the fit-start accuracy may serve) for ``accuracy_degradation``.
+
+        In order: ``reference_accuracy`` when given; a distillation run's teacher; for QAT, the float
+        model just before int8 conversion; the model at fit start, unless it is near chance level (at
+        most 1.5x chance), where a "degradation" of -0.9 would say nothing.
+        """
+        from lightning_quantum.callbacks.qat import QuantizationAwareTraining
+
+        if self.reference_accuracy is not None:
+            return self.reference_accuracy, "the given reference_accuracy", True
+        if teacher is not None and teacher.get("accuracy") is not None:
+            return teacher["accuracy"], "the teacher", True
+        qat = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)), None)  # type: ignore[attr-defined]
+        if qat is not None and qat.float_model is not None and baseline.accuracy is not None:
+            accuracy = evaluate_accuracy(
+                qat.float_model, self._eval_loader(trainer), max_batches=self._settings(trainer)["max_eval_batches"]
+            )
+            return accuracy, "the float model before int8 conversion", True
+        chance = self._chance_level(trainer)
+        if baseline.accuracy is not None and chance is not None and baseline.accuracy <= 1.5 * chance:
+            return (
+                None,
+                f"nothing: the model at fit start is at chance level (accuracy {baseline.accuracy:.4f}, chance "
+                f"{chance:.4f}); set `reference_accuracy` (a BASIC run's test accuracy, say) to measure the change",
+                False,
+            )
+        return None, "the model at fit start", True
+
+    def _chance_level(self, trainer: pl.Trainer) -> float | None:
+        """1 / the number of classes the model outputs, from one evaluation batch; ``None`` without labels."""
+        assert self._baseline is not None
+        inputs, targets = split_batch(next(iter(self._eval_loader(trainer))))
+        if targets is None:
+            return None
+        with eval_mode(self._baseline), torch.inference_mode():
+            outputs = _call(self._baseline, _to_device(inputs, _module_device(self._baseline)))
+        width = outputs.shape[-1] if isinstance(outputs, torch.Tensor) and outputs.dim() > 1 else 0
+        return 1.0 / width if width > 1 else None
 
     def _log_figures(self, trainer: pl.Trainer) -> None:
         assert self.report is not None

@@ -360,7 +360,8 @@ class DistillationModule(pl.LightningModule):
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
-        self.teacher.eval()  # whatever Lightning asks, the teacher stays in eval mode
+        if self.__dict__.get("teacher") is not None:  # an inference copy leaves the teacher behind
+            self.teacher.eval()  # whatever Lightning asks, the teacher stays in eval mode
         return self
 
     # -- hooks -----------------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""At fit end, choose the inference form to ship by measuring the candidates on this machine."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_quantum._validation import check_finite, check_non_negative, check_positive
+from lightning_quantum.benchmark import _gather_inputs
+from lightning_quantum.callbacks._common import inference_copy, is_fast_dev_run
+from lightning_quantum.deployment import (
+    NUMERICS,
+    RUNNERS,
+    DeploymentDecision,
+    choose_deployment,
+    save_deployment,
+    trained_form,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeploymentGate"]
+
+_EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
+#: Lightning precisions whose model keeps float32 weights.
+_FLOAT32_WEIGHTS = ("32-true", "32", "bf16-mixed", "16-mixed", "transformer-engine")
+
+
+class DeploymentGate(Callback):
+    """Ship the fastest inference form that keeps the accuracy, as measured here, at fit end.
+
+    After the other callbacks' ``on_fit_end`` (QAT's conversion included), on rank zero, it builds
+    the candidate forms of the final model (:data:`~lightning_quantum.deployment.FORMS`: float, bf16
+    and int8 numerics, each eager and compiled), measures their accuracy on the DataModule's test (or
+    val) loader and their latency at ``batch_size``, and keeps the fastest within ``max_accuracy_drop``
+    of the model as trained (:func:`~lightning_quantum.deployment.choose_deployment`). A compressed
+    model that runs slower than its float form is therefore never shipped: the float form wins, and
+    the report says why. The winner is written as ``<stem>.pt2`` and ``deployment.json`` (reload with
+    :func:`~lightning_quantum.deployment.load_deployment`), and the
+    :class:`~lightning_quantum.callbacks.OptimizationReport` measures it as the optimized model.
+    Put it after the callbacks that change the model and before ``ModelExport`` and the report.
+
+    Args:
+        numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` on a float
+            model is torchao dynamic int8 of it; on a QAT model, its own int8 layers.
+        runners: ``"eager"`` and/or ``"compiled"`` (Inductor with freezing).
+        batch_size: samples per timed batch; the ``OptimizationReport``'s when ``None`` (else 64).
+        max_accuracy_drop: the accuracy a form may lose against the model as trained.
+        min_cosine: without labels, the least mean cosine of a form's outputs to the trained model's.
+        warmup: untimed calls per form.
+        repeats: timed calls per form.
+        rounds: alternating timing rounds over the forms.
+        num_threads: torch threads while timing; the report's (else the current setting) when ``None``.
+        eval_split: ``"test"`` or ``"val"``: the loader for accuracy and the timed batch.
+        max_eval_batches: cap on the batches of the accuracy pass; all when ``None``.
+        export: write ``<stem>.pt2`` and ``deployment.json``.
+        output_dir: where they go; the trainer's ``log_dir`` (or ``default_root_dir``) if ``None``.
+        stem: file name stem of the program.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate(batch_size=256)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        numerics: Sequence[str] = NUMERICS,
+        runners: Sequence[str] = RUNNERS,
+        batch_size: int | None = None,
+        max_accuracy_drop: float = 0.01,
+        min_cosine: float = 0.99,
+        warmup: int = 5,
+        repeats: int = 30,
+        rounds: int = 3,
+        num_threads: int | None = None,
+        eval_split: str = "test",
+        max_eval_batches: int | None = None,
+        export: bool = True,
+        output_dir: str | Path | None = None,
+        stem: str = "deployed",
+    ) -> None:
+        err = MisconfigurationException
+        for label, values, choices in (("numerics", numerics, NUMERICS), ("runners", runners, RUNNERS)):
+            if isinstance(values, str) or not values or any(v not in choices for v in values):
+                raise err(f"`{label}`={values!r} is not valid. Give a list of: {', '.join(map(repr, choices))}.")
+        if batch_size is not None:
+            check_positive("batch_size", batch_size, error=err)
+        check_non_negative("max_accuracy_drop", max_accuracy_drop, error=err)
+        if not -1.0 <= check_finite("min_cosine", min_cosine, error=err) <= 1.0:
+            raise err(f"`min_cosine`={min_cosine!r} is not valid. It must lie in [-1, 1].")
+        check_non_negative("warmup", warmup, error=err)
+        check_positive("repeats", repeats, error=err)
+        check_positive("rounds", rounds, error=err)
+        if num_threads is not None:
+            check_positive("num_threads", num_threads, error=err)
+        if eval_split not in _EVAL_LOADERS:
+            raise err(f"`eval_split`={eval_split!r} is not valid. Choose one of: {', '.join(map(repr, _EVAL_LOADERS))}.")
+        if max_eval_batches is not None:
+            check_positive("max_eval_batches", max_eval_batches, error=err)
+        if not stem or "/" in stem:
+            raise err(f"`stem`={stem!r} is not valid. Give a plain file name without '/'.")
+        self.numerics = list(numerics)
+        self.runners = list(runners)
+        self.batch_size = batch_size
+        self.max_accuracy_drop = max_accuracy_drop
+        self.min_cosine = min_cosine
+        self.warmup = warmup
+        self.repeats = repeats
+        self.rounds = rounds
+        self.num_threads = num_threads
+        self.eval_split = eval_split
+        self.max_eval_batches = max_eval_batches
+        self.export = export
+        self.output_dir = output_dir
+        self.stem = stem
+        self.module: nn.Module | None = None
+        self.decision: DeploymentDecision | None = None
+        self.paths: dict[str, Path] = {}
+
+    @property
+    def forms(self) -> list[str]:
+        return [f"{n} {r}" for n, r in itertools.product(self.numerics, self.runners)]
+
+    def _report_setting(self, trainer: pl.Trainer, name: str) -> Any:
+        from lightning_quantum.callbacks.report import OptimizationReport
+
+        reports = [cb for cb in trainer.callbacks if isinstance(cb, OptimizationReport)]  # type: ignore[attr-defined]
+        return getattr(reports[0], name) if reports else None
+
+    @staticmethod
+    def _float_model(trainer: pl.Trainer) -> nn.Module | None:
+        """The float weights from before QAT's conversion, when a QAT callback converted this fit."""
+        from lightning_quantum.callbacks.qat import QuantizationAwareTraining
+
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, QuantizationAwareTraining) and callback.float_model is not None:
+                return callback.float_model
+        return None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        precision = str(trainer.precision)
+        if precision not in _FLOAT32_WEIGHTS or type(trainer.precision_plugin).__name__ == "BitsandbytesPrecision":
+            # Weights kept in 16 bits or 4 bits are shipped as trained: the forms here start from float32.
+            rank_zero_info(f"Deployment: a model trained with precision {precision!r} is shipped as trained.")
+            return
+        source = getattr(trainer, "datamodule", None) or pl_module
+        loader_fn = getattr(source, _EVAL_LOADERS[self.eval_split], None)
+        if loader_fn is None:
+            raise RuntimeError(
+                f"DeploymentGate needs a `{_EVAL_LOADERS[self.eval_split]}` on the DataModule or LightningModule "
+                f"(`eval_split`={self.eval_split!r})."
+            )
+        loader = loader_fn()
+        quick = is_fast_dev_run(trainer)
+        batch_size = self.batch_size or self._report_setting(trainer, "batch_size") or 64
+        threads = self.num_threads or self._report_setting(trainer, "num_threads")
+        model = inference_copy(pl_module)
+        forms = [trained_form(model)] if quick else self.forms  # fast_dev_run: no compiling, one form
+        self.module, self.decision = choose_deployment(
+            model,
+            loader,
+            example_inputs=None,
+            float_model=self._float_model(trainer),
+            forms=forms,
+            batch_size=batch_size,
+            warmup=1 if quick else self.warmup,
+            repeats=2 if quick else self.repeats,
+            rounds=1 if quick else self.rounds,
+            num_threads=threads,
+            max_accuracy_drop=self.max_accuracy_drop,
+            min_cosine=self.min_cosine,
+            max_eval_batches=1 if quick else self.max_eval_batches,
+        )
+        rank_zero_info(f"Deployment: {self.decision.reason}")
+        if self.export:
+            out = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+            self.paths = save_deployment(self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem)
+
+    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        if self.decision is None:
+            return {}
+        record = self.decision.to_dict()
+        record["files"] = {name: str(path) for name, path in self.paths.items()}
+        return {"deployment": record}

@@ -1,0 +1,239 @@
+"""The deployment gate: candidate forms, the choice, the budget, the shipped program, the callback."""
+
+import json
+import subprocess
+import sys
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+import lightning_quantum.deployment as deployment
+from lightning_quantum.callbacks import DeploymentGate, OptimizationReport, QuantizationAwareTraining
+from lightning_quantum.deployment import (
+    FORMS,
+    build_form,
+    choose_deployment,
+    load_deployment,
+    save_deployment,
+    trained_form,
+)
+from lightning_quantum.models import Classifier, DigitsMLP
+from lightning_quantum.quantization import convert_qat, prepare_qat, set_fake_quant_enabled
+from tests.conftest import trainer_kwargs
+
+
+def _int8_mlp():
+    """A DigitsMLP as QAT leaves it: int8 linears (Int8Tensor) and its float weights beside."""
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
+    float_net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
+    float_net.load_state_dict(net.state_dict())
+    prepare_qat(net, "int8_dynamic_int8_weight")
+    set_fake_quant_enabled(net, True)
+    convert_qat(net, "int8_dynamic_int8_weight")
+    return net, float_net
+
+
+def _loader(n=96, batch=32):
+    torch.manual_seed(1)
+    x = torch.rand(n, 64)
+    y = torch.randint(0, 10, (n,))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+class _Slow(nn.Module):
+    """A candidate form forced slow: it sleeps before each call."""
+
+    def __init__(self, model, seconds):
+        super().__init__()
+        self.model = model
+        self.seconds = seconds
+
+    def forward(self, *args):
+        time.sleep(self.seconds)
+        return self.model(*args)
+
+
+def test_forms_and_what_the_trained_model_is():
+    net, float_net = _int8_mlp()
+    assert trained_form(net) == "int8 eager" and trained_form(float_net) == "float eager"
+    assert set(FORMS) == {f"{n} {r}" for n in ("float", "bf16", "int8") for r in ("eager", "compiled")}
+    x = torch.rand(4, 64)
+    with torch.no_grad():
+        assert torch.equal(build_form("float eager", net, float_net)(x), float_net(x))  # the weights before conversion
+        assert build_form("bf16 eager", net, float_net)(x).dtype == torch.float32  # bf16 inside, float32 outside
+    int8_of_float = build_form("int8 eager", float_net)
+    assert type(int8_of_float.head.weight).__name__ == "Int8Tensor"  # dynamic int8 of a float model
+    assert type(float_net.head.weight) is nn.Parameter  # never modified
+    with pytest.raises(ValueError, match=r"`form`='int4 eager' is not valid. Choose one of: 'float eager'"):
+        build_form("int4 eager", net)
+
+
+def test_gate_picks_the_float_form_when_a_forced_slow_int8_candidate_loses(monkeypatch):
+    net, float_net = _int8_mlp()
+    real_build = deployment.build_form
+
+    def build(form, model, float_model=None):
+        built = real_build(form, model, float_model)
+        return _Slow(built, 0.02) if form.startswith("int8") else built
+
+    monkeypatch.setattr(deployment, "build_form", build)
+    module, decision = choose_deployment(
+        net, _loader(), float_model=float_net, forms=["float eager", "int8 eager"], batch_size=32, warmup=1, repeats=3
+    )
+    assert decision.form == "float eager" and decision.trained_form == "int8 eager"
+    assert [c.form for c in decision.candidates] == ["int8 eager", "float eager"]
+    assert decision.candidate("int8 eager").latency_p50_ms >= 20.0
+    assert "slower" not in decision.reason and "faster than the model as trained (int8 eager)" in decision.reason
+    assert not isinstance(module, _Slow) and type(module.head.weight) is nn.Parameter
+
+
+def test_a_faster_form_over_the_accuracy_budget_is_turned_down(monkeypatch):
+    net, float_net = _int8_mlp()
+    real_build = deployment.build_form
+
+    class Wrong(nn.Module):  # fast and wrong: constant logits
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10).index_fill_(1, torch.tensor([3]), 1.0)
+
+    def build(form, model, float_model=None):
+        if form == "bf16 eager":
+            return Wrong()
+        return _Slow(real_build(form, model, float_model), 0.005)
+
+    monkeypatch.setattr(deployment, "build_form", build)
+    _, decision = choose_deployment(
+        net, _loader(), float_model=float_net, forms=["int8 eager", "bf16 eager"], batch_size=32, warmup=1, repeats=3,
+        max_accuracy_drop=0.0,
+    )
+    wrong = decision.candidate("bf16 eager")
+    assert decision.form == "int8 eager"
+    assert not wrong.eligible and "> `max_accuracy_drop`=0.0" in wrong.note
+    assert "Faster but turned down: bf16 eager" in decision.reason
+
+
+def test_unlabelled_outputs_are_judged_by_cosine(monkeypatch):
+    net, _ = _int8_mlp()
+    data = [torch.rand(16, 64) for _ in range(2)]  # inputs only: no labels
+    _, decision = choose_deployment(net, data, forms=["float eager"], batch_size=16, warmup=0, repeats=2, min_cosine=0.99)
+    candidate = decision.candidate("float eager")
+    assert candidate.accuracy is None and candidate.cosine_to_trained > 0.99 and candidate.eligible
+    assert candidate.cosine_to_trained < 1.0 - 1e-7  # int8 and float outputs differ
+    _, strict = choose_deployment(net, data, forms=["float eager"], batch_size=16, warmup=0, repeats=2, min_cosine=1.0)
+    assert strict.form == "int8 eager" and "< `min_cosine`=1.0" in strict.candidate("float eager").note
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"forms": "float eager"}, r"`forms`='float eager' is not valid. Give a list of"),
+        ({"forms": ["fp8 eager"]}, r"`forms` entry 'fp8 eager' is not valid"),
+        ({"max_accuracy_drop": float("nan")}, r"`max_accuracy_drop`=nan"),
+        ({"min_cosine": 2.0}, r"`min_cosine`=2.0 is not valid. It must lie in \[-1, 1\]"),
+        ({"rounds": 0}, r"`rounds`=0"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        choose_deployment(nn.Linear(4, 2), example_inputs=torch.rand(2, 4), **kwargs)
+
+
+_RELOAD = """
+import sys, torch
+from lightning_quantum.deployment import load_deployment
+module = load_deployment(sys.argv[1])
+inputs = torch.load(sys.argv[2], weights_only=True)
+with torch.inference_mode():
+    torch.save(module(inputs), sys.argv[3])
+"""
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("form", ["int8 compiled", "bf16 eager"])
+def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form):
+    net, float_net = _int8_mlp()
+    # Force the winner, so that each kind of form is shipped: times are what the gate measures, here set.
+    monkeypatch.setattr(
+        deployment,
+        "_time_interleaved",
+        lambda modules, *a, **k: {f: [0.1 if f == form else 1.0] for f in modules},
+    )
+    module, decision = choose_deployment(net, _loader(), float_model=float_net, forms=[form], batch_size=32)
+    assert decision.form == form
+    inputs = torch.rand(32, 64)
+    paths = save_deployment(module, decision, inputs, tmp_path / "ship")
+    record = json.loads(paths["deployment"].read_text())
+    assert record["form"] == form and record["program"] == "model.pt2"
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(tmp_path / "ship"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        timeout=300,
+    )
+    with torch.inference_mode():
+        expected = module(inputs)
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
+
+
+def test_load_deployment_refuses_a_bad_record(tmp_path):
+    with pytest.raises(FileNotFoundError, match="deployment.json does not exist"):
+        load_deployment(tmp_path)
+    (tmp_path / "deployment.json").write_text(json.dumps({"form": "float eager", "program": "../elsewhere.pt2"}))
+    with pytest.raises(ValueError, match=r"`program`='../elsewhere.pt2' must name a .pt2 file in"):
+        load_deployment(tmp_path)
+    (tmp_path / "deployment.json").write_text(json.dumps({"form": "fp8 eager", "program": "model.pt2"}))
+    with pytest.raises(ValueError, match=r"`form`='fp8 eager' is not valid"):
+        load_deployment(tmp_path)
+    (tmp_path / "deployment.json").write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_deployment(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"numerics": ["int4"]}, r"`numerics`=\['int4'\] is not valid. Give a list of: 'float', 'bf16', 'int8'"),
+        ({"runners": "eager"}, r"`runners`='eager' is not valid"),
+        ({"batch_size": 0}, r"`batch_size`=0"),
+        ({"eval_split": "train"}, r"`eval_split`='train' is not valid"),
+        ({"stem": "a/b"}, r"`stem`='a/b' is not valid"),
+    ],
+)
+def test_callback_arguments_are_validated(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        DeploymentGate(**kwargs)
+
+
+def test_callback_ships_a_qat_model_and_the_report_measures_what_ships(tmp_path, digits):
+    torch.manual_seed(0)
+    model = Classifier(DigitsMLP(hidden=(64,), dropout=0.0), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    gate = DeploymentGate(numerics=["float", "int8"], runners=["eager"], repeats=4, rounds=2, output_dir=tmp_path)
+    report = OptimizationReport(output_dir=tmp_path, repeats=3, warmup=1, print_table=False, compare_train_step=False)
+    callbacks = [QuantizationAwareTraining(start_step=None), gate, report]
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=callbacks)).fit(model, digits)
+    decision = gate.decision
+    assert decision is not None and decision.trained_form == "int8 eager"
+    assert {c.form for c in decision.candidates} == {"int8 eager", "float eager"}
+    assert (tmp_path / "deployed.pt2").is_file()
+    saved = json.loads((tmp_path / "deployment.json").read_text())
+    assert saved["form"] == decision.form
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["precision"].startswith(decision.form)
+    assert data["extra"]["deployment"]["form"] == decision.form
+    # QAT's reference is the float model before conversion, measured on the same data
+    assert data["accuracy_reference"] == "the float model before int8 conversion"
+    assert data["reference_accuracy"] == pytest.approx(decision.candidate("float eager").accuracy)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Deployment" in markdown and "Compile time of the shipped form" in markdown
+    assert "| int8 eager |" in markdown and "| float eager |" in markdown
+
+
+def test_fast_dev_run_measures_only_the_trained_form(tmp_path, digits):
+    model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))
+    gate = DeploymentGate(output_dir=tmp_path)
+    pl.Trainer(**trainer_kwargs(tmp_path, fast_dev_run=True, callbacks=[gate])).fit(model, digits)
+    assert [c.form for c in gate.decision.candidates] == ["float eager"] and gate.decision.form == "float eager"

@@ -107,7 +107,13 @@ def test_a_faster_form_over_the_accuracy_budget_is_turned_down(monkeypatch):
 
     monkeypatch.setattr(deployment, "build_form", build)
     _, decision = choose_deployment(
-        net, _loader(), float_model=float_net, forms=["int8 eager", "bf16 eager"], batch_size=32, warmup=1, repeats=3,
+        net,
+        _loader(),
+        float_model=float_net,
+        forms=["int8 eager", "bf16 eager"],
+        batch_size=32,
+        warmup=1,
+        repeats=3,
         max_accuracy_drop=0.0,
     )
     wrong = decision.candidate("bf16 eager")
@@ -119,7 +125,9 @@ def test_a_faster_form_over_the_accuracy_budget_is_turned_down(monkeypatch):
 def test_unlabelled_outputs_are_judged_by_cosine(monkeypatch):
     net, _ = _int8_mlp()
     data = [torch.rand(16, 64) for _ in range(2)]  # inputs only: no labels
-    _, decision = choose_deployment(net, data, forms=["float eager"], batch_size=16, warmup=0, repeats=2, min_cosine=0.99)
+    _, decision = choose_deployment(
+        net, data, forms=["float eager"], batch_size=16, warmup=0, repeats=2, min_cosine=0.99
+    )
     candidate = decision.candidate("float eager")
     assert candidate.accuracy is None and candidate.cosine_to_trained > 0.99 and candidate.eligible
     assert candidate.cosine_to_trained < 1.0 - 1e-7  # int8 and float outputs differ
@@ -153,7 +161,7 @@ with torch.inference_mode():
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("form", ["int8 compiled", "bf16 eager"])
+@pytest.mark.parametrize("form", ["int8 compiled"])  # the form that needs compiling again on load
 def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form):
     net, float_net = _int8_mlp()
     # Force the winner, so that each kind of form is shipped: times are what the gate measures, here set.

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
     "trainer.max_epochs=3",
     "callbacks.report=null",
+    "callbacks.deployment=null",
     "callbacks.memory_monitor=null",
     "callbacks.rich_progress_bar=null",
     "logger=none",

@@ -141,7 +141,9 @@ def _force_times(monkeypatch, fastest, slow_prefix=None):
     import lightning_quantum.deployment as deployment
 
     def times(modules, *args, **kwargs):
-        return {f: [0.1 if f == fastest else 10.0 if slow_prefix and f.startswith(slow_prefix) else 1.0] for f in modules}
+        return {
+            f: [0.1 if f == fastest else 10.0 if slow_prefix and f.startswith(slow_prefix) else 1.0] for f in modules
+        }
 
     monkeypatch.setattr(deployment, "_time_interleaved", times)
 

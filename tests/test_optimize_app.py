@@ -28,6 +28,7 @@ def checkpoint(tmp_path_factory):
         "trainer.max_epochs=5",
         "logger=none",
         "callbacks.report=null",
+        "callbacks.deployment=null",
         "callbacks.rich_progress_bar=null",
         "model.net.hidden=[128]",
     )
@@ -60,7 +61,11 @@ def test_quantum_on_a_trained_checkpoint_writes_a_smaller_model_and_its_report(t
 
 def test_ultra_without_an_accuracy_budget_prunes_and_quantizes_to_nf4(tmp_path, checkpoint):
     result = _optimize(
-        tmp_path, checkpoint, "level=ultra", "options.prune_amount=0.5", "options.max_accuracy_drop=null",
+        tmp_path,
+        checkpoint,
+        "level=ultra",
+        "options.prune_amount=0.5",
+        "options.max_accuracy_drop=null",
         "options.deploy=false",
     )
     assert result.applied == ["prune", "nf4"] and result.report.sparsity >= 0.5

@@ -248,3 +248,92 @@ def test_frozen_ranges_from_a_cpu_checkpoint_land_on_the_layers_device():
     assert freeze_ranges_from_state(fresh, state) == 2
     quantizer = fresh.head.weight_fake_quantizer
     assert quantizer.scale.device.type == "meta" and quantizer.zero_point.device.type == "meta"
+
+
+class _Tokens(pl.LightningModule):
+    """A bag-of-tokens classifier: an embedding table (most of its weights), mean over tokens, a linear head."""
+
+    def __init__(self, vocab=200, dim=32, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self(tokens), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 200, (96, 12), generator=generator)
+        labels = tokens.sum(dim=1) % 4
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, labels), batch_size=16)
+
+
+def test_embedding_qat_round_trip(tmp_path):
+    """Tables get int8 fake quantization per row, convert to int8 tables with the same rows, and reload."""
+    from lightning_quantum.quantization import load_safetensors, save_safetensors
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    tokens = torch.randint(0, 200, (8, 12))
+    assert prepare_qat(model, "int8_dynamic_int8_weight", embeddings=True) == ["embed", "head"]
+    assert type(model.embed).__name__ == "FakeQuantizedEmbedding"
+    set_fake_quant_enabled(model, True)
+    with torch.no_grad():
+        rows = model.embed(tokens)
+        fake = model(tokens)
+        weight = model.embed.weight
+        scale = (weight.abs().amax(dim=1, keepdim=True) / 127.5)[tokens]  # symmetric int8, one scale per row
+        levels = rows / scale
+        assert (levels - levels.round()).abs().max() < 1e-3 and -128 <= levels.round().min() <= levels.round().max() <= 127
+        assert ((rows - weight[tokens]).abs() <= scale / 2 * (1 + 1e-4)).all()  # the nearest level
+        assert convert_qat(model, "int8_dynamic_int8_weight") == 2
+        assert type(model.embed.weight).__name__ == "IntxUnpackedToInt8Tensor"
+        assert torch.equal(model.embed(tokens), rows)  # a lookup returns exactly the fake-quantized rows
+        torch.testing.assert_close(model(tokens), fake, atol=1e-4, rtol=0)  # the int8 head: float rounding
+    save_safetensors(model, tmp_path / "tokens.safetensors")
+    float_bytes = 200 * 32 * 4
+    assert (tmp_path / "tokens.safetensors").stat().st_size < 0.45 * (float_bytes + 33 * 4 * 4)
+    fresh = load_safetensors(_Tokens().eval(), tmp_path / "tokens.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), model(tokens))
+    assert dequantize_linears(model) == 2 and type(model.embed.weight) is nn.Parameter
+
+
+def test_embeddings_can_be_left_out(tmp_path):
+    model = _Tokens()
+    qat = QuantizationAwareTraining(start_step=0, embeddings=False)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[qat])).fit(model)
+    assert qat.layers == ["head"] and type(model.embed) is nn.Embedding and type(model.embed.weight) is nn.Parameter
+    assert type(model.head.weight).__name__ == "Int8Tensor"
+    with pytest.raises(MisconfigurationException, match=r"`embeddings`='yes' is not valid. It must be True or False"):
+        QuantizationAwareTraining(embeddings="yes")
+
+
+def _fit_tokens(tmp_path, epochs, ckpt_path=None):
+    torch.manual_seed(0)
+    model = _Tokens()
+    qat = QuantizationAwareTraining(start_step=3, convert_on_fit_end=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, filename="{epoch}", save_on_train_epoch_end=True)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=epochs, limit_train_batches=None, enable_checkpointing=True, callbacks=[qat, ckpt]
+        )
+    )
+    trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
+    return model, qat
+
+
+@pytest.mark.parity
+def test_qat_with_embeddings_resumes_exactly(tmp_path):
+    full, qat = _fit_tokens(tmp_path / "a", 3)
+    assert qat.layers == ["embed", "head"] and type(full.embed).__name__ == "FakeQuantizedEmbedding"
+    resumed, _ = _fit_tokens(tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=0.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

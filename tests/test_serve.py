@@ -374,7 +374,7 @@ def test_jobs_are_queued_until_a_worker_takes_them_and_profiles_do_not_wait(mode
     gate = _gate(monkeypatch, tmp_path)
     with _client(model_root, tmp_path / "service") as client:
         assert client.post("/models", json=MODEL).status_code == 201
-        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2}}
+        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2, "deploy": False}}
         ids = [client.post("/optimize/model", json=body).json()["job_id"] for _ in range(3)]
         _wait_for(lambda: list(tmp_path.glob("started-*")))  # the first job is in the worker, held at the gate
         jobs = [client.get(f"/optimize/jobs/{i}").json() for i in ids]
@@ -400,7 +400,7 @@ def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(model_root, tmp_
     app = create_app(ServiceSettings(model_root=model_root, data_dir=tmp_path / "service"))
     with TestClient(app) as client:
         assert client.post("/models", json=MODEL).status_code == 201
-        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2}}
+        body = {"model": "digits", "level": "quantum", "options": {"repeats": 2, "deploy": False}}
         first, second = (client.post("/optimize/model", json=body).json()["job_id"] for _ in range(2))
         _wait_for(lambda: list(tmp_path.glob("started-*")))
         (pid,) = app.state.workers["jobs"][0].pids()

@@ -223,7 +223,14 @@ def test_last_checkpoint_is_the_final_state_of_the_run(tmp_path, stop):
     import torch
     from hydra.utils import instantiate
 
-    cfg = _cfg(tmp_path, stop, "callbacks.report=null", "callbacks.rich_progress_bar=null", "logger=none")
+    cfg = _cfg(
+        tmp_path,
+        stop,
+        "callbacks.report=null",
+        "callbacks.deployment=null",
+        "callbacks.rich_progress_bar=null",
+        "logger=none",
+    )
     callbacks = [instantiate(cfg.callbacks[name]) for name in ("model_checkpoint", "last_checkpoint")]
     trainer_args = {k: v for k, v in cfg.trainer.items() if k != "_target_"}
     trainer = pl.Trainer(**{**trainer_args, "precision": "32-true"}, callbacks=callbacks, logger=False)
@@ -244,7 +251,14 @@ def test_last_checkpoint_is_the_final_state_of_the_run(tmp_path, stop):
 def test_max_epochs_minus_one_needs_another_bound(tmp_path):
     with pytest.raises(ValueError, match=r"`trainer.max_epochs`=-1 trains until the process is killed"):
         train(_cfg(tmp_path, "trainer.max_epochs=-1"))
-    cfg = _cfg(tmp_path, "trainer.max_epochs=-1", "trainer.max_steps=3", "callbacks.report=null", "logger=none")
+    cfg = _cfg(
+        tmp_path,
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=3",
+        "callbacks.report=null",
+        "callbacks.deployment=null",
+        "logger=none",
+    )
     train(cfg)  # bounded by max_steps: allowed
 
 

@@ -142,9 +142,7 @@ class DeploymentDecision:
 
 
 def _is_int8(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor" for m in model.modules()
-    )
+    return any(isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor" for m in model.modules())
 
 
 def _has_quantized_weights(model: nn.Module) -> bool:
@@ -365,11 +363,15 @@ def choose_deployment(
                     _call(module, inputs)  # compiles a compiled form
                 _sync(device)
                 result.build_seconds = time.perf_counter() - t0
-                result.accuracy, result.cosine_to_trained, outputs = _quality(module, batches, reference_outputs, metric)
+                result.accuracy, result.cosine_to_trained, outputs = _quality(
+                    module, batches, reference_outputs, metric
+                )
                 result.size_bytes = serialized_size_bytes(module)
             except Exception as error:  # noqa: BLE001 - a form that cannot run here is listed, not fatal
                 result.build_seconds = time.perf_counter() - t0
-                result.note = f"could not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                result.note = (
+                    f"could not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                )
                 log.warning("deployment: form %r %s", form, result.note)
                 if form == reference_form:
                     raise
@@ -378,7 +380,7 @@ def choose_deployment(
                 reference_outputs = outputs
             built[form] = module
         reference_accuracy = results[reference_form].accuracy
-        for form, module in built.items():
+        for form in built:
             result = results[form]
             if form == reference_form:
                 result.eligible, result.note = True, "as trained (the reference)"
@@ -393,7 +395,9 @@ def choose_deployment(
             else:
                 cosine = result.cosine_to_trained if result.cosine_to_trained is not None else float("nan")
                 result.eligible = cosine >= min_cosine
-                result.note = "cosine within budget" if result.eligible else f"cosine {cosine:.4f} < `min_cosine`={min_cosine}"
+                result.note = (
+                    "cosine within budget" if result.eligible else f"cosine {cosine:.4f} < `min_cosine`={min_cosine}"
+                )
         times = _time_interleaved(built, timed, warmup=warmup, repeats=repeats, rounds=rounds, device=device)
     for form, samples in times.items():
         results[form].latency_p50_ms = statistics.median(samples)
@@ -452,7 +456,10 @@ def _reason(winner: CandidateResult, reference: CandidateResult, candidates: lis
     p50 = winner.latency_p50_ms or float("nan")
     within = sum(c.eligible for c in candidates)
     parts = [f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50)"]
-    for other, label in ((reference, f"the model as trained ({reference.form})"), (_form(candidates, "float eager"), "float eager")):
+    for other, label in (
+        (reference, f"the model as trained ({reference.form})"),
+        (_form(candidates, "float eager"), "float eager"),
+    ):
         if other is not None and other is not winner and other.latency_p50_ms:
             parts.append(f"{ratio_words(other.latency_p50_ms / p50, 'faster', 'slower')} than {label}")
     sentence = ", ".join(parts) + "."
@@ -527,4 +534,3 @@ def forms_for(allowed_numerics: Iterable[str]) -> list[str]:
         if numerics not in NUMERICS:
             raise ValueError(f"numerics {numerics!r} is not valid. Choose from: {', '.join(map(repr, NUMERICS))}.")
     return [f for f in FORMS if f.split()[0] in allowed]
-

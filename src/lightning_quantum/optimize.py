@@ -304,8 +304,20 @@ def optimize(
     extra: dict[str, Any] = {}
     if deploy:
         current = _deploy(
-            current, float_current, steps, level, keep_slower, eval_data, timed, example_inputs, metric,
-            batch_size, repeats, max_accuracy_drop, reference, extra,
+            current,
+            float_current,
+            steps,
+            level,
+            keep_slower,
+            eval_data,
+            timed,
+            example_inputs,
+            metric,
+            batch_size,
+            repeats,
+            max_accuracy_drop,
+            reference,
+            extra,
         )
     duration = time.perf_counter() - started
     after = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
@@ -402,10 +414,8 @@ def save_optimized(
     """
     import json
 
-    from lightning_quantum.quantization.export import export_program, save_safetensors
+    from lightning_quantum.quantization.export import FrozenInference, export_program, save_safetensors
     from lightning_quantum.report import keep_existing
-
-    from lightning_quantum.quantization.export import FrozenInference
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

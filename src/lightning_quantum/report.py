@@ -231,15 +231,15 @@ def _deployment(report: OptimizationReportData) -> tuple[str, list[tuple[str, ..
     record = report.extra.get("deployment")
     if not isinstance(record, dict):
         return "", []
-    winner = next((c for c in record["candidates"] if c["form"] == record["form"]), {})
+    winner: dict[str, Any] = next((c for c in record["candidates"] if c["form"] == record["form"]), {})
     words = (
         f"{record['reason']} Compile time of the shipped form: {winner.get('build_seconds', 0.0):.1f} s; "
         f"the gate measured {len(record['candidates'])} forms at batch {record['batch_size']} in "
         f"{record['gate_seconds']:.1f} s."
     )
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
-            c["form"],
+            str(c["form"]),
             _fmt(c["latency_p50_ms"]),
             _fmt(c["latency_p95_ms"]),
             _fmt(c["accuracy"]),
@@ -392,8 +392,8 @@ def render_rich_table(report: OptimizationReportData) -> Any:
         forms = Table(title="Deployment: the candidate forms", caption=words)
         for header in DEPLOYMENT_HEADERS:
             forms.add_column(header, justify="left" if header in ("form", "verdict") else "right")
-        for row in candidates:
-            forms.add_row(*row)
+        for candidate in candidates:
+            forms.add_row(*candidate)
         parts.append(forms)
     return parts[0] if len(parts) == 1 else Group(*parts)
 

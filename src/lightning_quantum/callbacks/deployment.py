@@ -68,7 +68,7 @@ class DeploymentGate(Callback):
         stem: file name stem of the program.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate(batch_size=256)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate()])  # doctest: +SKIP
     """
 
     def __init__(
@@ -103,7 +103,9 @@ class DeploymentGate(Callback):
         if num_threads is not None:
             check_positive("num_threads", num_threads, error=err)
         if eval_split not in _EVAL_LOADERS:
-            raise err(f"`eval_split`={eval_split!r} is not valid. Choose one of: {', '.join(map(repr, _EVAL_LOADERS))}.")
+            raise err(
+                f"`eval_split`={eval_split!r} is not valid. Choose one of: {', '.join(map(repr, _EVAL_LOADERS))}."
+            )
         if max_eval_batches is not None:
             check_positive("max_eval_batches", max_eval_batches, error=err)
         if not stem or "/" in stem:
@@ -185,8 +187,14 @@ class DeploymentGate(Callback):
         )
         rank_zero_info(f"Deployment: {self.decision.reason}")
         if self.export:
-            out = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
-            self.paths = save_deployment(self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem)
+            out = (
+                Path(self.output_dir)
+                if self.output_dir is not None
+                else Path(trainer.log_dir or trainer.default_root_dir)
+            )
+            self.paths = save_deployment(
+                self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem
+            )
 
     def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         if self.decision is None:

@@ -17,15 +17,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum._modules import eval_mode
+from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
-    benchmark_model,
-    compare_train_step_ms,
     _call,
     _module_device,
     _to_device,
+    benchmark_model,
+    compare_train_step_ms,
     evaluate_accuracy,
     make_train_step,
     split_batch,
@@ -275,7 +275,9 @@ class OptimizationReport(Callback):
         if gate is not None and gate.module is not None and gate.decision is not None:
             # The form that ships is the one measured: what the DeploymentGate chose (it takes float32 inputs).
             final_metrics = benchmark_model(gate.module, eval_data=loader, precision="32-true", **settings)
-            return baseline_metrics, dataclasses.replace(final_metrics, precision=f"{gate.decision.form} ({name} training)")
+            return baseline_metrics, dataclasses.replace(
+                final_metrics, precision=f"{gate.decision.form} ({name} training)"
+            )
         final_metrics = benchmark_model(pl_module, eval_data=loader, precision=runs_as, **settings)
         return baseline_metrics, dataclasses.replace(final_metrics, precision=name)
 

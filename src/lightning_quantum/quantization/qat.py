@@ -14,8 +14,8 @@ int8 kernels: ``torch._int_mm`` on CUDA, oneDNN int8 GEMMs once compiled with
 activations to the same integers as fake quantization, but multiplies integers where fake quantization
 multiplies floats, so the outputs differ by float rounding: ``tests/test_qat.py`` allows 1e-3 of the
 largest logit and the same top-1 class on every image (measured: 7.5e-8 on a DigitsMLP over 256 digits
-images; 2.8e-4 of logits up to 0.35 with Gaussian inputs). The int4 schemes convert to torchao's ``IntxUnpackedToInt8Tensor``,
-which matches fake quantization bit for bit but dequantizes in eager mode.
+images; 2.8e-4 of logits up to 0.35 with Gaussian inputs). The int4 schemes convert to torchao's
+``IntxUnpackedToInt8Tensor``, which matches fake quantization bit for bit but dequantizes in eager mode.
 """
 
 from __future__ import annotations
@@ -53,27 +53,50 @@ def _fake_quantized_linear() -> type[nn.Module]:
     return FakeQuantizedLinear
 
 
+def _fake_quantized_embedding() -> type[nn.Module]:
+    from torchao.quantization.qat import FakeQuantizedEmbedding
+
+    return FakeQuantizedEmbedding
+
+
+def _fake_quantized() -> tuple[type[nn.Module], type[nn.Module]]:
+    return _fake_quantized_linear(), _fake_quantized_embedding()
+
+
+def _embedding_base_config() -> Any:
+    """int8 weights, one scale per row: what ``quantize_dynamic_int8(embeddings=True)`` gives a table."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+
+
 def select_linears(
-    model: nn.Module, names: Sequence[str] | None = None, ignore: Sequence[str] = ()
-) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers (prepared or not) to quantize, by module name.
+    model: nn.Module, names: Sequence[str] | None = None, ignore: Sequence[str] = (), *, embeddings: bool = False
+) -> dict[str, nn.Module]:
+    """The ``nn.Linear`` layers (and with ``embeddings``, ``nn.Embedding`` tables), prepared or not, to
+    quantize, by module name.
 
     Raises:
         ValueError: when a pattern matches nothing, or no layer is left to quantize.
     """
-    types = ("Linear", "FakeQuantizedLinear")
-    return select_parameters(model, module_types=types, names=names, ignore=ignore, purpose="quantize")  # type: ignore[return-value]
+    types = ("Linear", "FakeQuantizedLinear") + (("Embedding", "FakeQuantizedEmbedding") if embeddings else ())
+    return select_parameters(model, module_types=types, names=names, ignore=ignore, purpose="quantize")
 
 
 def is_prepared(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` is a torchao ``FakeQuantizedLinear``."""
-    cls = _fake_quantized_linear()
-    return any(isinstance(m, cls) for m in model.modules())
+    """Whether any layer of ``model`` is a torchao ``FakeQuantizedLinear`` (or ``FakeQuantizedEmbedding``)."""
+    classes = _fake_quantized()
+    return any(isinstance(m, classes) for m in model.modules())
+
+
+def _quantized(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) and type(module.weight) not in (Tensor, nn.Parameter)
 
 
 def is_converted(model: nn.Module) -> bool:
-    """Whether any ``Linear`` weight of ``model`` is a torchao quantized tensor."""
-    return any(isinstance(m, nn.Linear) and type(m.weight) not in (Tensor, nn.Parameter) for m in model.modules())
+    """Whether any ``Linear`` (or ``Embedding``) weight of ``model`` is a torchao quantized tensor."""
+    return any(_quantized(m) for m in model.modules())
 
 
 def prepare_qat(
@@ -83,10 +106,14 @@ def prepare_qat(
     group_size: int = 32,
     names: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
+    embeddings: bool = False,
 ) -> list[str]:
-    """Swap the chosen linears for fake-quantized ones, in place; return their names.
+    """Swap the chosen linears (and with ``embeddings``, embedding tables) for fake-quantized ones, in
+    place; return their names.
 
-    Safe to call twice: layers already prepared are left alone.
+    Embedding tables get int8 weights with one scale per row (torchao ``FakeQuantizedEmbedding``; a
+    lookup has no activation to quantize), whatever the linears' scheme. Safe to call twice: layers
+    already prepared are left alone.
 
     Raises:
         ValueError: for an unknown scheme, a group size that does not divide a layer, or nothing to quantize.
@@ -95,22 +122,33 @@ def prepare_qat(
     from torchao.quantization.qat import QATConfig
 
     base = qat_base_config(scheme, group_size)
-    linears = select_linears(model, names, ignore)
-    check_group_size(scheme, group_size, linears)
-    cls = _fake_quantized_linear()
-    todo = {name for name, m in linears.items() if not isinstance(m, cls)}
+    chosen = select_linears(model, names, ignore, embeddings=embeddings)
+    linears = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
+    check_group_size(scheme, group_size, linears)  # type: ignore[arg-type]
+    classes = _fake_quantized()
+    todo = {name for name, m in linears.items() if not isinstance(m, classes)}
     if todo:
         quantize_(model, QATConfig(base, step="prepare"), filter_fn=lambda m, fqn: fqn in todo)
-    return sorted(linears)
+    tables = {name for name, m in chosen.items() if isinstance(m, nn.Embedding) and not isinstance(m, classes)}
+    if tables:
+        quantize_(
+            model,
+            QATConfig(_embedding_base_config(), step="prepare"),
+            filter_fn=lambda m, fqn: fqn in tables and isinstance(m, nn.Embedding),
+        )
+    return sorted(chosen)
 
 
 def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> int:
-    """Turn the fake quantizers of every prepared layer on or off; return how many layers."""
-    cls = _fake_quantized_linear()
+    """Turn the fake quantizers of every prepared layer (and table) on or off; return how many layers."""
+    classes = _fake_quantized()
     count = 0
     for module in model.modules():
-        if isinstance(module, cls):
-            quantizers: tuple[Any, ...] = (module.activation_fake_quantizer, module.weight_fake_quantizer)
+        if isinstance(module, classes):
+            quantizers: tuple[Any, ...] = (
+                getattr(module, "activation_fake_quantizer", None),  # embeddings have none
+                module.weight_fake_quantizer,
+            )
             for quantizer in quantizers:
                 if quantizer is not None:
                     quantizer.enabled = enabled
@@ -189,20 +227,28 @@ def convert_qat(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
 
     ``"int8_dynamic_int8_weight"`` layers get ``Int8Tensor`` weights, which run int8 kernels (see the
     module's docstring for how closely they follow fake quantization); frozen weight ranges are kept.
-    The other schemes go through torchao's ``QATConfig(step="convert")``.
+    The other schemes go through torchao's ``QATConfig(step="convert")``. Fake-quantized embedding
+    tables become int8 tables (``IntxUnpackedToInt8Tensor``, one scale per row), whose lookups return
+    exactly the fake-quantized rows.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    cls = _fake_quantized_linear()
-    count = sum(isinstance(m, cls) for m in model.modules())
-    if not count:
-        return 0
-    if scheme == "int8_dynamic_int8_weight":
-        _convert_to_int8_kernels(model)
-    else:
-        quantize_(model, QATConfig(qat_base_config(scheme, group_size), step="convert"))
-    return count
+    linear_cls, embedding_cls = _fake_quantized()
+    tables = sum(isinstance(m, embedding_cls) for m in model.modules())
+    if tables:
+        quantize_(
+            model,
+            QATConfig(_embedding_base_config(), step="convert"),
+            filter_fn=lambda m, fqn: isinstance(m, embedding_cls),
+        )
+    count = sum(isinstance(m, linear_cls) for m in model.modules())
+    if count:
+        if scheme == "int8_dynamic_int8_weight":
+            _convert_to_int8_kernels(model)
+        else:
+            quantize_(model, QATConfig(qat_base_config(scheme, group_size), step="convert"))
+    return count + tables
 
 
 @torch.no_grad()
@@ -233,22 +279,26 @@ def _convert_to_int8_kernels(model: nn.Module) -> None:
 
 
 def unprepare_qat(model: nn.Module) -> int:
-    """Swap fake-quantized layers back to plain ``nn.Linear`` (same weights), in place; return how many."""
-    cls = _fake_quantized_linear()
-    targets = [name for name, m in model.named_modules() if isinstance(m, cls)]
+    """Swap fake-quantized layers back to plain ``nn.Linear`` / ``nn.Embedding`` (same weights), in place;
+    return how many."""
+    linear_cls, embedding_cls = _fake_quantized()
+    targets = [name for name, m in model.named_modules() if isinstance(m, (linear_cls, embedding_cls))]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, getattr(parent, child).to_linear())
+        prepared: Any = getattr(parent, child)
+        is_linear = isinstance(prepared, linear_cls)
+        setattr(parent, child, prepared.to_linear() if is_linear else prepared.to_embedding())
     return len(targets)
 
 
 @torch.no_grad()
 def dequantize_linears(model: nn.Module) -> int:
-    """Give converted linears plain float weights again (their dequantized values); return how many."""
+    """Give converted linears (and embedding tables) plain float weights again (their dequantized
+    values); return how many."""
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) and type(module.weight) not in (Tensor, nn.Parameter):
+        if _quantized(module):
             weight: Any = module.weight
             module.weight = nn.Parameter(weight.dequantize().to(torch.float32).contiguous())
             count += 1

@@ -291,7 +291,9 @@ def test_embedding_qat_round_trip(tmp_path):
         weight = model.embed.weight
         scale = (weight.abs().amax(dim=1, keepdim=True) / 127.5)[tokens]  # symmetric int8, one scale per row
         levels = rows / scale
-        assert (levels - levels.round()).abs().max() < 1e-3 and -128 <= levels.round().min() <= levels.round().max() <= 127
+        assert (
+            levels - levels.round()
+        ).abs().max() < 1e-3 and -128 <= levels.round().min() <= levels.round().max() <= 127
         assert ((rows - weight[tokens]).abs() <= scale / 2 * (1 + 1e-4)).all()  # the nearest level
         assert convert_qat(model, "int8_dynamic_int8_weight") == 2
         assert type(model.embed.weight).__name__ == "IntxUnpackedToInt8Tensor"
@@ -337,3 +339,10 @@ def test_qat_with_embeddings_resumes_exactly(tmp_path):
     resumed, _ = _fit_tokens(tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=0.ckpt")
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resuming_with_the_other_embeddings_setting_is_refused():
+    with pytest.raises(
+        MisconfigurationException, match=r"trained with `embeddings`=True; this callback has `embeddings`=False"
+    ):
+        QuantizationAwareTraining(embeddings=False).load_state_dict({"embeddings": True})

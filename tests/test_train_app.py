@@ -122,6 +122,7 @@ def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
             "callbacks.report.repeats=2",
             "callbacks.report.warmup=0",
             "callbacks.report.compare_train_step=false",
+            "callbacks.deployment=null",  # durations compare training time; a first compile would swamp them
             "logger=none",
             "test=false",
         )
@@ -138,6 +139,7 @@ def test_resume_from_last_checkpoint_loads_weights_only(tmp_path):
             f"ckpt_path={last}",
             "callbacks.report.repeats=2",
             "callbacks.report.compare_train_step=false",
+            "callbacks.deployment=null",  # durations compare training time; a first compile would swamp them
             "logger=none",
             "test=false",
         )

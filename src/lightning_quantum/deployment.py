@@ -364,9 +364,7 @@ def choose_deployment(
                     _call(module, inputs)  # compiles a compiled form
                 _sync(device)
                 result.build_seconds = time.perf_counter() - t0
-                result.accuracy, result.cosine_to_trained, outputs = _quality(
-                    module, chunks, reference_outputs, metric
-                )
+                result.accuracy, result.cosine_to_trained, outputs = _quality(module, chunks, reference_outputs, metric)
                 result.size_bytes = serialized_size_bytes(module)
             except Exception as error:  # noqa: BLE001 - a form that cannot run here is listed, not fatal
                 result.build_seconds = time.perf_counter() - t0

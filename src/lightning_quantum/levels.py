@@ -150,10 +150,14 @@ LEVELS: tuple[LevelDefinition, ...] = (
     LevelDefinition(
         OptimizationLevel.ULTRA,
         adds=(
-            "knowledge distillation from a teacher (the model config's), gradual pruning, QAT from the final "
-            "sparsity on, int8 export"
+            "knowledge distillation from a teacher (the model config's), gradual structured pruning of the student's "
+            "hidden units with the pruned units removed at the end (unstructured zeros would buy no speed on dense "
+            "kernels), QAT from the final sparsity on, int8 export"
         ),
-        callbacks={"pruning": {"final_sparsity": 0.5}, "qat": {"start_step": None, "start_after_pruning": True}},
+        callbacks={
+            "pruning": {"method": "l2_structured", "final_sparsity": 0.5, "slim": True},
+            "qat": {"start_step": None, "start_after_pruning": True},
+        },
         model="ultra_digits",
     ),
 )

@@ -101,9 +101,11 @@ class ModelExport(Callback):
         writers = {
             "safetensors": lambda p: save_safetensors(pl_module, p),  # tensors are written from the CPU
             # the DeploymentGate's program, when it shipped this very model: the same export, not done twice
-            "pt2": lambda p: Path(shutil.copyfile(same_program, p))
-            if same_program is not None
-            else export_program(detached_copy(pl_module).cpu(), example, p),
+            "pt2": lambda p: (
+                Path(shutil.copyfile(same_program, p))
+                if same_program is not None
+                else export_program(detached_copy(pl_module).cpu(), example, p)
+            ),
             "torchscript": lambda p: export_torchscript(
                 detached_copy(pl_module).cpu(), _positional(example, "torchscript"), p
             ),

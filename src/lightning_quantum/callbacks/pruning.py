@@ -268,8 +268,19 @@ class Pruning(Callback):
                 "sparsity_over_pruned_weights": table[-1]["sparsity"],
                 "removed_channels": dict(self.removed_channels),
                 "slimmed": self.slimmed_architecture is not None,
+                "speed": self._speed_note(),
             },
         }
+
+    def _speed_note(self) -> str:
+        """What the chosen kind of sparsity does for inference speed, in one sentence for the report."""
+        if self.slimmed_architecture is not None:
+            return "channels removed and the layers slimmed: smaller dense layers, so fewer operations at inference"
+        if self.method == "nm":
+            return "N:M sparsity: faster only where semi-structured sparse kernels run it (2:4 on recent CUDA GPUs)"
+        if self.method in _STRUCTURED:
+            return "channels zeroed but kept: no faster until slimmed (`slim`=True removes them)"
+        return "single weights zeroed: smaller once compressed, no faster on dense CPU or GPU kernels"
 
     # -- work ----------------------------------------------------------------------------------
     def _total_units(self, trainer: pl.Trainer) -> float:
@@ -338,6 +349,8 @@ class Pruning(Callback):
         self._log_sparsity(trainer, pl_module)
 
     def _compute_masks(self, pl_module: pl.LightningModule, target: float) -> dict[str, Tensor]:
+        if self.method in _STRUCTURED:
+            self._dependency_graph(pl_module)  # first: it may leave the output layers out of the targets
         params = dict(pl_module.named_parameters())
         weights = {name: params[name].detach() for name in self._targets}
         previous = {name: self.masks[name] for name in self._targets if name in self.masks}
@@ -358,11 +371,15 @@ class Pruning(Callback):
             self._graph = build_dependency_graph(pl_module, self._example_inputs)
             layers = [t.rsplit(".", 1)[0] for t in self._targets]
             outputs = output_layers(pl_module, self._graph, layers)
-            if outputs:
+            kept = [t for t in self._targets if t.rsplit(".", 1)[0] not in outputs]
+            if outputs and (self.names is not None or not kept):
                 raise MisconfigurationException(
                     f"Structured pruning of {outputs} would remove model outputs (their channels feed no other "
                     f"layer). Add them to `ignore`, for example `ignore`={outputs}."
                 )
+            if outputs:  # chosen by default, not by name: the outputs stay whole, the other layers are pruned
+                rank_zero_info(f"Structured pruning leaves the model's output layers {outputs} whole.")
+                self._targets = kept
         return self._graph
 
     def _check_ranks_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--minilm-epochs", type=int, default=1, help="epochs of the MiniLM rows (one round)")
     parser.add_argument("--skip-minilm", action="store_true", help="digits only")
+    parser.add_argument("--skip-digits", action="store_true", help="MiniLM only (write to another --output)")
     parser.add_argument(
         "--gate-cost", action="store_true", help="also run QUANTUM without the deployment gate (its wall-time cost)"
     )
@@ -142,14 +143,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {level: [] for level in levels}
     no_gate: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
+        for r in range(0 if args.skip_digits else args.rounds):
             for level in levels:
                 runs[level].append(run_level(level, args.epochs, Path(tmp) / f"{level}-{r}"))
                 print(f"round {r} {level}: {runs[level][-1]}", file=sys.stderr)
             if args.gate_cost:
                 no_gate.append(run_level("quantum", args.epochs, Path(tmp) / f"quantum-nogate-{r}", gate=False))
                 print(f"round {r} quantum without the gate: {no_gate[-1]}", file=sys.stderr)
-    summary = _summarize(runs)
+    summary = _summarize(runs) if not args.skip_digits else {}
     gate_cost = None
     if no_gate:
         without = statistics.median(r["wall_seconds"] for r in no_gate)
@@ -193,7 +194,8 @@ def main() -> None:
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     from lightning_quantum.charts import levels_chart
 
-    levels_chart(summary, args.output.with_suffix(".png"))
+    if summary:
+        levels_chart(summary, args.output.with_suffix(".png"))
     if minilm:
         levels_chart(minilm, args.output.with_name("levels_minilm.png"))
     for level, f in summary.items():

@@ -143,3 +143,22 @@ def test_quantized_weights_load_onto_the_models_device(tmp_path):
     fresh.to("meta")
     load_safetensors(fresh, path)
     assert {p.device.type for p in fresh.parameters()} == {"meta"}
+
+
+def test_compile_for_inference_compiles_every_model_of_a_class_not_only_the_first_eight():
+    """Dynamo keeps at most `recompile_limit` (8) compiled entries per code object; past that, torch.compile
+    of another model of the same class ran eagerly, silently. Each compiled model has its own code now."""
+    from torch._dynamo.utils import counters
+
+    from lightning_quantum.quantization import compile_for_inference
+
+    x = torch.randn(4, 8)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 4)).eval()
+        before = counters["stats"]["unique_graphs"]
+        compiled = compile_for_inference(model)
+        with torch.inference_mode():
+            out = compiled(x)
+            torch.testing.assert_close(out, model(x))
+        assert counters["stats"]["unique_graphs"] > before, f"model {seed} was not compiled"

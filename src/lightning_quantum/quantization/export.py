@@ -10,7 +10,10 @@ Lightning is deprecating it.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,12 +192,33 @@ def load_program(path: str | Path) -> nn.Module:
     return module
 
 
+_COMPILED = itertools.count()
+
+
+def _caller(model: nn.Module) -> Callable[..., Any]:
+    def call_model(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    return call_model
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own (a new name), so Dynamo keeps a separate cache for it."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)  # type: ignore[attr-defined]
+
+
 class FrozenInference(nn.Module):
     """A model compiled for inference, run with Inductor's freezing on.
 
     Returned by :func:`compile_for_inference`; it holds the model (so ``state_dict`` and ``.to`` work
     as usual) and calls the compiled version under ``torch._inductor.config.patch(freezing=True)``,
     which leaves the process-wide Inductor settings alone.
+
+    Each instance compiles a function with a code object of its own. Dynamo keeps compiled code per
+    code object, at most ``recompile_limit`` (8) entries: ``torch.compile(model)`` on a ninth model of
+    the same class in one process (a service worker, a benchmark, a notebook) silently ran eagerly.
+    With its own code object, a compiled model also takes its compiled code with it when it goes.
     """
 
     def __init__(self, model: nn.Module, freezing: bool = True) -> None:
@@ -202,7 +226,8 @@ class FrozenInference(nn.Module):
         self.model = model
         self.freezing = freezing
         self.eval()  # for inference: dropout off (a later .train() on this wrapper would switch it back)
-        object.__setattr__(self, "_compiled", torch.compile(model))  # not a submodule: no duplicate keys
+        # not a submodule: no duplicate keys
+        object.__setattr__(self, "_compiled", torch.compile(_own_code(_caller(model))))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config

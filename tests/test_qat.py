@@ -346,3 +346,24 @@ def test_resuming_with_the_other_embeddings_setting_is_refused():
         MisconfigurationException, match=r"trained with `embeddings`=True; this callback has `embeddings`=False"
     ):
         QuantizationAwareTraining(embeddings=False).load_state_dict({"embeddings": True})
+
+
+def test_hooks_on_swapped_layers_survive_prepare_and_convert():
+    """A Hugging Face model with gradient checkpointing keeps a forward hook on its input embeddings
+    (`enable_input_require_grads`); the swaps must keep it, and the model must still deep-copy."""
+    import copy
+
+    model = _Tokens().eval()
+    calls = []
+    model.handles = [model.embed.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))]
+    prepare_qat(model, "int8_dynamic_int8_weight", embeddings=True)
+    model(torch.randint(0, 200, (2, 12)))
+    assert calls == ["FakeQuantizedEmbedding"]
+    copy.deepcopy(model)
+    convert_qat(model, "int8_dynamic_int8_weight")
+    model(torch.randint(0, 200, (2, 12)))
+    assert calls[-1] == "Embedding"
+    copy.deepcopy(model)
+    model.handles[0].remove()
+    model(torch.randint(0, 200, (2, 12)))
+    assert len(calls) == 2

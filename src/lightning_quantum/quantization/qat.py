@@ -20,9 +20,10 @@ images; 2.8e-4 of logits up to 0.35 with Gaussian inputs). The int4 schemes conv
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +62,38 @@ def _fake_quantized_embedding() -> type[nn.Module]:
 
 def _fake_quantized() -> tuple[type[nn.Module], type[nn.Module]]:
     return _fake_quantized_linear(), _fake_quantized_embedding()
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@contextlib.contextmanager
+def _keeping_hooks(model: nn.Module) -> Iterator[None]:
+    """Give each module that a swap replaces its predecessor's hooks (the same dicts, so handles stay live).
+
+    torchao swaps ``nn.Linear`` / ``nn.Embedding`` for fake-quantized ones and back; the new module had
+    none of the old one's hooks. A Hugging Face model with gradient checkpointing keeps a forward hook
+    on its input embeddings (``enable_input_require_grads``): its handle pointed at a dict that died
+    with the old table, and the model no longer deep-copied.
+    """
+    before = dict(model.named_modules())
+    yield
+    for name, module in model.named_modules():
+        old = before.get(name)
+        if old is None or old is module:
+            continue
+        if any(getattr(old, attr, None) for attr in _HOOK_DICTS):
+            for attr in _HOOK_DICTS:  # all of them: a handle also holds references to the empty ones
+                if hasattr(old, attr):
+                    setattr(module, attr, getattr(old, attr))
 
 
 def _embedding_base_config() -> Any:
@@ -127,15 +160,16 @@ def prepare_qat(
     check_group_size(scheme, group_size, linears)  # type: ignore[arg-type]
     classes = _fake_quantized()
     todo = {name for name, m in linears.items() if not isinstance(m, classes)}
-    if todo:
-        quantize_(model, QATConfig(base, step="prepare"), filter_fn=lambda m, fqn: fqn in todo)
     tables = {name for name, m in chosen.items() if isinstance(m, nn.Embedding) and not isinstance(m, classes)}
-    if tables:
-        quantize_(
-            model,
-            QATConfig(_embedding_base_config(), step="prepare"),
-            filter_fn=lambda m, fqn: fqn in tables and isinstance(m, nn.Embedding),
-        )
+    with _keeping_hooks(model):
+        if todo:
+            quantize_(model, QATConfig(base, step="prepare"), filter_fn=lambda m, fqn: fqn in todo)
+        if tables:
+            quantize_(
+                model,
+                QATConfig(_embedding_base_config(), step="prepare"),
+                filter_fn=lambda m, fqn: fqn in tables and isinstance(m, nn.Embedding),
+            )
     return sorted(chosen)
 
 
@@ -236,17 +270,17 @@ def convert_qat(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
 
     linear_cls, embedding_cls = _fake_quantized()
     tables = sum(isinstance(m, embedding_cls) for m in model.modules())
-    if tables:
-        quantize_(
-            model,
-            QATConfig(_embedding_base_config(), step="convert"),
-            filter_fn=lambda m, fqn: isinstance(m, embedding_cls),
-        )
     count = sum(isinstance(m, linear_cls) for m in model.modules())
-    if count:
-        if scheme == "int8_dynamic_int8_weight":
+    with _keeping_hooks(model):
+        if tables:
+            quantize_(
+                model,
+                QATConfig(_embedding_base_config(), step="convert"),
+                filter_fn=lambda m, fqn: isinstance(m, embedding_cls),
+            )
+        if count and scheme == "int8_dynamic_int8_weight":
             _convert_to_int8_kernels(model)
-        else:
+        elif count:
             quantize_(model, QATConfig(qat_base_config(scheme, group_size), step="convert"))
     return count + tables
 
@@ -283,13 +317,18 @@ def unprepare_qat(model: nn.Module) -> int:
     return how many."""
     linear_cls, embedding_cls = _fake_quantized()
     targets = [name for name, m in model.named_modules() if isinstance(m, (linear_cls, embedding_cls))]
+    with _keeping_hooks(model):
+        _swap_back(model, targets, linear_cls)
+    return len(targets)
+
+
+def _swap_back(model: nn.Module, targets: list[str], linear_cls: type[nn.Module]) -> None:
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         prepared: Any = getattr(parent, child)
         is_linear = isinstance(prepared, linear_cls)
         setattr(parent, child, prepared.to_linear() if is_linear else prepared.to_embedding())
-    return len(targets)
 
 
 @torch.no_grad()

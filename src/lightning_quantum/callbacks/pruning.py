@@ -368,9 +368,17 @@ class Pruning(Callback):
         if self._graph is None:
             if self._example_inputs is None:
                 raise RuntimeError("Structured pruning needs one training batch to trace the model; none was seen.")
-            self._graph = build_dependency_graph(pl_module, self._example_inputs)
             layers = [t.rsplit(".", 1)[0] for t in self._targets]
-            outputs = output_layers(pl_module, self._graph, layers)
+            try:
+                self._graph = build_dependency_graph(pl_module, self._example_inputs)
+                outputs = output_layers(pl_module, self._graph, layers)
+            except (ValueError, RuntimeError, KeyError, AttributeError) as error:
+                self._graph = None
+                raise MisconfigurationException(
+                    f"Structured pruning (`method`={self.method!r}) could not trace the channel dependencies of "
+                    f"{type(pl_module).__name__} ({type(error).__name__}: {str(error).splitlines()[0][:120]}). "
+                    "Prune single weights instead: `method`='l1_unstructured', `slim`=False."
+                ) from error
             kept = [t for t in self._targets if t.rsplit(".", 1)[0] not in outputs]
             if outputs and (self.names is not None or not kept):
                 raise MisconfigurationException(

@@ -164,7 +164,11 @@ def test_deploy_rolls_back_an_int8_step_that_runs_slower_and_ships_the_float_for
     assert type(again).__name__ == "FrozenInference"  # compiled again on load
     x = next(iter(dm.test_dataloader()))[0]
     with torch.no_grad():
-        assert torch.equal(again(x), result.model(x))
+        # Two compiles: the gate's was specialized at its timed batch (64) and recompiled for these 270
+        # samples with a dynamic batch; the reloaded one sees 270 first. Inductor may pick other kernels
+        # for each, so the float sums may round differently (same-shape reloads are bitwise equal:
+        # tests/test_deployment.py).
+        torch.testing.assert_close(again(x), result.model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parity

@@ -8,6 +8,21 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+#: The DataModule (or LightningModule) loader each ``eval_split`` reads.
+EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
+
+
+def eval_loader(trainer: pl.Trainer, split: str, who: str) -> Any:
+    """The DataModule's (else the LightningModule's) ``test`` or ``val`` loader; ``who`` names the asker."""
+    datamodule = getattr(trainer, "datamodule", None)
+    source = datamodule if datamodule is not None else trainer.lightning_module
+    loader_fn = getattr(source, EVAL_LOADERS[split], None)
+    if loader_fn is None:
+        raise RuntimeError(
+            f"{who} needs a `{EVAL_LOADERS[split]}` on the DataModule or LightningModule (`eval_split`={split!r})."
+        )
+    return loader_fn()
+
 
 def is_sanity_checking(trainer: pl.Trainer) -> bool:
     return bool(trainer.sanity_checking)

@@ -15,9 +15,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quantum._validation import check_finite, check_non_negative, check_positive
+from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _gather_inputs
-from lightning_quantum.callbacks._common import inference_copy, is_fast_dev_run
+from lightning_quantum.callbacks._common import EVAL_LOADERS, eval_loader, inference_copy, is_fast_dev_run
 from lightning_quantum.deployment import (
     NUMERICS,
     RUNNERS,
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DeploymentGate"]
 
-_EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
 #: Lightning precisions whose model keeps float32 weights.
 _FLOAT32_WEIGHTS = ("32-true", "32", "bf16-mixed", "16-mixed", "transformer-engine")
 
@@ -102,10 +101,7 @@ class DeploymentGate(Callback):
         check_positive("rounds", rounds, error=err)
         if num_threads is not None:
             check_positive("num_threads", num_threads, error=err)
-        if eval_split not in _EVAL_LOADERS:
-            raise err(
-                f"`eval_split`={eval_split!r} is not valid. Choose one of: {', '.join(map(repr, _EVAL_LOADERS))}."
-            )
+        check_choice("eval_split", eval_split, EVAL_LOADERS, error=err)
         if max_eval_batches is not None:
             check_positive("max_eval_batches", max_eval_batches, error=err)
         if not stem or "/" in stem:
@@ -157,14 +153,7 @@ class DeploymentGate(Callback):
             # Weights kept in 16 bits or 4 bits are shipped as trained: the forms here start from float32.
             rank_zero_info(f"Deployment: a model trained with precision {precision!r} is shipped as trained.")
             return
-        source = getattr(trainer, "datamodule", None) or pl_module
-        loader_fn = getattr(source, _EVAL_LOADERS[self.eval_split], None)
-        if loader_fn is None:
-            raise RuntimeError(
-                f"DeploymentGate needs a `{_EVAL_LOADERS[self.eval_split]}` on the DataModule or LightningModule "
-                f"(`eval_split`={self.eval_split!r})."
-            )
-        loader = loader_fn()
+        loader = eval_loader(trainer, self.eval_split, "DeploymentGate")
         quick = is_fast_dev_run(trainer)
         batch_size = self.batch_size or self._report_setting(trainer, "batch_size") or 64
         threads = self.num_threads or self._report_setting(trainer, "num_threads")

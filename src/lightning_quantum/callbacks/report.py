@@ -30,17 +30,19 @@ from lightning_quantum.benchmark import (
     make_train_step,
     split_batch,
 )
-from lightning_quantum.callbacks._common import detached_copy, is_fast_dev_run
-from lightning_quantum.checkpointing import disable_activation_checkpointing
+from lightning_quantum.callbacks._common import (
+    EVAL_LOADERS,
+    detached_copy,
+    eval_loader,
+    inference_copy,
+    is_fast_dev_run,
+)
 from lightning_quantum.quantization.export import compile_for_inference
-from lightning_quantum.quantization.qat import unprepare_qat
 from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OptimizationReport"]
-
-_EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
 
 
 #: Lightning's bitsandbytes layer classes, by the mode they were built for
@@ -142,7 +144,7 @@ class OptimizationReport(Callback):
             check_positive("num_threads", num_threads, error=err)
         check_non_negative("warmup", warmup, error=err)
         check_positive("repeats", repeats, error=err)
-        check_choice("eval_split", eval_split, _EVAL_LOADERS, error=err)
+        check_choice("eval_split", eval_split, EVAL_LOADERS, error=err)
         if max_eval_batches is not None:
             check_positive("max_eval_batches", max_eval_batches, error=err)
         check_positive("train_step_repeats", train_step_repeats, error=err)
@@ -233,13 +235,10 @@ class OptimizationReport(Callback):
         return self._elapsed_before + running
 
     def _take_baseline_snapshot(self, pl_module: pl.LightningModule) -> None:
-        baseline = detached_copy(pl_module)
         # Callbacks set up before this one may have wrapped blocks (activation checkpointing) or
         # prepared layers for QAT; the baseline is the plain model, so both come off the copy (the
-        # model itself keeps them).
-        disable_activation_checkpointing(baseline)
-        unprepare_qat(baseline)
-        self._baseline = baseline
+        # model itself keeps them), and a distillation teacher stays behind.
+        self._baseline = inference_copy(pl_module)
 
     def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
         quick = is_fast_dev_run(trainer)
@@ -252,15 +251,7 @@ class OptimizationReport(Callback):
         }
 
     def _eval_loader(self, trainer: pl.Trainer) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        source = datamodule if datamodule is not None else trainer.lightning_module
-        loader_fn = getattr(source, _EVAL_LOADERS[self.eval_split], None)
-        if loader_fn is None:
-            raise RuntimeError(
-                f"OptimizationReport needs a `{_EVAL_LOADERS[self.eval_split]}` on the DataModule or "
-                f"LightningModule to measure accuracy (`eval_split`={self.eval_split!r})."
-            )
-        return loader_fn()
+        return eval_loader(trainer, self.eval_split, "OptimizationReport, to measure accuracy,")
 
     def _benchmark(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule

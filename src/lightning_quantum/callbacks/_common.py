@@ -45,12 +45,13 @@ def detached_copy(module: nn.Module, *, without: tuple[str, ...] = ()) -> nn.Mod
     return copy.deepcopy(module, memo)
 
 
-def inference_copy(module: nn.Module) -> nn.Module:
-    """A detached copy for inference: no teacher, no activation checkpointing wrappers, no QAT fake quantizers."""
+def inference_copy(module: nn.Module, *, keep_teacher: bool = False) -> nn.Module:
+    """A detached copy for inference: no activation checkpointing wrappers, no QAT fake quantizers, and
+    no distillation teacher unless ``keep_teacher``."""
     from lightning_quantum.checkpointing import disable_activation_checkpointing
     from lightning_quantum.quantization.qat import unprepare_qat
 
-    out = detached_copy(module, without=("teacher",))
+    out = detached_copy(module, without=() if keep_teacher else ("teacher",))
     disable_activation_checkpointing(out)
     unprepare_qat(out)
     return out

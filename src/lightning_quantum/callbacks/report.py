@@ -237,8 +237,9 @@ class OptimizationReport(Callback):
     def _take_baseline_snapshot(self, pl_module: pl.LightningModule) -> None:
         # Callbacks set up before this one may have wrapped blocks (activation checkpointing) or
         # prepared layers for QAT; the baseline is the plain model, so both come off the copy (the
-        # model itself keeps them), and a distillation teacher stays behind.
-        self._baseline = inference_copy(pl_module)
+        # model itself keeps them). A distillation teacher stays with it: the baseline's training
+        # step is timed too, and that step runs the teacher.
+        self._baseline = inference_copy(pl_module, keep_teacher=True)
 
     def _settings(self, trainer: pl.Trainer) -> dict[str, Any]:
         quick = is_fast_dev_run(trainer)

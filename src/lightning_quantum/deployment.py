@@ -49,6 +49,7 @@ from lightning_quantum._validation import check_finite, check_non_negative, chec
 from lightning_quantum.benchmark import (
     _call,
     _gather_inputs,
+    _leading_dim,
     _module_device,
     _sync,
     _threads,
@@ -342,7 +343,7 @@ def choose_deployment(
     else:
         batches = [(example_inputs, None)]
     timed = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
-    chunks = _rebatch(batches, _batch_of(timed))
+    chunks = _rebatch(batches, _leading_dim(timed))
     threads = num_threads or torch.get_num_threads()
     device = _module_device(model)
     reference_form = trained_form(model)
@@ -410,7 +411,7 @@ def choose_deployment(
         reference_accuracy=reference_accuracy,
         max_accuracy_drop=max_accuracy_drop,
         min_cosine=min_cosine,
-        batch_size=_batch_of(timed),
+        batch_size=_leading_dim(timed),
         device=str(device),
         num_threads=threads,
         candidates=[results[f] for f in order],
@@ -423,7 +424,7 @@ def choose_deployment(
 def _rebatch(batches: list[tuple[Any, Tensor | None]], size: int) -> list[tuple[Any, Tensor | None, int]]:
     """The same samples in batches of the timed size, the last one filled up with repeats of its samples
     (their outputs are dropped): a compiled form then sees one input shape, and compiles once."""
-    from lightning_quantum.benchmark import _concat, _leading_dim
+    from lightning_quantum.benchmark import _concat
 
     if not batches:
         return []
@@ -449,12 +450,6 @@ def _slice(inputs: Any, start: int, stop: int) -> Any:
     if isinstance(inputs, dict):
         return {k: _slice(v, start, stop) for k, v in inputs.items()}
     return inputs
-
-
-def _batch_of(inputs: Any) -> int:
-    from lightning_quantum.benchmark import _leading_dim
-
-    return _leading_dim(inputs)
 
 
 def _time_interleaved(
@@ -508,17 +503,15 @@ def save_deployment(
 ) -> dict[str, Path]:
     """Write the chosen form: ``<stem>.pt2`` (a ``torch.export`` program of its numerics, traced on the
     CPU) and ``deployment.json`` (the form, the decision). Earlier files are kept, renamed."""
-    from lightning_quantum.benchmark import _to_device as to_device
-    from lightning_quantum.quantization.export import export_program
+    from lightning_quantum.quantization.export import FrozenInference, export_program
     from lightning_quantum.report import keep_existing
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    from lightning_quantum.quantization.export import FrozenInference
 
     inner = module.model if isinstance(module, FrozenInference) else module
     cpu_copy = copy.deepcopy(inner).cpu()
-    example = to_device(example_inputs, torch.device("cpu"))
+    example = _to_device(example_inputs, torch.device("cpu"))
     if not isinstance(example, dict):
         example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     program = out / f"{stem}.pt2"

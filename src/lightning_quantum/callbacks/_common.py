@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 from torch import nn
@@ -22,6 +22,14 @@ def eval_loader(trainer: pl.Trainer, split: str, who: str) -> Any:
             f"{who} needs a `{EVAL_LOADERS[split]}` on the DataModule or LightningModule (`eval_split`={split!r})."
         )
     return loader_fn()
+
+
+C = TypeVar("C")
+
+
+def find_callback(trainer: pl.Trainer, kind: type[C]) -> C | None:
+    """The Trainer's first callback of type ``kind``, or ``None``."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)  # type: ignore[attr-defined]
 
 
 def is_sanity_checking(trainer: pl.Trainer) -> bool:

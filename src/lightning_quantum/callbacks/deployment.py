@@ -17,7 +17,13 @@ from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _gather_inputs
-from lightning_quantum.callbacks._common import EVAL_LOADERS, eval_loader, inference_copy, is_fast_dev_run
+from lightning_quantum.callbacks._common import (
+    EVAL_LOADERS,
+    eval_loader,
+    find_callback,
+    inference_copy,
+    is_fast_dev_run,
+)
 from lightning_quantum.deployment import (
     NUMERICS,
     RUNNERS,
@@ -131,18 +137,16 @@ class DeploymentGate(Callback):
     def _report_setting(self, trainer: pl.Trainer, name: str) -> Any:
         from lightning_quantum.callbacks.report import OptimizationReport
 
-        reports = [cb for cb in trainer.callbacks if isinstance(cb, OptimizationReport)]  # type: ignore[attr-defined]
-        return getattr(reports[0], name) if reports else None
+        report = find_callback(trainer, OptimizationReport)
+        return getattr(report, name) if report is not None else None
 
     @staticmethod
     def _float_model(trainer: pl.Trainer) -> nn.Module | None:
         """The float weights from before QAT's conversion, when a QAT callback converted this fit."""
         from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, QuantizationAwareTraining) and callback.float_model is not None:
-                return callback.float_model
-        return None
+        qat = find_callback(trainer, QuantizationAwareTraining)
+        return qat.float_model if qat is not None else None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

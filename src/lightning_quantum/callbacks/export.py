@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum.benchmark import split_batch
-from lightning_quantum.callbacks._common import detached_copy
+from lightning_quantum.callbacks._common import detached_copy, find_callback
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
 from lightning_quantum.report import keep_existing
 
@@ -37,12 +37,11 @@ def _deployed_program_of_this_model(trainer: pl.Trainer) -> Path | None:
     """The ``.pt2`` a DeploymentGate wrote, when the form it shipped has the trained model's own numerics."""
     from lightning_quantum.callbacks.deployment import DeploymentGate
 
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, DeploymentGate) and callback.decision is not None and "program" in callback.paths:
-            trained = callback.decision.trained_form
-            if callback.decision.form in (trained, trained.replace("eager", "compiled")):
-                return callback.paths["program"]
-    return None
+    gate = find_callback(trainer, DeploymentGate)
+    if gate is None or gate.decision is None or "program" not in gate.paths:
+        return None
+    trained = gate.decision.trained_form
+    return gate.paths["program"] if gate.decision.form in (trained, trained.replace("eager", "compiled")) else None
 
 
 class ModelExport(Callback):

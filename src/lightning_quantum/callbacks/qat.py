@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
-from lightning_quantum.callbacks._common import inference_copy
+from lightning_quantum.callbacks._common import find_callback, inference_copy
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -216,15 +216,15 @@ class QuantizationAwareTraining(Callback):
         """The optimizer step at which the Trainer's Pruning callback reaches its final sparsity."""
         from lightning_quantum.callbacks.pruning import Pruning
 
-        pruning = [cb for cb in trainer.callbacks if isinstance(cb, Pruning)]  # type: ignore[attr-defined]
-        if not pruning:
+        pruning = find_callback(trainer, Pruning)
+        if pruning is None:
             raise MisconfigurationException("`start_after_pruning`=True needs a Pruning callback in the Trainer.")
-        schedule = pruning[0].schedule
+        schedule = pruning.schedule
         if schedule is None:
             raise MisconfigurationException(
                 "The Pruning callback has no schedule yet: put it before QuantizationAwareTraining in `callbacks`."
             )
-        if pruning[0].unit == "step":
+        if pruning.unit == "step":
             return int(schedule.end)
         per_epoch = max(1, int(trainer.estimated_stepping_batches) // max(1, int(trainer.max_epochs or 1)))
         return int(schedule.end) * per_epoch

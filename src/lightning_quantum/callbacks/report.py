@@ -34,6 +34,7 @@ from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
     detached_copy,
     eval_loader,
+    find_callback,
     inference_copy,
     is_fast_dev_run,
 )
@@ -77,7 +78,7 @@ def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
 def _deployment_gate(trainer: pl.Trainer) -> Any:
     from lightning_quantum.callbacks.deployment import DeploymentGate
 
-    return next((cb for cb in trainer.callbacks if isinstance(cb, DeploymentGate)), None)  # type: ignore[attr-defined]
+    return find_callback(trainer, DeploymentGate)
 
 
 class OptimizationReport(Callback):
@@ -386,7 +387,7 @@ class OptimizationReport(Callback):
             return self.reference_accuracy, "the given reference_accuracy", True
         if teacher is not None and teacher.get("accuracy") is not None:
             return teacher["accuracy"], "the teacher", True
-        qat = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)), None)  # type: ignore[attr-defined]
+        qat = find_callback(trainer, QuantizationAwareTraining)
         if qat is not None and qat.float_model is not None and baseline.accuracy is not None:
             accuracy = evaluate_accuracy(
                 qat.float_model, self._eval_loader(trainer), max_batches=self._settings(trainer)["max_eval_batches"]

@@ -95,6 +95,26 @@ def test_accuracy_with_half_wrong_labels():
     assert evaluate_accuracy(net, [(x, y)]) == pytest.approx(0.5)
 
 
+def test_regrouped_batches_do_not_recompile_a_compiled_model():
+    from torch._dynamo.utils import counters
+
+    from lightning_quantum.quantization.export import compile_for_inference
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4))
+    data = [(torch.randn(10, 8), torch.randint(0, 4, (10,))) for _ in range(3)]
+    data.append((torch.randn(5, 8), torch.randint(0, 4, (5,))))  # 35 samples: 16 + 16 + 3
+    compiled = compile_for_inference(net)
+    evaluate_accuracy(compiled, data[:2], batch_size=16)  # compiled once, at 16 samples
+    graphs = counters["stats"]["unique_graphs"]
+    # the same figure as eager: the 13 filled-up rows of the last batch are not counted
+    expected = evaluate_accuracy(net, data)
+    assert evaluate_accuracy(compiled, data, batch_size=16) == pytest.approx(expected, abs=1e-9)
+    assert counters["stats"]["unique_graphs"] == graphs  # no compile for 10, 5 or 3 samples
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_accuracy(net, data, batch_size=0)
+
+
 def test_sparsity_by_hand():
     net = nn.Linear(10, 10)
     with torch.no_grad():

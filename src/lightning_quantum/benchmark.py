@@ -280,6 +280,45 @@ def _concat(parts: list[Any], size: int) -> Any:
     raise ValueError(f"Cannot batch inputs of type {type(first).__name__}.")
 
 
+def _fill(inputs: Any, size: int) -> Any:
+    """``inputs`` filled up to ``size`` samples with repeats of its own (the extra outputs are dropped):
+    a compiled model then sees one input shape, and does not compile again for a short last batch."""
+    count = _leading_dim(inputs)
+    if count >= size:
+        return inputs
+    with torch.inference_mode(False):  # a plain tensor like the loader's: an inference tensor fails Dynamo's guards
+        return _concat([inputs] * (size // count + 1), size)
+
+
+def _rebatch(batches: list[tuple[Any, ...]], size: int) -> list[tuple[Any, Tensor | None, int]]:
+    """The samples of ``(inputs, targets, ...)`` batches regrouped in batches of ``size``, as ``(inputs,
+    targets, count)``, the last one filled up with repeats of its samples (``count`` says how many are
+    real; the outputs of the others are dropped): a compiled model then sees one input shape, and
+    compiles once."""
+    if not batches:
+        return []
+    inputs = _concat([b[0] for b in batches], sum(_leading_dim(b[0]) for b in batches))
+    labelled = all(b[1] is not None for b in batches)
+    targets = torch.cat([b[1] for b in batches]) if labelled else None  # type: ignore[misc]
+    total = _leading_dim(inputs)
+    out: list[tuple[Any, Tensor | None, int]] = []
+    for start in range(0, total, size):
+        chunk = _fill(_slice(inputs, start, min(start + size, total)), size)
+        count = min(size, total - start)
+        out.append((chunk, None if targets is None else targets[start : start + count], count))
+    return out
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_slice(x, start, stop) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _slice(v, start, stop) for k, v in inputs.items()}
+    return inputs
+
+
 def _gather_inputs(eval_data: Iterable[Any], batch_size: int) -> Any:
     parts: list[Any] = []
     count = 0
@@ -465,10 +504,14 @@ def evaluate_accuracy(
     metric: Callable[[Tensor, Tensor], float] | None = None,
     precision: str = "32-true",
     max_batches: int | None = None,
+    batch_size: int | None = None,
 ) -> float:
     """Sample-weighted mean of ``metric`` over ``data`` (top-1 accuracy by default).
 
     ``metric(outputs, targets)`` returns the mean over the batch; the default counts argmax hits.
+    With ``batch_size``, the samples are regrouped into batches of that size, the last one filled up
+    with repeats whose outputs are dropped: a compiled model then runs at the one shape it was
+    compiled for, instead of compiling again for the loader's batch size and its short last batch.
 
     Raises:
         ValueError: when ``data`` is empty or its batches carry no targets.
@@ -476,21 +519,37 @@ def evaluate_accuracy(
     device = _module_device(model)
     total = 0
     score = 0.0
+    batches = _labelled_batches(data, max_batches)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size)
+        batches = iter(_rebatch(list(batches), batch_size))
     with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
-        for index, batch in enumerate(data):
-            if max_batches is not None and index >= max_batches:
-                break
-            inputs, targets = split_batch(batch)
-            if targets is None:
-                raise ValueError("The evaluation batches carry no targets, so accuracy cannot be measured.")
+        for inputs, targets, count in batches:
             outputs = _call(model, _to_device(inputs, device, _TRUE_DTYPES.get(precision)))
+            if isinstance(outputs, Tensor) and outputs.shape[0] != count:
+                outputs = outputs[:count]  # the fill of a regrouped last batch
             targets = targets.to(device)
-            n = int(targets.shape[0])
-            score += _top1_correct(outputs, targets) if metric is None else float(metric(outputs, targets)) * n
-            total += n
+            score += _top1_correct(outputs, targets) if metric is None else float(metric(outputs, targets)) * count
+            total += count
     if total == 0:
         raise ValueError("`eval_data` yielded no samples, so accuracy cannot be measured.")
     return score / total
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    from lightning_quantum.quantization.export import FrozenInference
+
+    return isinstance(model, (FrozenInference, torch._dynamo.eval_frame.OptimizedModule))
+
+
+def _labelled_batches(data: Iterable[Any], max_batches: int | None) -> Iterator[tuple[Any, Tensor, int]]:
+    for index, batch in enumerate(data):
+        if max_batches is not None and index >= max_batches:
+            break
+        inputs, targets = split_batch(batch)
+        if targets is None:
+            raise ValueError("The evaluation batches carry no targets, so accuracy cannot be measured.")
+        yield inputs, targets, int(targets.shape[0])
 
 
 def benchmark_model(
@@ -541,7 +600,14 @@ def benchmark_model(
         memory = measure_peak_memory_mb(model, inputs, precision=precision)
         labelled = eval_data is not None and split_batch(next(iter(eval_data)))[1] is not None
         accuracy = (
-            evaluate_accuracy(model, eval_data, metric=metric, precision=precision, max_batches=max_eval_batches)  # type: ignore[arg-type]
+            evaluate_accuracy(
+                model,
+                eval_data,  # type: ignore[arg-type]
+                metric=metric,
+                precision=precision,
+                max_batches=max_eval_batches,
+                batch_size=timed_batch if _is_compiled(model) else None,  # the shape it was compiled for
+            )
             if labelled
             else None  # unlabeled data (sentence embeddings, say): no accuracy to measure
         )

@@ -51,6 +51,7 @@ from lightning_quantum.benchmark import (
     _gather_inputs,
     _leading_dim,
     _module_device,
+    _rebatch,
     _sync,
     _threads,
     _to_device,
@@ -419,37 +420,6 @@ def choose_deployment(
     )
     log.info("deployment: %s", decision.reason)
     return built[winner.form], decision
-
-
-def _rebatch(batches: list[tuple[Any, Tensor | None]], size: int) -> list[tuple[Any, Tensor | None, int]]:
-    """The same samples in batches of the timed size, the last one filled up with repeats of its samples
-    (their outputs are dropped): a compiled form then sees one input shape, and compiles once."""
-    from lightning_quantum.benchmark import _concat
-
-    if not batches:
-        return []
-    inputs = _concat([b[0] for b in batches], sum(_leading_dim(b[0]) for b in batches))
-    labelled = all(b[1] is not None for b in batches)
-    targets = torch.cat([b[1] for b in batches]) if labelled else None  # type: ignore[misc]
-    total = _leading_dim(inputs)
-    out: list[tuple[Any, Tensor | None, int]] = []
-    for start in range(0, total, size):
-        chunk = _slice(inputs, start, min(start + size, total))
-        count = min(size, total - start)
-        if count < size:
-            chunk = _concat([chunk] * (size // count + 1), size)
-        out.append((chunk, None if targets is None else targets[start : start + count], count))
-    return out
-
-
-def _slice(inputs: Any, start: int, stop: int) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[start:stop]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_slice(x, start, stop) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _slice(v, start, stop) for k, v in inputs.items()}
-    return inputs
 
 
 def _time_interleaved(

@@ -1,5 +1,6 @@
 """The deployment gate: candidate forms, the choice, the budget, the shipped program, the callback."""
 
+import copy
 import json
 import os
 import subprocess
@@ -23,8 +24,11 @@ from lightning_quantum.deployment import (
     trained_form,
 )
 from lightning_quantum.models import Classifier, DigitsMLP
+from lightning_quantum.onnx_runtime import OnnxRuntimeModule, onnxruntime_available
 from lightning_quantum.quantization import convert_qat, prepare_qat, set_fake_quant_enabled
 from tests.conftest import trainer_kwargs
+
+needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra is not installed")
 
 
 def _int8_mlp():
@@ -62,7 +66,10 @@ class _Slow(nn.Module):
 def test_forms_and_what_the_trained_model_is():
     net, float_net = _int8_mlp()
     assert trained_form(net) == "int8 eager" and trained_form(float_net) == "float eager"
-    assert set(FORMS) == {f"{n} {r}" for n in ("float", "bf16", "int8") for r in ("eager", "compiled")}
+    assert set(FORMS) == {f"{n} {r}" for n in ("float", "bf16", "int8") for r in ("eager", "compiled")} | {
+        "float onnxruntime",
+        "int8 onnxruntime",
+    }
     x = torch.rand(4, 64)
     with torch.no_grad():
         assert torch.equal(build_form("float eager", net, float_net)(x), float_net(x))  # the weights before conversion
@@ -78,8 +85,8 @@ def test_gate_picks_the_float_form_when_a_forced_slow_int8_candidate_loses(monke
     net, float_net = _int8_mlp()
     real_build = deployment.build_form
 
-    def build(form, model, float_model=None):
-        built = real_build(form, model, float_model)
+    def build(form, model, float_model=None, example_inputs=None):
+        built = real_build(form, model, float_model, example_inputs)
         return _Slow(built, 0.02) if form.startswith("int8") else built
 
     monkeypatch.setattr(deployment, "build_form", build)
@@ -101,10 +108,10 @@ def test_a_faster_form_over_the_accuracy_budget_is_turned_down(monkeypatch):
         def forward(self, x):
             return torch.zeros(x.shape[0], 10).index_fill_(1, torch.tensor([3]), 1.0)
 
-    def build(form, model, float_model=None):
+    def build(form, model, float_model=None, example_inputs=None):
         if form == "bf16 eager":
             return Wrong()
-        return _Slow(real_build(form, model, float_model), 0.005)
+        return _Slow(real_build(form, model, float_model, example_inputs), 0.005)
 
     monkeypatch.setattr(deployment, "build_form", build)
     _, decision = choose_deployment(
@@ -167,8 +174,14 @@ with torch.inference_mode():
     reason="torch 2.13's Inductor writes vectorized C++ (at::vec) for this int8 program that does not build "
     "under ATEN_CPU_CAPABILITY=default ('at::vec has not been declared'); the normal run covers it",
 )
-@pytest.mark.parametrize("form", ["int8 compiled"])  # the form that needs compiling again on load
-def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form):
+@pytest.mark.parametrize(
+    ("form", "program"),
+    [
+        ("int8 compiled", "model.pt2"),  # the form that needs compiling again on load
+        pytest.param("int8 onnxruntime", "model.onnx", marks=needs_onnxruntime),
+    ],
+)
+def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form, program):
     net, float_net = _int8_mlp()
     # Force the winner, so that each kind of form is shipped: times are what the gate measures, here set.
     monkeypatch.setattr(
@@ -181,7 +194,7 @@ def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_
     inputs = torch.rand(32, 64)
     paths = save_deployment(module, decision, inputs, tmp_path / "ship")
     record = json.loads(paths["deployment"].read_text())
-    assert record["form"] == form and record["program"] == "model.pt2"
+    assert record["form"] == form and record["program"] == program
     torch.save(inputs, tmp_path / "inputs.pt")
     subprocess.run(
         [sys.executable, "-c", _RELOAD, str(tmp_path / "ship"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
@@ -251,3 +264,51 @@ def test_fast_dev_run_measures_only_the_trained_form(tmp_path, digits):
     gate = DeploymentGate(output_dir=tmp_path)
     pl.Trainer(**trainer_kwargs(tmp_path, fast_dev_run=True, callbacks=[gate])).fit(model, digits)
     assert [c.form for c in gate.decision.candidates] == ["float eager"] and gate.decision.form == "float eager"
+
+
+@needs_onnxruntime
+def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound():
+    net, float_net = _int8_mlp()
+    x = torch.rand(8, 64)
+    ort_float = build_form("float onnxruntime", net, float_net, example_inputs=x)
+    ort_int8 = build_form("int8 onnxruntime", net, float_net, example_inputs=x)
+    assert isinstance(ort_float, OnnxRuntimeModule) and ort_float.input_names == ["x"]
+    with torch.no_grad():
+        expected = float_net(x)
+        y = torch.rand(3, 64)  # another batch size: the batch dimension is dynamic
+        torch.testing.assert_close(ort_float(y), float_net(y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ort_float(x), expected, rtol=1e-5, atol=1e-5)
+        # ONNX Runtime's own int8 (weights per channel, activations per call): close, not equal
+        int8_out = ort_int8(x)
+    assert not torch.equal(int8_out, expected)
+    assert torch.nn.functional.cosine_similarity(int8_out, expected).min() > 0.99
+    from lightning_quantum.benchmark import serialized_size_bytes
+
+    assert serialized_size_bytes(ort_int8) < 0.5 * serialized_size_bytes(ort_float)  # int8 weights on file
+    copied = copy.deepcopy(ort_int8)  # a session of its own
+    assert torch.equal(copied(x), int8_out)
+    with pytest.raises(ValueError, match="`example_inputs` is needed for the form 'int8 onnxruntime'"):
+        build_form("int8 onnxruntime", net, float_net)
+    with pytest.raises(ValueError, match=r"Unknown inputs \['y'\]: the ONNX model takes \['x'\]"):
+        ort_float(y=x)
+
+
+def test_without_onnxruntime_its_forms_are_listed_as_not_installed(monkeypatch):
+    import lightning_quantum.onnx_runtime as onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "onnxruntime_available", lambda: False)
+    net, float_net = _int8_mlp()
+    _, decision = choose_deployment(
+        net, _loader(), float_model=float_net, forms=["float eager", "int8 onnxruntime"], batch_size=32, repeats=2
+    )
+    missing = decision.candidate("int8 onnxruntime")
+    assert not missing.eligible and missing.latency_p50_ms is None
+    assert "could not run: ImportError" in missing.note and "lightning-quantum[onnx]" in missing.note
+    assert decision.form in ("int8 eager", "float eager")
+
+
+@needs_onnxruntime
+def test_load_deployment_wants_an_onnx_file_for_an_onnxruntime_form(tmp_path):
+    (tmp_path / "deployment.json").write_text(json.dumps({"form": "int8 onnxruntime", "program": "model.pt2"}))
+    with pytest.raises(ValueError, match=r"`program`='model.pt2' must name a .onnx file in"):
+        load_deployment(tmp_path)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,6 +7,7 @@ import torch.nn.functional as F
 import lightning_quantum as lq
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import DigitsCNN, DigitsMLP
+from lightning_quantum.onnx_runtime import onnxruntime_available
 
 
 def _trained(net, layout, epochs=4):
@@ -184,3 +187,17 @@ def test_keep_slower_keeps_the_int8_step_and_ships_an_int8_form(mlp, tmp_path, m
     x = next(iter(dm.test_dataloader()))[0]
     with torch.no_grad():
         assert torch.equal(again(x), result.model(x))
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra is not installed")
+def test_an_onnxruntime_winner_is_saved_as_onnx_and_reloads_without_model_code(mlp, tmp_path, monkeypatch):
+    net, dm = mlp
+    _force_times(monkeypatch, "int8 onnxruntime")
+    result = lq.optimize(net, "quantum", eval_data=dm.test_dataloader(), repeats=3)
+    assert result.steps[-1].detail == {"form": "int8 onnxruntime"}
+    paths = lq.save_optimized(result, tmp_path)
+    assert paths["model"].name == "model.onnx"
+    assert json.loads((tmp_path / "optimized.json").read_text())["format"] == "onnx"
+    again = lq.load_optimized(None, tmp_path)  # an ONNX file: no model code needed
+    x = next(iter(dm.test_dataloader()))[0]
+    assert torch.equal(again(x), result.model(x))

@@ -16,7 +16,10 @@ The forms (``FORMS``) are ``"<numerics> <runner>"``:
 - ``bf16``: the float form cast to bfloat16, taking and returning float32;
 - ``int8``: int8 linears (``Int8Tensor``: the model's own after QAT, else torchao dynamic int8 of
   the float form);
-- runner ``eager``: called as it is; ``compiled``: :func:`~lightning_quantum.quantization.compile_for_inference`.
+- runner ``eager``: called as it is; ``compiled``: :func:`~lightning_quantum.quantization.compile_for_inference`;
+  ``onnxruntime``: exported to ONNX and run by ONNX Runtime on the CPU, its int8 being ONNX Runtime's
+  own dynamic quantization of the float form (:mod:`~lightning_quantum.onnx_runtime`; only where the
+  ``onnx`` extra is installed, else listed as not installed).
 
 :func:`save_deployment` writes the winner as a ``torch.export`` program plus ``deployment.json``;
 :func:`load_deployment` reads them back and compiles the program again when the form is compiled.
@@ -74,9 +77,10 @@ __all__ = [
 ]
 
 NUMERICS = ("float", "bf16", "int8")
-RUNNERS = ("eager", "compiled")
-#: Every candidate form, ``"<numerics> <runner>"``.
-FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS)
+RUNNERS = ("eager", "compiled", "onnxruntime")
+#: Every candidate form, ``"<numerics> <runner>"`` (ONNX Runtime in float32 and int8: its bf16 CPU
+#: kernels are few, and the graph falls back op by op).
+FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
 
 
@@ -177,7 +181,9 @@ def _int8_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module
     return out
 
 
-def build_form(form: str, model: nn.Module, float_model: nn.Module | None = None) -> nn.Module:
+def build_form(
+    form: str, model: nn.Module, float_model: nn.Module | None = None, example_inputs: Any = None
+) -> nn.Module:
     """Build the candidate ``form`` of ``model`` (a copy: ``model`` is left as it is).
 
     Args:
@@ -185,9 +191,12 @@ def build_form(form: str, model: nn.Module, float_model: nn.Module | None = None
         model: the trained model (float, or with int8 linears after QAT).
         float_model: its float form, when the model was quantized (QAT's weights before conversion);
             the dequantized weights are used when ``None``.
+        example_inputs: one batch to export with; needed by the ``onnxruntime`` forms only.
 
     Raises:
-        ValueError: for an unknown form, or int8 numerics of a model quantized some other way.
+        ValueError: for an unknown form, int8 numerics of a model quantized some other way, or an
+            ``onnxruntime`` form without ``example_inputs``.
+        ImportError: for an ``onnxruntime`` form without the ``onnx`` extra installed.
     """
     trained = trained_form(model)
     if form in (trained, trained.replace("eager", "compiled")):  # the model as it is, whatever it holds
@@ -196,6 +205,13 @@ def build_form(form: str, model: nn.Module, float_model: nn.Module | None = None
         numerics, runner = form.split()
     else:
         raise ValueError(f"`form`={form!r} is not valid. Choose one of: {', '.join(map(repr, FORMS))}.")
+    if runner == "onnxruntime":
+        from lightning_quantum.onnx_runtime import to_onnxruntime
+
+        if example_inputs is None:
+            raise ValueError(f"`example_inputs` is needed for the form {form!r}: ONNX export traces one batch.")
+        float_form = _float_numerics(model, float_model).eval()
+        return to_onnxruntime(float_form, _to_device(example_inputs, torch.device("cpu")), int8=numerics == "int8")
     if numerics == "trained":
         built = copy.deepcopy(model)
     elif numerics == "int8":
@@ -360,7 +376,7 @@ def choose_deployment(
             result = results[form] = CandidateResult(form)
             t0 = time.perf_counter()
             try:
-                module = build_form(form, model, float_model)
+                module = build_form(form, model, float_model, timed)
                 inputs = _to_device(timed, _module_device(module))
                 with torch.inference_mode():
                     _call(module, inputs)  # compiles a compiled form
@@ -472,20 +488,28 @@ def save_deployment(
     module: nn.Module, decision: DeploymentDecision, example_inputs: Any, directory: str | Path, *, stem: str = "model"
 ) -> dict[str, Path]:
     """Write the chosen form: ``<stem>.pt2`` (a ``torch.export`` program of its numerics, traced on the
-    CPU) and ``deployment.json`` (the form, the decision). Earlier files are kept, renamed."""
+    CPU), or ``<stem>.onnx`` for an ONNX Runtime form, and ``deployment.json`` (the form, the
+    decision). Earlier files are kept, renamed."""
+    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
     from lightning_quantum.quantization.export import FrozenInference, export_program
     from lightning_quantum.report import keep_existing
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-
+    record = out / DEPLOYMENT_FILE
+    if isinstance(module, OnnxRuntimeModule):
+        program = out / f"{stem}.onnx"
+        keep_existing(program)
+        keep_existing(record)
+        program.write_bytes(module.model_bytes())
+        record.write_text(json.dumps({"program": program.name, **decision.to_dict()}, indent=2) + "\n")
+        return {"program": program, "deployment": record}
     inner = module.model if isinstance(module, FrozenInference) else module
     cpu_copy = copy.deepcopy(inner).cpu()
     example = _to_device(example_inputs, torch.device("cpu"))
     if not isinstance(example, dict):
         example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     program = out / f"{stem}.pt2"
-    record = out / DEPLOYMENT_FILE
     keep_existing(program)
     keep_existing(record)
     export_program(cpu_copy, example, program)
@@ -499,6 +523,7 @@ def load_deployment(directory: str | Path) -> nn.Module:
     Raises:
         FileNotFoundError: when the directory holds no ``deployment.json``.
         ValueError: for a record that names an unknown form or a program outside the directory.
+        ImportError: for an ONNX Runtime form without the ``onnx`` extra installed.
     """
     from lightning_quantum.quantization.export import compile_for_inference, load_program
 
@@ -513,9 +538,14 @@ def load_deployment(directory: str | Path) -> nn.Module:
     form = record.get("form")
     if form not in FORMS:
         raise ValueError(f"{record_path}: `form`={form!r} is not valid. Choose one of: {', '.join(map(repr, FORMS))}.")
+    suffix = ".onnx" if form.endswith("onnxruntime") else ".pt2"
     program = (root / str(record.get("program", ""))).resolve()
-    if program.parent != root.resolve() or program.suffix != ".pt2":
-        raise ValueError(f"{record_path}: `program`={record.get('program')!r} must name a .pt2 file in {root}.")
+    if program.parent != root.resolve() or program.suffix != suffix:
+        raise ValueError(f"{record_path}: `program`={record.get('program')!r} must name a {suffix} file in {root}.")
+    if suffix == ".onnx":
+        from lightning_quantum.onnx_runtime import load_onnxruntime
+
+        return load_onnxruntime(program, record.get("num_threads"))
     module = load_program(program)
     return compile_for_inference(module) if form.endswith("compiled") else module
 

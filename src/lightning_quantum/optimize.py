@@ -408,12 +408,13 @@ def save_optimized(
     """Write the optimized model, ``optimized.json`` and ``report.json`` / ``report.md`` into ``directory``.
 
     A static int8 model (a graph) is written as a ``torch.export`` program (``.pt2``, needs
-    ``example_inputs``); any other as safetensors weights, with ``optimized.json`` recording the
-    steps that were kept, so :func:`load_optimized` can rebuild the model around them. Earlier files
-    are kept, renamed.
+    ``example_inputs``), an ONNX Runtime form (the deploy step's choice) as its ``.onnx`` file; any
+    other as safetensors weights, with ``optimized.json`` recording the steps that were kept, so
+    :func:`load_optimized` can rebuild the model around them. Earlier files are kept, renamed.
     """
     import json
 
+    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
     from lightning_quantum.quantization.export import FrozenInference, export_program, save_safetensors
     from lightning_quantum.report import keep_existing
 
@@ -423,7 +424,12 @@ def save_optimized(
     model = result.model
     if isinstance(model, FrozenInference):  # a compiled form: its weights; the recipe says to compile again
         model = model.model
-    if isinstance(model, torch.fx.GraphModule):
+    if isinstance(model, OnnxRuntimeModule):
+        target, fmt = directory / f"{stem}.onnx", "onnx"
+        keep_existing(target)
+        target.write_bytes(model.model_bytes())
+        paths["model"] = target
+    elif isinstance(model, torch.fx.GraphModule):
         if example_inputs is None:
             raise ValueError("A static int8 model is saved as a torch.export program: give `example_inputs`.")
         target, fmt = directory / f"{stem}.pt2", "pt2"
@@ -449,7 +455,8 @@ def save_optimized(
 def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
     """Load a model written by :func:`save_optimized`.
 
-    A ``.pt2`` program needs no model code (``model`` may be ``None``). Safetensors weights go into
+    A ``.pt2`` program or an ``.onnx`` file (opened in ONNX Runtime) needs no model code (``model`` may
+    be ``None``). Safetensors weights go into
     ``model``, a fresh instance of the original architecture, after the recorded steps reshape and
     quantize it the same way (slimmed channels, bf16, dynamic int8, NF4). Weights are read only with
     safetensors or ``torch.export.load``; the recipe is plain JSON naming steps from a fixed set.
@@ -475,8 +482,12 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
 
             return compile_for_inference(program)
         return program
+    if fmt == "onnx":
+        from lightning_quantum.onnx_runtime import load_onnxruntime
+
+        return load_onnxruntime(directory / file)
     if fmt != "safetensors":
-        raise ValueError(f"{recipe_path}: `format`={fmt!r} is not valid. Choose from: 'pt2', 'safetensors'.")
+        raise ValueError(f"{recipe_path}: `format`={fmt!r} is not valid. Choose from: 'pt2', 'onnx', 'safetensors'.")
     if model is None:
         raise ValueError("Safetensors weights load into a model: give a fresh instance of the original architecture.")
     model = model.eval()

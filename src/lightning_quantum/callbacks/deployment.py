@@ -25,6 +25,7 @@ from lightning_quantum.callbacks._common import (
     is_fast_dev_run,
 )
 from lightning_quantum.deployment import (
+    FORMS,
     NUMERICS,
     RUNNERS,
     DeploymentDecision,
@@ -46,19 +47,21 @@ class DeploymentGate(Callback):
 
     After the other callbacks' ``on_fit_end`` (QAT's conversion included), on rank zero, it builds
     the candidate forms of the final model (:data:`~lightning_quantum.deployment.FORMS`: float, bf16
-    and int8 numerics, each eager and compiled), measures their accuracy on the DataModule's test (or
-    val) loader and their latency at ``batch_size``, and keeps the fastest within ``max_accuracy_drop``
-    of the model as trained (:func:`~lightning_quantum.deployment.choose_deployment`). A compressed
-    model that runs slower than its float form is therefore never shipped: the float form wins, and
-    the report says why. The winner is written as ``<stem>.pt2`` and ``deployment.json`` (reload with
-    :func:`~lightning_quantum.deployment.load_deployment`), and the
+    and int8 numerics, each eager and compiled, and float and int8 in ONNX Runtime), measures their
+    accuracy on the DataModule's test (or val) loader and their latency at ``batch_size``, and keeps
+    the fastest within ``max_accuracy_drop`` of the model as trained
+    (:func:`~lightning_quantum.deployment.choose_deployment`). A compressed model that runs slower
+    than its float form is therefore never shipped: the float form wins, and the report says why.
+    The winner is written as ``<stem>.pt2`` (``<stem>.onnx`` for an ONNX Runtime form) and
+    ``deployment.json`` (reload with :func:`~lightning_quantum.deployment.load_deployment`), and the
     :class:`~lightning_quantum.callbacks.OptimizationReport` measures it as the optimized model.
     Put it after the callbacks that change the model and before ``ModelExport`` and the report.
 
     Args:
         numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` on a float
             model is torchao dynamic int8 of it; on a QAT model, its own int8 layers.
-        runners: ``"eager"`` and/or ``"compiled"`` (Inductor with freezing).
+        runners: any of ``"eager"``, ``"compiled"`` (Inductor with freezing) and ``"onnxruntime"``
+            (float and int8 only; listed as not installed without the ``onnx`` extra).
         batch_size: samples per timed batch; the ``OptimizationReport``'s when ``None`` (else 64).
         max_accuracy_drop: the accuracy a form may lose against the model as trained.
         min_cosine: without labels, the least mean cosine of a form's outputs to the trained model's.
@@ -132,7 +135,7 @@ class DeploymentGate(Callback):
 
     @property
     def forms(self) -> list[str]:
-        return [f"{n} {r}" for n, r in itertools.product(self.numerics, self.runners)]
+        return [f for f in (f"{n} {r}" for n, r in itertools.product(self.numerics, self.runners)) if f in FORMS]
 
     def _report_setting(self, trainer: pl.Trainer, name: str) -> Any:
         from lightning_quantum.callbacks.report import OptimizationReport

@@ -85,8 +85,8 @@ def test_gate_picks_the_float_form_when_a_forced_slow_int8_candidate_loses(monke
     net, float_net = _int8_mlp()
     real_build = deployment.build_form
 
-    def build(form, model, float_model=None, example_inputs=None):
-        built = real_build(form, model, float_model, example_inputs)
+    def build(form, model, float_model=None, example_inputs=None, **kwargs):
+        built = real_build(form, model, float_model, example_inputs, **kwargs)
         return _Slow(built, 0.02) if form.startswith("int8") else built
 
     monkeypatch.setattr(deployment, "build_form", build)
@@ -108,10 +108,10 @@ def test_a_faster_form_over_the_accuracy_budget_is_turned_down(monkeypatch):
         def forward(self, x):
             return torch.zeros(x.shape[0], 10).index_fill_(1, torch.tensor([3]), 1.0)
 
-    def build(form, model, float_model=None, example_inputs=None):
+    def build(form, model, float_model=None, example_inputs=None, **kwargs):
         if form == "bf16 eager":
             return Wrong()
-        return _Slow(real_build(form, model, float_model, example_inputs), 0.005)
+        return _Slow(real_build(form, model, float_model, example_inputs, **kwargs), 0.005)
 
     monkeypatch.setattr(deployment, "build_form", build)
     _, decision = choose_deployment(
@@ -178,7 +178,8 @@ with torch.inference_mode():
     ("form", "program"),
     [
         ("int8 compiled", "model.pt2"),  # the form that needs compiling again on load
-        pytest.param("int8 onnxruntime", "model.onnx", marks=needs_onnxruntime),
+        # in the default run, tests/test_optimize.py reloads an ONNX winner in the same process
+        pytest.param("int8 onnxruntime", "model.onnx", marks=[needs_onnxruntime, pytest.mark.slow]),
     ],
 )
 def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form, program):
@@ -270,8 +271,10 @@ def test_fast_dev_run_measures_only_the_trained_form(tmp_path, digits):
 def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound():
     net, float_net = _int8_mlp()
     x = torch.rand(8, 64)
-    ort_float = build_form("float onnxruntime", net, float_net, example_inputs=x)
-    ort_int8 = build_form("int8 onnxruntime", net, float_net, example_inputs=x)
+    exports = {}
+    ort_float = build_form("float onnxruntime", net, float_net, example_inputs=x, onnx_exports=exports)
+    ort_int8 = build_form("int8 onnxruntime", net, float_net, example_inputs=x, onnx_exports=exports)
+    assert exports["float"] == ort_float.model_bytes()  # exported once, quantized from the same bytes
     assert isinstance(ort_float, OnnxRuntimeModule) and ort_float.input_names == ["x"]
     with torch.no_grad():
         expected = float_net(x)

@@ -182,7 +182,12 @@ def _int8_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module
 
 
 def build_form(
-    form: str, model: nn.Module, float_model: nn.Module | None = None, example_inputs: Any = None
+    form: str,
+    model: nn.Module,
+    float_model: nn.Module | None = None,
+    example_inputs: Any = None,
+    *,
+    onnx_exports: dict[str, bytes] | None = None,
 ) -> nn.Module:
     """Build the candidate ``form`` of ``model`` (a copy: ``model`` is left as it is).
 
@@ -192,6 +197,8 @@ def build_form(
         float_model: its float form, when the model was quantized (QAT's weights before conversion);
             the dequantized weights are used when ``None``.
         example_inputs: one batch to export with; needed by the ``onnxruntime`` forms only.
+        onnx_exports: where the ONNX export of the float form is kept for the next ``onnxruntime``
+            form of the same model (the float and int8 forms then export once).
 
     Raises:
         ValueError: for an unknown form, int8 numerics of a model quantized some other way, or an
@@ -211,7 +218,8 @@ def build_form(
         if example_inputs is None:
             raise ValueError(f"`example_inputs` is needed for the form {form!r}: ONNX export traces one batch.")
         float_form = _float_numerics(model, float_model).eval()
-        return to_onnxruntime(float_form, _to_device(example_inputs, torch.device("cpu")), int8=numerics == "int8")
+        example = _to_device(example_inputs, torch.device("cpu"))
+        return to_onnxruntime(float_form, example, int8=numerics == "int8", exports=onnx_exports)
     if numerics == "trained":
         built = copy.deepcopy(model)
     elif numerics == "int8":
@@ -370,13 +378,14 @@ def choose_deployment(
     order = list(dict.fromkeys(order))
     results: dict[str, CandidateResult] = {}
     built: dict[str, nn.Module] = {}
+    onnx_exports: dict[str, bytes] = {}
     reference_outputs: list[Tensor] | None = None
     with _threads(threads), eval_mode(model):
         for form in order:
             result = results[form] = CandidateResult(form)
             t0 = time.perf_counter()
             try:
-                module = build_form(form, model, float_model, timed)
+                module = build_form(form, model, float_model, timed, onnx_exports=onnx_exports)
                 inputs = _to_device(timed, _module_device(module))
                 with torch.inference_mode():
                     _call(module, inputs)  # compiles a compiled form

@@ -182,10 +182,18 @@ def quantize_onnx_int8(model_bytes: bytes, *, per_channel: bool = True) -> bytes
 
 
 def to_onnxruntime(
-    model: nn.Module, example_inputs: Any, *, int8: bool = False, num_threads: int | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    int8: bool = False,
+    num_threads: int | None = None,
+    exports: dict[str, bytes] | None = None,
 ) -> OnnxRuntimeModule:
     """Export ``model`` (float weights, on the CPU) to ONNX, optionally quantize it to int8 with ONNX
     Runtime, and open it in a session. ``model`` is left as it is.
+
+    ``exports``, when given, keeps the float export under the key ``"float"``, and a later call with
+    the same dict uses it instead of exporting again: pass it only for the same model and inputs.
 
     Raises:
         ImportError: when the ``onnx`` extra is not installed.
@@ -195,7 +203,11 @@ def to_onnxruntime(
     devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
     if devices - {"cpu"}:
         raise ValueError(f"ONNX Runtime forms run on the CPU here; the model is on {sorted(devices)}.")
-    data = export_onnx(model, example_inputs)
+    data = exports.get("float") if exports is not None else None
+    if data is None:
+        data = export_onnx(model, example_inputs)
+        if exports is not None:
+            exports["float"] = data
     if int8:
         data = quantize_onnx_int8(data)
     return OnnxRuntimeModule(data, num_threads, num_parameters=sum(p.numel() for p in model.parameters()))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import platform
@@ -82,7 +83,7 @@ def _trained_float(cfg_model: Any, out: Path) -> nn.Module:
     """BASIC's trained float network, from the safetensors file the run wrote."""
     module = instantiate(cfg_model)
     load_safetensors(module, out / "float.safetensors", strict=False)  # a distillation run leaves the teacher out
-    net = getattr(module, "student", None) or module.model
+    net = module.student if hasattr(module, "student") else module.net
     return net.eval()
 
 
@@ -105,13 +106,14 @@ def _peers(float_net: nn.Module, example: Any) -> dict[str, nn.Module]:
         peers["onnxruntime int8 per tensor"] = OnnxRuntimeModule(quantize_onnx_int8(onnx_float, per_channel=False))
         peers["onnxruntime int8 per channel"] = OnnxRuntimeModule(quantize_onnx_int8(onnx_float, per_channel=True))
     else:
-        print("onnxruntime is not installed (pip install 'lightning-quantum[onnx]'): no ONNX Runtime rows", file=sys.stderr)
+        print(
+            "onnxruntime is not installed (pip install 'lightning-quantum[onnx]'): no ONNX Runtime rows",
+            file=sys.stderr,
+        )
     return peers
 
 
-def _quality(
-    module: nn.Module, chunks: list[tuple[Any, Tensor | None, int]], teacher: list[Tensor] | None
-) -> float:
+def _quality(module: nn.Module, chunks: list[tuple[Any, Tensor | None, int]], teacher: list[Tensor] | None) -> float:
     """Top-1 accuracy with labels; else the mean cosine to the teacher's outputs."""
     score, total = 0.0, 0
     with torch.inference_mode():
@@ -142,6 +144,11 @@ def _time(modules: dict[str, nn.Module], inputs: Any, *, warmup: int, repeats: i
 
 
 def _size(module: nn.Module) -> int:
+    if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules()):
+        # torch.ao's packed weights are no tensors safetensors can write: the size of torch.save's file
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        return buffer.getbuffer().nbytes
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
         module = module._orig_mod
     if isinstance(module, Autocast):
@@ -149,7 +156,7 @@ def _size(module: nn.Module) -> int:
     return serialized_size_bytes(module)
 
 
-def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int, tmp: Path) -> dict:
+def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int, rounds: int, tmp: Path) -> dict:
     basic_dir, quantum_dir = tmp / f"{name}-basic", tmp / f"{name}-quantum"
     started = time.perf_counter()
     run_level("basic", epochs, basic_dir, [*extra, EXPORT])
@@ -177,14 +184,16 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     timed = _slice(inputs, 0, batch)
     chunks = []
     for start in range(0, total - total % batch, batch):  # whole batches: one shape for the compiled rows
-        chunks.append((_slice(inputs, start, start + batch), None if targets is None else targets[start : start + batch], batch))
+        chunks.append(
+            (_slice(inputs, start, start + batch), None if targets is None else targets[start : start + batch], batch)
+        )
     teacher_out = None
     if targets is None:
         from lightning_quantum.distillation import minilm_teacher
 
         teacher = minilm_teacher().eval()
         with torch.inference_mode():
-            teacher_out = [_call(teacher, c[0]).float() for c in chunks]
+            teacher_out = [_call(teacher, c[0]).float()[: c[2]] for c in chunks]
     ours = lq.load_deployment(quantum_dir)
     record = json.loads((quantum_dir / "deployment.json").read_text())
     rows = {**_peers(float_net, timed), f"ours: QUANTUM shipped ({record['form']})": ours}
@@ -198,7 +207,7 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
             "quality": _quality(module, chunks, teacher_out),
             "size_bytes": _size(module),
         }
-    times = _time(rows, timed, warmup=3, repeats=repeats, rounds=3)
+    times = _time(rows, timed, warmup=5, repeats=repeats, rounds=rounds)
     base = statistics.median(times["fp32 eager (BASIC)"])
     for label, samples in times.items():
         p50 = statistics.median(samples)
@@ -220,8 +229,9 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     }
     return {
         "batch_size": batch,
+        "timing": {"repeats": repeats, "rounds": rounds, "threads": torch.get_num_threads()},
         "quality": "test accuracy" if targets is not None else "held-out cosine to the teacher",
-        "held_out_samples": len(chunks) * batch,
+        "held_out_samples": total,
         "train_seconds_basic_and_quantum": train_seconds,
         "rows": results,
         "verdict": verdict,
@@ -249,10 +259,10 @@ def main() -> None:
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
-        out["digits"] = workload("digits", DIGITS, args.epochs, 256, 60, Path(tmp))
+        out["digits"] = workload("digits", DIGITS, args.epochs, 256, 600, 6, Path(tmp))
         print(json.dumps(out["digits"]["verdict"], indent=2), file=sys.stderr)
         if not args.skip_minilm:
-            out["minilm"] = workload("minilm", MINILM, args.minilm_epochs, 32, 15, Path(tmp))
+            out["minilm"] = workload("minilm", MINILM, args.minilm_epochs, 32, 40, 4, Path(tmp))
             print(json.dumps(out["minilm"]["verdict"], indent=2), file=sys.stderr)
     args.output.write_text(json.dumps(out, indent=2) + "\n")
     for name in ("digits", "minilm"):

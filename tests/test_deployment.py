@@ -315,3 +315,29 @@ def test_load_deployment_wants_an_onnx_file_for_an_onnxruntime_form(tmp_path):
     (tmp_path / "deployment.json").write_text(json.dumps({"form": "int8 onnxruntime", "program": "model.pt2"}))
     with pytest.raises(ValueError, match=r"`program`='model.pt2' must name a .onnx file in"):
         load_deployment(tmp_path)
+
+
+@needs_onnxruntime
+def test_onnxruntime_exports_a_module_that_takes_args_and_kwargs():
+    from lightning_quantum.onnx_runtime import to_onnxruntime
+
+    class Wrapper(nn.Module):  # a LightningModule's forward(*args, **kwargs) around a network
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *args, **kwargs):
+            if kwargs:
+                return self.net(kwargs["x"]) * kwargs["mask"]
+            return self.net(*args)
+
+    torch.manual_seed(0)
+    wrapped = Wrapper(nn.Linear(8, 4)).eval()
+    x = torch.rand(6, 8)
+    positional = to_onnxruntime(wrapped, x)
+    mask = torch.ones(6, 4)
+    keywords = to_onnxruntime(wrapped, {"x": x, "mask": mask})
+    with torch.no_grad():
+        y = torch.rand(3, 8)  # the batch dimension stays dynamic through *args and **kwargs
+        torch.testing.assert_close(positional(y), wrapped(y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keywords(x=y, mask=mask[:3]), wrapped(x=y, mask=mask[:3]), rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,33 @@ def _dynamic_shapes(example: Any) -> Any:
     return None
 
 
+class _Keywords(nn.Module):
+    """``model`` called with keyword inputs, taken in a fixed order as positional ones: torch 2.13's
+    ``torch.export`` cannot give a ``forward(**kwargs)`` dynamic shapes ("Must provide a tree_name")."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(**dict(zip(self.names, inputs)))
+
+
+def _dynamic_shapes_by_name(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
+    """``torch.export``'s ``dynamic_shapes`` keyed by the names of ``forward``'s parameters: a positional
+    spec would not match a ``forward(*args)`` (a LightningModule's, which takes its inputs as a tuple)."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args)
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(_dynamic_shapes(v) for v in value)
+        else:
+            shapes[name] = _dynamic_shapes(value)
+    return shapes
+
+
 def export_onnx(model: nn.Module, example_inputs: Any) -> bytes:
     """``model`` (on the CPU, in eval mode) as ONNX bytes, every input dimension dynamic where it can be.
 
@@ -142,19 +170,19 @@ def export_onnx(model: nn.Module, example_inputs: Any) -> bytes:
     _require()
     import logging
 
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-        shapes: Any = _dynamic_shapes(example_inputs)
+    names: list[str] | None = None
+    if isinstance(example_inputs, dict):  # keyword inputs (a Hugging Face encoder's), named in the graph
+        names = list(example_inputs)
+        model, args = _Keywords(model, names), tuple(example_inputs.values())
     else:
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        kwargs = None
-        shapes = _dynamic_shapes(args)
+    shapes = _dynamic_shapes_by_name(model, args)
     previous = logging.getLogger("torch.onnx").level
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with eval_mode(model):
             program = torch.onnx.export(
-                model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes, verbose=False, report=False
+                model, args, input_names=names, dynamo=True, dynamic_shapes=shapes, verbose=False, report=False
             )
     finally:
         logging.getLogger("torch.onnx").setLevel(previous)

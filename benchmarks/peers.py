@@ -183,10 +183,12 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     total = len(targets) if targets is not None else len(next(iter(inputs.values())))
     timed = _slice(inputs, 0, batch)
     chunks = []
-    for start in range(0, total - total % batch, batch):  # whole batches: one shape for the compiled rows
-        chunks.append(
-            (_slice(inputs, start, start + batch), None if targets is None else targets[start : start + batch], batch)
-        )
+    for start in range(0, total, batch):  # one shape for the compiled rows: the last batch filled up with repeats
+        count = min(batch, total - start)
+        part = _slice(inputs, start, start + count)
+        if count < batch:
+            part = _slice(_cat([part] * (batch // count + 1)), 0, batch)
+        chunks.append((part, None if targets is None else targets[start : start + count], count))
     teacher_out = None
     if targets is None:
         from lightning_quantum.distillation import minilm_teacher
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="digits epochs")
     parser.add_argument("--minilm-epochs", type=int, default=1)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true", help="MiniLM only (write to another --output)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -259,10 +262,11 @@ def main() -> None:
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
-        out["digits"] = workload("digits", DIGITS, args.epochs, 256, 600, 6, Path(tmp))
-        print(json.dumps(out["digits"]["verdict"], indent=2), file=sys.stderr)
+        if not args.skip_digits:
+            out["digits"] = workload("digits", DIGITS, args.epochs, 256, 600, 6, Path(tmp))
+            print(json.dumps(out["digits"]["verdict"], indent=2), file=sys.stderr)
         if not args.skip_minilm:
-            out["minilm"] = workload("minilm", MINILM, args.minilm_epochs, 32, 40, 4, Path(tmp))
+            out["minilm"] = workload("minilm", MINILM, args.minilm_epochs, 32, 64, 8, Path(tmp))
             print(json.dumps(out["minilm"]["verdict"], indent=2), file=sys.stderr)
     args.output.write_text(json.dumps(out, indent=2) + "\n")
     for name in ("digits", "minilm"):

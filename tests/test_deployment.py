@@ -341,3 +341,15 @@ def test_onnxruntime_exports_a_module_that_takes_args_and_kwargs():
         y = torch.rand(3, 8)  # the batch dimension stays dynamic through *args and **kwargs
         torch.testing.assert_close(positional(y), wrapped(y), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(keywords(x=y, mask=mask[:3]), wrapped(x=y, mask=mask[:3]), rtol=1e-5, atol=1e-5)
+
+
+@needs_onnxruntime
+def test_an_onnxruntime_int8_form_is_judged_at_the_batch_size_it_is_timed_at():
+    from lightning_quantum.benchmark import benchmark_model, evaluate_accuracy
+
+    net, float_net = _int8_mlp()
+    ort_int8 = build_form("int8 onnxruntime", net, float_net, example_inputs=torch.rand(8, 64))
+    loader = _loader(n=96, batch=32)
+    # one activation scale per call: the report measures accuracy at the timed batch, as the gate did
+    measured = benchmark_model(ort_int8, eval_data=loader, batch_size=48, repeats=2, warmup=0)
+    assert measured.accuracy == evaluate_accuracy(ort_int8, loader, batch_size=48)

@@ -536,10 +536,14 @@ def evaluate_accuracy(
     return score / total
 
 
-def _is_compiled(model: nn.Module) -> bool:
+def _at_timed_batch(model: nn.Module) -> bool:
+    """Whether accuracy is measured at the timed batch size: a compiled model runs at the shape it was
+    compiled for, and an ONNX Runtime int8 model quantizes its activations with one scale per call, so
+    a sample's output depends on the batch it is in (as the deployment gate measured it)."""
+    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
     from lightning_quantum.quantization.export import FrozenInference
 
-    return isinstance(model, (FrozenInference, torch._dynamo.eval_frame.OptimizedModule))
+    return isinstance(model, (FrozenInference, OnnxRuntimeModule, torch._dynamo.eval_frame.OptimizedModule))
 
 
 def _labelled_batches(data: Iterable[Any], max_batches: int | None) -> Iterator[tuple[Any, Tensor, int]]:
@@ -606,7 +610,7 @@ def benchmark_model(
                 metric=metric,
                 precision=precision,
                 max_batches=max_eval_batches,
-                batch_size=timed_batch if _is_compiled(model) else None,  # the shape it was compiled for
+                batch_size=timed_batch if _at_timed_batch(model) else None,
             )
             if labelled
             else None  # unlabeled data (sentence embeddings, say): no accuracy to measure

@@ -519,7 +519,7 @@ def evaluate_accuracy(
     device = _module_device(model)
     total = 0
     score = 0.0
-    batches = _labelled_batches(data, max_batches)
+    batches: Iterator[tuple[Any, Tensor | None, int]] = _labelled_batches(data, max_batches)
     if batch_size is not None:
         check_positive("batch_size", batch_size)
         batches = iter(_rebatch(list(batches), batch_size))
@@ -528,6 +528,7 @@ def evaluate_accuracy(
             outputs = _call(model, _to_device(inputs, device, _TRUE_DTYPES.get(precision)))
             if isinstance(outputs, Tensor) and outputs.shape[0] != count:
                 outputs = outputs[:count]  # the fill of a regrouped last batch
+            assert targets is not None  # labelled batches, regrouped or not
             targets = targets.to(device)
             score += _top1_correct(outputs, targets) if metric is None else float(metric(outputs, targets)) * count
             total += count

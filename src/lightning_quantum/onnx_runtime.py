@@ -64,6 +64,10 @@ class OnnxRuntimeModule(nn.Module):
         num_parameters: the parameter count of the model it was exported from (for the report).
     """
 
+    onnx_model: Tensor
+    _session: Any  # onnxruntime.InferenceSession
+    _input_names: list[str]
+
     def __init__(self, model_bytes: bytes, num_threads: int | None = None, num_parameters: int = 0) -> None:
         _require()
         super().__init__()

@@ -376,7 +376,7 @@ def test_teacher_at_lower_precision_is_a_copy_and_trains(tmp_path, precision):
 
 def test_attention_distillation_matches_attention_maps(tmp_path):
     from lightning_quantum.distillation import SentenceEncoder, student_from_teacher
-    from lightning_quantum.distillation.module import attention_kl
+    from lightning_quantum.distillation.losses import attention_kl
 
     p = torch.softmax(torch.randn(2, 2, 3, 3), -1)
     q = torch.softmax(torch.randn(2, 2, 3, 3), -1)

@@ -18,7 +18,6 @@ import contextlib
 import io
 import itertools
 import logging
-import os
 import statistics
 import threading
 import time
@@ -634,11 +633,6 @@ def benchmark_model(
         num_threads=threads,
         repeats=repeats,
     )
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _first_optimizer(configured: Any) -> torch.optim.Optimizer:

@@ -1,6 +1,6 @@
 """The optimization report: baseline against optimized, as data, JSON, Markdown and a rich table.
 
-The field names are the ones users look for (see the design): ``original_model_size_mb``,
+The field names are the ones users look for: ``original_model_size_mb``,
 ``optimized_model_size_mb``, ``compression_ratio``, ``inference_latency_ms`` (p50, with
 ``inference_latency_p95_ms`` beside it), ``requests_per_second``, ``memory_consumption_mb``,
 ``accuracy``, ``accuracy_degradation``, ``optimization_duration_seconds``, ``sparsity``,

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_quantum.weights import WEIGHT_SUFFIXES, read_checkpoint, state_mismatch
+from lightning_quantum.weights import read_checkpoint, state_mismatch
 
 __all__ = [
     "ARCHITECTURES",
-    "MODEL_SUFFIXES",
     "JobStore",
     "UnsafePathError",
     "build_architecture",
@@ -31,8 +30,6 @@ __all__ = [
     "run_profile",
     "exit_with_parent",
 ]
-
-MODEL_SUFFIXES = WEIGHT_SUFFIXES
 
 
 class UnsafePathError(ValueError):
@@ -97,7 +94,6 @@ def _digits_cnn(options: dict[str, Any]) -> Any:
 
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], Any]] = {"digits_mlp": _digits_mlp, "digits_cnn": _digits_cnn}
-DATASETS = ("digits",)
 
 
 def build_architecture(architecture: str, options: dict[str, Any]) -> Any:

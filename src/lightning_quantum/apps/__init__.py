@@ -1,1 +1,1 @@
-"""Applications: the only modules that import hydra (and, later, fastapi)."""
+"""Applications: the only modules that import hydra and fastapi."""

@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.serving import (
-    MODEL_SUFFIXES,
     JobStore,
     UnsafePathError,
     exit_with_parent,
@@ -48,6 +47,7 @@ from lightning_quantum.serving import (
     run_optimization_job,
     run_profile,
 )
+from lightning_quantum.weights import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -460,10 +460,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             path = resolve_inside(model_root, registration.path)
         except UnsafePathError as error:
             raise HTTPException(_UNPROCESSABLE, f"`path` is refused: {error}") from None
-        if path.suffix not in MODEL_SUFFIXES or not path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
-                f"`path`={registration.path!r} is not a {'/'.join(MODEL_SUFFIXES)} file inside the model root.",
+                f"`path`={registration.path!r} is not a {'/'.join(WEIGHT_SUFFIXES)} file inside the model root.",
             )
         try:
             await quick_worker.run(_check_loads, str(model_root), record)

@@ -1,19 +1,19 @@
 """Knowledge distillation: a LightningModule for any teacher and student, and its losses."""
 
-from lightning_quantum.distillation.losses import feature_loss, kd_loss
+from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
 from lightning_quantum.distillation.module import DistillationModule
 from lightning_quantum.distillation.students import (
     SentenceEncoder,
     layer_map,
     minilm_student,
-    minilm_teacher,
     student_from_teacher,
 )
-from lightning_quantum.distillation.teachers import digits_teacher
+from lightning_quantum.distillation.teachers import digits_teacher, minilm_teacher
 
 __all__ = [
     "DistillationModule",
     "SentenceEncoder",
+    "attention_kl",
     "digits_teacher",
     "feature_loss",
     "kd_loss",

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_quantum._validation import check_choice, check_positive
 
-__all__ = ["kd_loss", "feature_loss"]
+__all__ = ["kd_loss", "feature_loss", "attention_kl"]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -60,3 +60,20 @@ def feature_loss(student: Tensor, teacher: Tensor, kind: Literal["mse", "cosine"
     if kind == "mse":
         return F.mse_loss(student.float(), teacher.float())
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def attention_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(teacher || student)`` between attention distributions, averaged over every query row.
+
+    Shapes are ``(batch, heads, queries, keys)``; when the head counts differ, the head-averaged maps
+    are compared.
+    """
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}."
+        )
+    eps = 1e-8
+    t = teacher.float()
+    return (t * ((t + eps).log() - (student.float() + eps).log())).sum(-1).mean()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import batch_indices, split_batch
-from lightning_quantum.distillation.losses import feature_loss, kd_loss
+from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +112,6 @@ def _keep_attention(module: nn.Module, args: Any, output: Any) -> None:
             "model.set_attn_implementation('eager'))."
         )
     module._lq_attention = weights
-
-
-def attention_kl(student: Tensor, teacher: Tensor) -> Tensor:
-    """``KL(teacher || student)`` between attention distributions, averaged over every query row.
-
-    Shapes are ``(batch, heads, queries, keys)``; when the head counts differ, the head-averaged maps
-    are compared.
-    """
-    if student.shape[1] != teacher.shape[1]:
-        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"Attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}."
-        )
-    eps = 1e-8
-    t = teacher.float()
-    return (t * ((t + eps).log() - (student.float() + eps).log())).sum(-1).mean()
 
 
 def _output_tensor(output: Any) -> Tensor:

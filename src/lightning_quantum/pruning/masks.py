@@ -37,7 +37,6 @@ __all__ = [
     "make_pruning_permanent",
 ]
 
-Method = Literal["l1_unstructured", "l1_structured", "l2_structured", "nm"]
 #: The pruning methods: how weights are scored and what is removed together.
 PRUNING_METHODS: dict[str, str] = {
     "l1_unstructured": "single weights with the smallest magnitude",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._modules import eval_mode
+from lightning_quantum._tensors import dense_values, plain_tensors
 from lightning_quantum._validation import check_non_negative, check_positive
 from lightning_quantum.precision import AUTOCAST_DTYPES
 
@@ -132,13 +133,6 @@ def serialized_size_bytes(module: nn.Module) -> int:
     return len(save(tensors, metadata=metadata))
 
 
-def dense_values(tensor: Tensor) -> Tensor:
-    """The values a weight stands for: itself, or a quantized (torchao) weight dequantized."""
-    if type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
-        return tensor.dequantize()
-    return tensor
-
-
 def global_sparsity(module: nn.Module) -> float:
     """Fraction of exact zeros over the floating-point tensors of two or more dims (weights, kernels)."""
     zeros = total = 0
@@ -166,18 +160,6 @@ def global_sparsity(module: nn.Module) -> float:
 
 def _num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def plain_tensors(tensor: Tensor) -> list[Tensor]:
-    """The plain tensors holding a tensor's data: itself, or the inner tensors of a tensor subclass.
-
-    Quantized weights (torchao) are tensor subclasses whose bytes live in inner tensors (the packed
-    values, scales, zero points), listed by ``__tensor_flatten__``.
-    """
-    if type(tensor) in (Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
-        return [tensor]
-    names, _ = tensor.__tensor_flatten__()
-    return [inner for name in names for inner in plain_tensors(getattr(tensor, name))]
 
 
 def _resident_bytes(module: nn.Module) -> int:

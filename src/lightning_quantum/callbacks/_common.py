@@ -32,6 +32,15 @@ def find_callback(trainer: pl.Trainer, kind: type[C]) -> C | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)  # type: ignore[attr-defined]
 
 
+class MeasuresInference:
+    """A callback that measures the final model's inference (the ``OptimizationReport``). Others that
+    time the model (the ``DeploymentGate``) take its batch size and threads, so that the figures
+    agree; they find it by this type, which keeps the arrow from the report to the gate one-way."""
+
+    batch_size: int
+    num_threads: int | None
+
+
 def is_sanity_checking(trainer: pl.Trainer) -> bool:
     return bool(trainer.sanity_checking)
 

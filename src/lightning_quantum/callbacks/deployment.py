@@ -19,6 +19,7 @@ from lightning_quantum._validation import check_choice, check_finite, check_non_
 from lightning_quantum.benchmark import _gather_inputs
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
+    MeasuresInference,
     eval_loader,
     find_callback,
     inference_copy,
@@ -138,9 +139,7 @@ class DeploymentGate(Callback):
         return [f for f in (f"{n} {r}" for n, r in itertools.product(self.numerics, self.runners)) if f in FORMS]
 
     def _report_setting(self, trainer: pl.Trainer, name: str) -> Any:
-        from lightning_quantum.callbacks.report import OptimizationReport
-
-        report = find_callback(trainer, OptimizationReport)
+        report = find_callback(trainer, MeasuresInference)
         return getattr(report, name) if report is not None else None
 
     @staticmethod

@@ -32,12 +32,14 @@ from lightning_quantum.benchmark import (
 )
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
+    MeasuresInference,
     detached_copy,
     eval_loader,
     find_callback,
     inference_copy,
     is_fast_dev_run,
 )
+from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.quantization.export import compile_for_inference
 from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
 
@@ -75,13 +77,11 @@ def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
     return str(trainer.precision), str(trainer.precision)
 
 
-def _deployment_gate(trainer: pl.Trainer) -> Any:
-    from lightning_quantum.callbacks.deployment import DeploymentGate
-
+def _deployment_gate(trainer: pl.Trainer) -> DeploymentGate | None:
     return find_callback(trainer, DeploymentGate)
 
 
-class OptimizationReport(Callback):
+class OptimizationReport(Callback, MeasuresInference):
     """Measure the model before and after ``fit`` and write ``report.json`` and ``report.md``.
 
     At ``setup("fit")`` it snapshots the model, before any compression has changed it (training-only

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+from lightning_quantum._tensors import dense_values
 from lightning_quantum._validation import check_choice, check_fraction
 
 __all__ = [
@@ -247,8 +248,6 @@ def sparsity_report(model: nn.Module, names: Sequence[str] | None = None) -> lis
         model: the model to measure (exact zeros are counted).
         names: module names to report; every module with a weight of 2+ dims when ``None``.
     """
-    from lightning_quantum.benchmark import dense_values
-
     rows = []
     zeros_total = numel_total = 0
     for name, module in model.named_modules():

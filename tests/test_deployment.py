@@ -268,7 +268,7 @@ def test_fast_dev_run_measures_only_the_trained_form(tmp_path, digits):
 
 
 @needs_onnxruntime
-def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound():
+def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound(tmp_path):
     net, float_net = _int8_mlp()
     x = torch.rand(8, 64)
     exports = {}
@@ -288,6 +288,13 @@ def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound():
     from lightning_quantum.benchmark import serialized_size_bytes
 
     assert serialized_size_bytes(ort_int8) < 0.5 * serialized_size_bytes(ort_float)  # int8 weights on file
+    from lightning_quantum.benchmark import _num_parameters
+    from lightning_quantum.onnx_runtime import load_onnxruntime
+
+    assert _num_parameters(ort_float) == sum(p.numel() for p in float_net.parameters())  # not 0: the report's count
+    path = tmp_path / "float.onnx"
+    path.write_bytes(ort_float.model_bytes())
+    assert _num_parameters(load_onnxruntime(path)) == sum(p.numel() for p in float_net.parameters())  # from the file
     copied = copy.deepcopy(ort_int8)  # a session of its own
     assert torch.equal(copied(x), int8_out)
     with pytest.raises(ValueError, match="`example_inputs` is needed for the form 'int8 onnxruntime'"):

@@ -159,6 +159,9 @@ def global_sparsity(module: nn.Module) -> float:
 
 
 def _num_parameters(module: nn.Module) -> int:
+    declared = getattr(module, "num_parameters", None)  # a model run elsewhere (ONNX Runtime) says its count
+    if isinstance(declared, int) and declared > 0:
+        return declared
     return sum(p.numel() for p in module.parameters())
 
 

@@ -61,7 +61,8 @@ class OnnxRuntimeModule(nn.Module):
     Args:
         model_bytes: the serialized ONNX model.
         num_threads: ONNX Runtime's intra-op threads; torch's current setting when ``None``.
-        num_parameters: the parameter count of the model it was exported from (for the report).
+        num_parameters: the parameter count of the model it was exported from (for the report); when
+            0, the values stored in the file's initializers.
     """
 
     onnx_model: Tensor
@@ -73,7 +74,7 @@ class OnnxRuntimeModule(nn.Module):
         super().__init__()
         self.register_buffer("onnx_model", torch.frombuffer(bytearray(model_bytes), dtype=torch.uint8))
         self.num_threads = num_threads or torch.get_num_threads()
-        self.num_parameters = num_parameters
+        self.num_parameters = num_parameters or _initializer_count(model_bytes)
         self._open()
 
     def _open(self) -> None:
@@ -121,6 +122,14 @@ class OnnxRuntimeModule(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._open()
+
+
+def _initializer_count(model_bytes: bytes) -> int:
+    """Values stored in the ONNX model's initializers (weights, and the scales of an int8 model)."""
+    import onnx  # optional: the onnx extra
+
+    graph = onnx.load_from_string(model_bytes).graph
+    return sum(int(np.prod(t.dims)) if t.dims else 1 for t in graph.initializer)
 
 
 def _to_numpy(value: Any) -> Any:

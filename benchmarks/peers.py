@@ -46,7 +46,8 @@ from levels import DIGITS, MINILM, run_level  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lightning_quantum as lq  # noqa: E402
-from lightning_quantum.benchmark import serialized_size_bytes, split_batch  # noqa: E402
+from lightning_quantum._batches import split_batch  # noqa: E402
+from lightning_quantum.benchmark import serialized_size_bytes  # noqa: E402
 from lightning_quantum.quantization import load_safetensors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"

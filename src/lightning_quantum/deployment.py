@@ -47,21 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
-from lightning_quantum.benchmark import (
-    _call,
-    _gather_inputs,
-    _leading_dim,
-    _module_device,
-    _rebatch,
-    _sync,
-    _threads,
-    _to_device,
-    percentile,
-    serialized_size_bytes,
-    split_batch,
-)
+from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
-from lightning_quantum.benchmark import (
-    OptimizationPerformanceMetrics,
-    benchmark_model,
-    evaluate_accuracy,
-    split_batch,
-)
+from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model, evaluate_accuracy
 from lightning_quantum.report import OptimizationReportData, build_report, write_report
 
 log = logging.getLogger(__name__)

@@ -148,7 +148,7 @@ def run_optimization_job(
     """Optimize a registered model (in a worker process) and write its artifact; return the response data."""
     import torch
 
-    from lightning_quantum.benchmark import split_batch
+    from lightning_quantum._batches import split_batch
     from lightning_quantum.optimize import optimize, save_optimized
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -200,7 +200,8 @@ def run_profile(
     model_root: str, artifacts_dir: str, record: dict[str, Any], job_id: str | None, batch_size: int, repeats: int
 ) -> dict[str, Any]:
     """Benchmark a registered model, or the optimized artifact of one of its finished jobs (worker process)."""
-    from lightning_quantum.benchmark import benchmark_model, split_batch
+    from lightning_quantum._batches import split_batch
+    from lightning_quantum.benchmark import benchmark_model
     from lightning_quantum.optimize import load_optimized
 
     model = load_registered_model(model_root, record)

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
+from lightning_quantum._batches import split_batch
 from lightning_quantum.apps._config import config_dir, refuse_non_finite, report_user_errors
 from lightning_quantum.apps.train import instantiate
-from lightning_quantum.benchmark import split_batch
 from lightning_quantum.models import digits_architecture_of
 from lightning_quantum.optimize import OptimizationResult, optimize, save_optimized
 from lightning_quantum.pruning.slimming import rebuild_architecture, slimmed_architecture

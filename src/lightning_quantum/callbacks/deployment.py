@@ -15,8 +15,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_quantum._batches import _gather_inputs
 from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
-from lightning_quantum.benchmark import _gather_inputs
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
     MeasuresInference,

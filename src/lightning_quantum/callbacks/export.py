@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_quantum.benchmark import split_batch
+from lightning_quantum._batches import split_batch
 from lightning_quantum.callbacks._common import detached_copy, find_callback
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
 from lightning_quantum.report import keep_existing

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_choice, check_fraction, check_name_lists, check_optional_step
-from lightning_quantum.benchmark import split_batch
 from lightning_quantum.callbacks._common import is_sanity_checking
 from lightning_quantum.pruning.masks import (
     PRUNING_METHODS,

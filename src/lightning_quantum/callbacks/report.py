@@ -17,18 +17,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_quantum._batches import _call, _to_device, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
-    _call,
     _module_device,
-    _to_device,
     benchmark_model,
     compare_train_step_ms,
     evaluate_accuracy,
     make_train_step,
-    split_batch,
 )
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,

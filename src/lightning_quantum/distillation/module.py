@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
+from lightning_quantum._batches import batch_indices, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
-from lightning_quantum.benchmark import batch_indices, split_batch
 from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
 
 log = logging.getLogger(__name__)

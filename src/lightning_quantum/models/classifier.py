@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_fraction, check_positive
-from lightning_quantum.benchmark import split_batch
 
 __all__ = ["Classifier"]
 

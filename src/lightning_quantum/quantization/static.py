@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_quantum.benchmark import split_batch
+from lightning_quantum._batches import split_batch
 
 log = logging.getLogger(__name__)
 

@@ -229,6 +229,10 @@ class Worker:
 
     def _exit_codes(self) -> list[int | None]:
         processes = getattr(self._executor, "_processes", None) or {}
+        for process in processes.values():
+            # The pool can report itself broken a moment before the dead process is reaped, when its
+            # exit code still reads None (seen under load): wait for it briefly.
+            process.join(timeout=2.0)
         return [p.exitcode for p in processes.values()]
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:

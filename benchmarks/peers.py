@@ -46,7 +46,7 @@ from levels import DIGITS, MINILM, run_level  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lightning_quantum as lq  # noqa: E402
-from lightning_quantum._batches import split_batch  # noqa: E402
+from lightning_quantum._batches import _rebatch, split_batch  # noqa: E402
 from lightning_quantum.benchmark import serialized_size_bytes  # noqa: E402
 from lightning_quantum.quantization import load_safetensors  # noqa: E402
 
@@ -68,16 +68,6 @@ class Autocast(nn.Module):
 
 def _call(module: nn.Module, inputs: Any) -> Tensor:
     return module(**inputs) if isinstance(inputs, dict) else module(inputs)
-
-
-def _cat(parts: list[Any]) -> Any:
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
-
-
-def _slice(inputs: Any, start: int, stop: int) -> Any:
-    return {k: v[start:stop] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[start:stop]
 
 
 def _trained_float(cfg_model: Any, out: Path) -> nn.Module:
@@ -174,24 +164,13 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     float_net = _trained_float(cfg.model, basic_dir)
     data = instantiate(cfg.data)
     data.setup("test")
-    inputs_parts, target_parts = [], []
-    for batch_ in data.test_dataloader():
-        inputs, targets = split_batch(batch_)
-        inputs_parts.append(inputs)
-        target_parts.append(targets)
-    inputs = _cat(inputs_parts)
-    targets = torch.cat(target_parts) if all(t is not None for t in target_parts) else None
-    total = len(targets) if targets is not None else len(next(iter(inputs.values())))
-    timed = _slice(inputs, 0, batch)
-    chunks = []
-    for start in range(0, total, batch):  # one shape for the compiled rows: the last batch filled up with repeats
-        count = min(batch, total - start)
-        part = _slice(inputs, start, start + count)
-        if count < batch:
-            part = _slice(_cat([part] * (batch // count + 1)), 0, batch)
-        chunks.append((part, None if targets is None else targets[start : start + count], count))
+    # one shape for the compiled rows: the samples regrouped in batches, the last one filled up (fill dropped)
+    chunks = _rebatch([split_batch(b) for b in data.test_dataloader()], batch)
+    labelled = chunks[0][1] is not None
+    total = sum(count for _, _, count in chunks)
+    timed = chunks[0][0]
     teacher_out = None
-    if targets is None:
+    if not labelled:
         from lightning_quantum.distillation import minilm_teacher
 
         teacher = minilm_teacher().eval()
@@ -233,7 +212,7 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     return {
         "batch_size": batch,
         "timing": {"repeats": repeats, "rounds": rounds, "threads": torch.get_num_threads()},
-        "quality": "test accuracy" if targets is not None else "held-out cosine to the teacher",
+        "quality": "test accuracy" if labelled else "held-out cosine to the teacher",
         "held_out_samples": total,
         "train_seconds_basic_and_quantum": train_seconds,
         "rows": results,

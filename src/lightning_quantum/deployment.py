@@ -206,9 +206,12 @@ def build_form(
 
         if example_inputs is None:
             raise ValueError(f"`example_inputs` is needed for the form {form!r}: ONNX export traces one batch.")
-        float_form = _float_numerics(model, float_model).eval()
+        if onnx_exports is not None and "float" in onnx_exports:  # exported already: no float copy to make
+            source = float_model if float_model is not None else model
+        else:
+            source = _float_numerics(model, float_model).eval()
         example = _to_device(example_inputs, torch.device("cpu"))
-        return to_onnxruntime(float_form, example, int8=numerics == "int8", exports=onnx_exports)
+        return to_onnxruntime(source, example, int8=numerics == "int8", exports=onnx_exports)
     if numerics == "trained":
         built = copy.deepcopy(model)
     elif numerics == "int8":

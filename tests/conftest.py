@@ -58,3 +58,9 @@ def run_rank_script(script, out_dir, ranks=(0, 1)):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in ranks]
+
+
+@pytest.fixture(autouse=True)
+def _private_deployment_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own cache of the deployment gate's measurements (never the user's)."""
+    monkeypatch.setenv("LIGHTNING_QUANTUM_CACHE", str(tmp_path_factory.mktemp("lq_cache")))

@@ -360,3 +360,110 @@ def test_an_onnxruntime_int8_form_is_judged_at_the_batch_size_it_is_timed_at():
     # one activation scale per call: the report measures accuracy at the timed batch, as the gate did
     measured = benchmark_model(ort_int8, eval_data=loader, batch_size=48, repeats=2, warmup=0)
     assert measured.accuracy == evaluate_accuracy(ort_int8, loader, batch_size=48)
+
+
+def _timed_build(monkeypatch, delays, calls, wrong=frozenset()):
+    """Make ``build_form`` record each form it builds and slow each form by ``delays[form]`` seconds;
+    forms in the set ``wrong`` answer fast with constant logits (over any accuracy budget). The test
+    changes ``delays`` and ``wrong`` in place between calls."""
+    real_build = deployment.build_form
+
+    class Wrong(nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10)
+
+    def build(form, model, float_model=None, example_inputs=None, **kwargs):
+        calls.append(form)
+        if form in wrong:
+            return Wrong()
+        return _Slow(real_build(form, model, float_model, example_inputs, **kwargs), delays.get(form, 0.0))
+
+    monkeypatch.setattr(deployment, "build_form", build)
+
+
+def _gate(net, cache_dir, batch_size=32, **kwargs):
+    forms = ["float eager", "bf16 eager", "int8 eager"]
+    return choose_deployment(
+        net, _loader(), forms=forms, batch_size=batch_size, warmup=1, repeats=2, cache_dir=cache_dir, **kwargs
+    )
+
+
+def _fresh_mlp(seed):
+    torch.manual_seed(seed)
+    return DigitsMLP(hidden=(64,), dropout=0.0).eval()
+
+
+def test_a_cached_ranking_spares_the_forms_that_cannot_win(tmp_path, monkeypatch):
+    calls = []
+    _timed_build(monkeypatch, {"float eager": 0.006, "bf16 eager": 0.012}, calls)
+    _, first = _gate(_fresh_mlp(0), tmp_path)
+    assert (
+        first.form == "int8 eager"
+        and first.cached_from is None
+        and calls == ["float eager", "bf16 eager", "int8 eager"]
+    )
+    [record] = list(tmp_path.glob("*.json"))
+    assert json.loads(record.read_text())["winner"] == "int8 eager"
+
+    calls.clear()  # other weights, same architecture, inputs and machine: the cached ranking applies
+    _, second = _gate(_fresh_mlp(1), tmp_path)
+    assert calls == ["float eager", "int8 eager"]  # the reference (also the fastest float form) and the winner
+    assert second.form == "int8 eager" and second.cached_from is not None
+    skipped = second.candidate("bf16 eager")
+    assert not skipped.measured and skipped.latency_p50_ms is None and skipped.note.startswith("not rebuilt: slower")
+    assert "Measured 2 of the 3 forms" in second.reason and "`cache=False`" in second.reason
+    assert second.candidate("int8 eager").accuracy is not None  # accuracy is always measured anew
+
+    calls.clear()  # another batch size is another key
+    _gate(_fresh_mlp(1), tmp_path, batch_size=16)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_a_cached_ranking_that_no_longer_holds_measures_every_form_again(tmp_path, monkeypatch):
+    calls, delays = [], {"float eager": 0.006, "bf16 eager": 0.012}
+    _timed_build(monkeypatch, delays, calls)
+    _gate(_fresh_mlp(0), tmp_path)
+    calls.clear()
+    delays.update({"float eager": 0.0, "int8 eager": 0.02})  # int8 lost its lead here
+    _, decision = _gate(_fresh_mlp(0), tmp_path)
+    assert calls == ["float eager", "int8 eager", "float eager", "bf16 eager", "int8 eager"]
+    assert decision.form == "float eager" and decision.cached_from is None
+    assert all(c.measured for c in decision.candidates)
+    [record] = list(tmp_path.glob("*.json"))
+    assert json.loads(record.read_text())["winner"] == "float eager"  # the cache follows the new measurement
+
+
+def test_a_faster_form_turned_down_before_is_judged_again(tmp_path, monkeypatch):
+    calls, wrong = [], {"bf16 eager"}
+    _timed_build(monkeypatch, {"float eager": 0.006, "int8 eager": 0.003}, calls, wrong)
+    _, first = _gate(_fresh_mlp(0), tmp_path)
+    assert first.form == "int8 eager" and not first.candidate("bf16 eager").eligible
+    calls.clear()
+    wrong.clear()  # bf16 keeps the accuracy with these weights
+    _, second = _gate(_fresh_mlp(0), tmp_path)
+    assert calls == ["float eager", "bf16 eager", "int8 eager"] and second.form == "bf16 eager"
+
+
+def test_an_unreadable_cache_file_is_ignored_and_replaced(tmp_path, monkeypatch, caplog):
+    calls = []
+    _timed_build(monkeypatch, {"float eager": 0.006, "bf16 eager": 0.012}, calls)
+    _gate(_fresh_mlp(0), tmp_path)
+    [record] = list(tmp_path.glob("*.json"))
+    record.write_text('{"key": ')
+    calls.clear()
+    with caplog.at_level("WARNING", logger="lightning_quantum.deployment"):
+        _, decision = _gate(_fresh_mlp(0), tmp_path)
+    assert len(calls) == 3 and decision.cached_from is None and "unreadable cache file" in caplog.text
+    assert json.loads(record.read_text())["winner"] == "int8 eager"
+
+
+def test_the_callback_caches_under_its_cache_dir_and_not_without_cache(tmp_path, digits):
+    with pytest.raises(MisconfigurationException, match=r"`cache`='yes' is not valid. Give True or False."):
+        DeploymentGate(cache="yes")
+    for cache, directory in ((True, tmp_path / "cache"), (False, tmp_path / "off")):
+        gate = DeploymentGate(
+            numerics=["float"], runners=["eager"], repeats=2, rounds=1, export=False, cache=cache, cache_dir=directory
+        )
+        model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[gate])).fit(model, digits)
+        assert gate.decision is not None and len(list(directory.glob("*.json"))) == (1 if cache else 0)

@@ -35,8 +35,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import datetime
+import hashlib
+import importlib.metadata
+import itertools
 import json
 import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +67,7 @@ __all__ = [
     "CastInputs",
     "build_form",
     "choose_deployment",
+    "default_cache_dir",
     "save_deployment",
     "load_deployment",
 ]
@@ -71,6 +78,8 @@ RUNNERS = ("eager", "compiled", "onnxruntime")
 #: kernels are few, and the graph falls back op by op).
 FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
+#: Environment variable: the root of the gate's cache (see :func:`default_cache_dir`).
+CACHE_ENV = "LIGHTNING_QUANTUM_CACHE"
 
 
 class CastInputs(nn.Module):
@@ -91,7 +100,11 @@ class CastInputs(nn.Module):
 
 @dataclass
 class CandidateResult:
-    """One candidate form as measured: latency at the batch size, quality, build time, size."""
+    """One candidate form as measured: latency at the batch size, quality, build time, size.
+
+    ``measured`` is ``False`` for a form left out because a cached measurement ranked it behind the
+    winner (see ``cache_dir`` in :func:`choose_deployment`); its figures are then ``None``.
+    """
 
     form: str
     latency_p50_ms: float | None = None
@@ -102,6 +115,7 @@ class CandidateResult:
     size_bytes: int | None = None
     eligible: bool = False
     note: str = ""
+    measured: bool = True
 
 
 @dataclass
@@ -111,6 +125,8 @@ class DeploymentDecision:
     ``reference_accuracy`` is the accuracy of the model as trained (its eager form: int8 after QAT,
     float otherwise); a candidate is within budget when it loses at most ``max_accuracy_drop`` from it
     (or, without labels, when its outputs' mean cosine to the trained model's is at least ``min_cosine``).
+    ``cached_from`` is the time of the cached measurement whose ranking spared the forms not measured,
+    ``None`` when every form was measured.
     """
 
     form: str
@@ -124,6 +140,7 @@ class DeploymentDecision:
     num_threads: int
     candidates: list[CandidateResult] = field(default_factory=list)
     gate_seconds: float = 0.0
+    cached_from: str | None = None
 
     @property
     def winner(self) -> CandidateResult:
@@ -298,6 +315,7 @@ def choose_deployment(
     min_cosine: float = 0.99,
     max_eval_batches: int | None = None,
     metric: Callable[[Tensor, Tensor], float] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, DeploymentDecision]:
     """Measure every candidate form of ``model`` and return the fastest within the accuracy budget.
 
@@ -307,6 +325,15 @@ def choose_deployment(
     one batch of ``batch_size`` samples, taken in ``rounds`` alternating rounds over the candidates so
     that drift of a shared machine hits them alike; ``build_seconds`` includes compiling (the first
     call). A form that fails to build or run is listed with the error and not chosen.
+
+    With ``cache_dir``, the latencies of a full measurement are kept there, keyed by the machine (CPU,
+    kernel set, library versions), the model's architecture (module types, tensor shapes and dtypes,
+    not the values), the timed inputs' shapes, the threads, the forms and the budget. A later call
+    with the same key builds only the forms that can still win: the model as trained, the cached
+    winner, float eager, the fastest float form and any form that was faster than the winner but over the budget;
+    the others are listed as not rebuilt. Accuracy is always measured anew, and so is the winner's
+    lead over the float form: when another form wins than the cached ranking allows, every form is
+    measured again (and the cache updated).
 
     Args:
         model: the trained model; never modified.
@@ -323,6 +350,7 @@ def choose_deployment(
         min_cosine: without labels, the smallest mean cosine to the trained model's outputs.
         max_eval_batches: batches of ``eval_data`` for the quality pass; all when ``None``.
         metric: ``metric(outputs, targets) -> float`` for accuracy; top-1 when ``None``.
+        cache_dir: where to keep and look up measurements (see above); nothing is cached when ``None``.
 
     Returns:
         ``(module, decision)``: the winning form, ready to call (compiled forms already compiled), and
@@ -360,7 +388,6 @@ def choose_deployment(
     else:
         batches = [(example_inputs, None)]
     timed = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
-    chunks = _rebatch(batches, _leading_dim(timed))
     threads = num_threads or torch.get_num_threads()
     device = _module_device(model)
     reference_form = trained_form(model)
@@ -368,22 +395,130 @@ def choose_deployment(
     if reference_form == "trained eager" and any(f.endswith("compiled") for f in forms):
         order.insert(1, "trained compiled")  # the model as it is, compiled
     order = list(dict.fromkeys(order))
-    results: dict[str, CandidateResult] = {}
-    built: dict[str, nn.Module] = {}
-    onnx_exports: dict[str, bytes] = {}
-    reference_outputs: list[Tensor] | None = None
+    measure = _Measurement(
+        model,
+        float_model,
+        timed,
+        _rebatch(batches, _leading_dim(timed)),
+        metric=metric,
+        max_accuracy_drop=max_accuracy_drop,
+        min_cosine=min_cosine,
+        warmup=warmup,
+        repeats=repeats,
+        rounds=rounds,
+        device=device,
+    )
+
+    def decide(
+        results: dict[str, CandidateResult], winner: CandidateResult, cached_from: str | None
+    ) -> DeploymentDecision:
+        candidates = [results[f] for f in order]
+        reason = _reason(winner, results[reference_form], candidates)
+        if cached_from is not None:
+            skipped = sum(not c.measured for c in candidates)
+            reason += (
+                f" Measured {len(candidates) - skipped} of the {len(candidates)} forms: the other {skipped} were "
+                f"slower than the winner (or could not run) in this machine's cached measurement of {cached_from} "
+                "(`cache=False` measures every form)."
+            )
+        return DeploymentDecision(
+            form=winner.form,
+            reason=reason,
+            trained_form=reference_form,
+            reference_accuracy=results[reference_form].accuracy,
+            max_accuracy_drop=max_accuracy_drop,
+            min_cosine=min_cosine,
+            batch_size=_leading_dim(timed),
+            device=str(device),
+            num_threads=threads,
+            candidates=candidates,
+            gate_seconds=time.perf_counter() - started,
+            cached_from=cached_from,
+        )
+
+    cache_file: Path | None = None
+    key: dict[str, Any] = {}
     with _threads(threads), eval_mode(model):
+        if cache_dir is not None:
+            key = _cache_key(model, float_model, timed, order, threads, device, max_accuracy_drop, min_cosine, metric)
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            cache_file = Path(cache_dir) / f"{digest[:24]}.json"
+            cached = _read_cache(cache_file, key, order)
+            subset, acceptable = _cached_subset(cached, order, reference_form) if cached else (order, set())
+            if cached is not None and len(subset) < len(order):  # else the cache spares nothing
+                results, built = measure(reference_form, subset)
+                winner = _fastest_eligible(results, built)
+                if winner.form in acceptable:
+                    for form in order:
+                        if form not in results:
+                            p50 = cached["p50"].get(form)
+                            then = (
+                                f"slower in the cached measurement ({p50:.3f} ms p50 then)"
+                                if p50 is not None
+                                else "it could not run in the cached measurement"
+                            )
+                            results[form] = CandidateResult(form, measured=False, note=f"not rebuilt: {then}")
+                    decision = decide(results, winner, str(cached["measured_at"]))
+                    log.info("deployment: %s", decision.reason)
+                    return built[winner.form], decision
+                log.info(
+                    "deployment: the cached ranking of %s no longer holds (%s won among %s): measuring every form",
+                    cached["measured_at"],
+                    winner.form,
+                    subset,
+                )
+        results, built = measure(reference_form, order)
+    winner = _fastest_eligible(results, built)
+    decision = decide(results, winner, None)
+    if cache_file is not None:
+        _write_cache(cache_file, key, decision)
+    log.info("deployment: %s", decision.reason)
+    return built[winner.form], decision
+
+
+class _Measurement:
+    """Build, judge and time candidate forms of one model on fixed data (the body of :func:`choose_deployment`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        float_model: nn.Module | None,
+        timed: Any,
+        chunks: list[tuple[Any, Tensor | None, int]],
+        *,
+        metric: Callable[[Tensor, Tensor], float] | None,
+        max_accuracy_drop: float,
+        min_cosine: float,
+        warmup: int,
+        repeats: int,
+        rounds: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.float_model, self.timed, self.chunks, self.metric = model, float_model, timed, chunks, metric
+        self.max_accuracy_drop, self.min_cosine = max_accuracy_drop, min_cosine
+        self.warmup, self.repeats, self.rounds, self.device = warmup, repeats, rounds, device
+
+    def __call__(
+        self, reference_form: str, order: Sequence[str]
+    ) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
+        """Every form in ``order`` (the reference first) as measured, and those that ran, built."""
+        results: dict[str, CandidateResult] = {}
+        built: dict[str, nn.Module] = {}
+        onnx_exports: dict[str, bytes] = {}
+        reference_outputs: list[Tensor] | None = None
         for form in order:
             result = results[form] = CandidateResult(form)
             t0 = time.perf_counter()
             try:
-                module = build_form(form, model, float_model, timed, onnx_exports=onnx_exports)
-                inputs = _to_device(timed, _module_device(module))
+                module = build_form(form, self.model, self.float_model, self.timed, onnx_exports=onnx_exports)
+                inputs = _to_device(self.timed, _module_device(module))
                 with torch.inference_mode():
                     _call(module, inputs)  # compiles a compiled form
-                _sync(device)
+                _sync(self.device)
                 result.build_seconds = time.perf_counter() - t0
-                result.accuracy, result.cosine_to_trained, outputs = _quality(module, chunks, reference_outputs, metric)
+                result.accuracy, result.cosine_to_trained, outputs = _quality(
+                    module, self.chunks, reference_outputs, self.metric
+                )
                 result.size_bytes = serialized_size_bytes(module)
             except Exception as error:  # noqa: BLE001 - a form that cannot run here is listed, not fatal
                 result.build_seconds = time.perf_counter() - t0
@@ -399,44 +534,168 @@ def choose_deployment(
             built[form] = module
         reference_accuracy = results[reference_form].accuracy
         for form in built:
-            result = results[form]
-            if form == reference_form:
-                result.eligible, result.note = True, "as trained (the reference)"
-            elif reference_accuracy is not None and result.accuracy is not None:
-                drop = reference_accuracy - result.accuracy
-                result.eligible = drop <= max_accuracy_drop
-                result.note = (
-                    f"drop {drop:+.4f}, within budget"
-                    if result.eligible
-                    else f"drop {drop:+.4f} > `max_accuracy_drop`={max_accuracy_drop}"
-                )
-            else:
-                cosine = result.cosine_to_trained if result.cosine_to_trained is not None else float("nan")
-                result.eligible = cosine >= min_cosine
-                result.note = (
-                    "cosine within budget" if result.eligible else f"cosine {cosine:.4f} < `min_cosine`={min_cosine}"
-                )
-        times = _time_interleaved(built, timed, warmup=warmup, repeats=repeats, rounds=rounds, device=device)
-    for form, samples in times.items():
-        results[form].latency_p50_ms = statistics.median(samples)
-        results[form].latency_p95_ms = percentile(samples, 95)
+            self._judge(results[form], form == reference_form, reference_accuracy)
+        times = _time_interleaved(
+            built, self.timed, warmup=self.warmup, repeats=self.repeats, rounds=self.rounds, device=self.device
+        )
+        for form, samples in times.items():
+            results[form].latency_p50_ms = statistics.median(samples)
+            results[form].latency_p95_ms = percentile(samples, 95)
+        return results, built
+
+    def _judge(self, result: CandidateResult, is_reference: bool, reference_accuracy: float | None) -> None:
+        if is_reference:
+            result.eligible, result.note = True, "as trained (the reference)"
+        elif reference_accuracy is not None and result.accuracy is not None:
+            drop = reference_accuracy - result.accuracy
+            result.eligible = drop <= self.max_accuracy_drop
+            result.note = (
+                f"drop {drop:+.4f}, within budget"
+                if result.eligible
+                else f"drop {drop:+.4f} > `max_accuracy_drop`={self.max_accuracy_drop}"
+            )
+        else:
+            cosine = result.cosine_to_trained if result.cosine_to_trained is not None else float("nan")
+            result.eligible = cosine >= self.min_cosine
+            result.note = (
+                "cosine within budget" if result.eligible else f"cosine {cosine:.4f} < `min_cosine`={self.min_cosine}"
+            )
+
+
+def _fastest_eligible(results: dict[str, CandidateResult], built: dict[str, nn.Module]) -> CandidateResult:
     eligible = [results[f] for f in built if results[f].eligible]
-    winner = min(eligible, key=lambda c: c.latency_p50_ms or float("inf"))
-    decision = DeploymentDecision(
-        form=winner.form,
-        reason=_reason(winner, results[reference_form], [results[f] for f in order]),
-        trained_form=reference_form,
-        reference_accuracy=reference_accuracy,
-        max_accuracy_drop=max_accuracy_drop,
-        min_cosine=min_cosine,
-        batch_size=_leading_dim(timed),
-        device=str(device),
-        num_threads=threads,
-        candidates=[results[f] for f in order],
-        gate_seconds=time.perf_counter() - started,
-    )
-    log.info("deployment: %s", decision.reason)
-    return built[winner.form], decision
+    return min(eligible, key=lambda c: c.latency_p50_ms or float("inf"))
+
+
+def default_cache_dir() -> Path:
+    """Where :class:`~lightning_quantum.callbacks.DeploymentGate` keeps its measurements: ``deployment/``
+    under ``$LIGHTNING_QUANTUM_CACHE``, else under ``~/.cache/lightning_quantum``."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "lightning_quantum") / "deployment"
+
+
+def _describe(value: Any) -> Any:
+    """Shapes and dtypes of a (nested) batch, for the cache key."""
+    if isinstance(value, Tensor):
+        return [list(value.shape), str(value.dtype), value.device.type]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_describe(v) for v in value]
+    return type(value).__name__
+
+
+def _architecture(model: nn.Module | None) -> Any:
+    """Module types and every tensor's name, shape, dtype and tensor type: what the kernels see, not the values."""
+    if model is None:
+        return None
+    modules = [[name, f"{type(m).__module__}.{type(m).__qualname__}"] for name, m in model.named_modules()]
+    tensors = [
+        [name, list(t.shape), str(t.dtype), type(t).__name__]
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    ]
+    return {"modules": modules, "tensors": tensors}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    """The CPU (or GPU), its kernel set and the library versions: a cached ranking holds only for these."""
+    cpu = platform.processor()
+    try:
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for package in ("lightning-quantum", "torch", "torchao", "onnxruntime", "onnx", "onnxscript"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "platform": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "versions": versions,
+    }
+
+
+def _cache_key(
+    model: nn.Module,
+    float_model: nn.Module | None,
+    timed: Any,
+    order: list[str],
+    threads: int,
+    device: torch.device,
+    max_accuracy_drop: float,
+    min_cosine: float,
+    metric: Callable[[Tensor, Tensor], float] | None,
+) -> dict[str, Any]:
+    return {
+        "machine": _machine(device),
+        "device": str(device),
+        "threads": threads,
+        "forms": order,
+        "inputs": _describe(timed),
+        "model": _architecture(model),
+        "float_model": _architecture(float_model),
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_cosine": min_cosine,
+        "metric": None if metric is None else getattr(metric, "__qualname__", type(metric).__name__),
+    }
+
+
+def _read_cache(path: Path, key: dict[str, Any], order: list[str]) -> dict[str, Any] | None:
+    """The cached measurement for ``key``, or ``None`` (none, another key, or unreadable: then measured anew)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        p50 = {str(f): (None if v is None else float(v)) for f, v in record["p50"].items()}
+        if record["key"] != json.loads(json.dumps(key)) or record["winner"] not in order:
+            return None
+        return {"winner": record["winner"], "p50": p50, "measured_at": str(record["measured_at"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("deployment: ignoring the unreadable cache file %s (%s)", path, error)
+        return None
+
+
+def _cached_subset(cached: dict[str, Any], order: list[str], reference_form: str) -> tuple[list[str], set[str]]:
+    """(the forms to measure again, the winners that confirm the cached ranking).
+
+    Measured again: the reference, the cached winner, float eager (no build cost) and the fastest float
+    form (the shipped form must beat them here and now), and every form that ran faster than the winner
+    but was turned down then (its accuracy may pass with these weights). The ranking holds when the
+    winner now is the cached winner or one of those faster forms."""
+    p50 = cached["p50"]
+    winner = cached["winner"]
+    best = p50.get(winner) or float("inf")
+    faster = [f for f in order if p50.get(f) is not None and p50[f] < best]
+    floats = [f for f in order if f.startswith("float") and p50.get(f) is not None]
+    fastest_float = min(floats, key=lambda f: p50[f]) if floats else "float eager"
+    subset = [f for f in order if f in {reference_form, winner, "float eager", fastest_float, *faster}]
+    return subset, {winner, *faster}
+
+
+def _write_cache(path: Path, key: dict[str, Any], decision: DeploymentDecision) -> None:
+    record = {
+        "key": key,
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "winner": decision.form,
+        "p50": {c.form: c.latency_p50_ms for c in decision.candidates},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as error:  # a read-only home is no reason to fail the fit
+        log.warning("deployment: could not write the cache file %s (%s)", path, error)
 
 
 def _time_interleaved(
@@ -468,10 +727,15 @@ def _reason(winner: CandidateResult, reference: CandidateResult, candidates: lis
     p50 = winner.latency_p50_ms or float("nan")
     within = sum(c.eligible for c in candidates)
     parts = [f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50)"]
-    for other, label in (
+    floats = [c for c in candidates if c.form.startswith("float") and c.latency_p50_ms]
+    fastest_float = min(floats, key=lambda c: c.latency_p50_ms or 0.0) if floats else None
+    others = [
         (reference, f"the model as trained ({reference.form})"),
         (_form(candidates, "float eager"), "float eager"),
-    ):
+    ]
+    if fastest_float is not None and fastest_float.form != "float eager":
+        others.append((fastest_float, f"the fastest float form ({fastest_float.form})"))
+    for other, label in others:
         if other is not None and other is not winner and other.latency_p50_ms:
             parts.append(f"{ratio_words(other.latency_p50_ms / p50, 'faster', 'slower')} than {label}")
     sentence = ", ".join(parts) + "."

@@ -233,10 +233,12 @@ def _deployment(report: OptimizationReportData) -> tuple[str, list[tuple[str, ..
         return "", []
     winner: dict[str, Any] = next((c for c in record["candidates"] if c["form"] == record["form"]), {})
     build = sum(float(c.get("build_seconds") or 0.0) for c in record["candidates"])
+    measured = sum(bool(c.get("measured", True)) for c in record["candidates"])
+    which = f"all {measured}" if measured == len(record["candidates"]) else f"the {measured} measured"
     words = (
         f"{record['reason']}\n\n"  # the cost on a line of its own
         f"Compile time of the shipped form: {winner.get('build_seconds', 0.0):.1f} s; building (compiling, "
-        f"exporting) all {len(record['candidates'])} forms: {build:.1f} s, of the gate's "
+        f"exporting) {which} forms: {build:.1f} s, of the gate's "
         f"{record['gate_seconds']:.1f} s at batch {record['batch_size']}."
     )
     rows: list[tuple[str, ...]] = [
@@ -246,7 +248,7 @@ def _deployment(report: OptimizationReportData) -> tuple[str, list[tuple[str, ..
             _fmt(c["latency_p95_ms"]),
             _fmt(c["accuracy"]),
             _fmt(c["cosine_to_trained"]),
-            f"{c['build_seconds']:.2f}",
+            f"{c['build_seconds']:.2f}" if c.get("measured", True) else "n/a",
             _fmt(None if c["size_bytes"] is None else c["size_bytes"] / 2**20),
             ("SHIPPED; " if c["form"] == record["form"] else "") + c["note"],
         )

@@ -31,6 +31,7 @@ from lightning_quantum.deployment import (
     RUNNERS,
     DeploymentDecision,
     choose_deployment,
+    default_cache_dir,
     save_deployment,
     trained_form,
 )
@@ -75,6 +76,14 @@ class DeploymentGate(Callback):
         export: write ``<stem>.pt2`` and ``deployment.json``.
         output_dir: where they go; the trainer's ``log_dir`` (or ``default_root_dir``) if ``None``.
         stem: file name stem of the program.
+        cache: keep the latencies measured here, keyed by this machine, the libraries and the model's
+            architecture, and on a later fit with the same key build only the forms that can still win
+            (the trained form, the cached winner, float eager and the fastest float form, and faster
+            forms that failed the budget then); accuracy and the winner's lead over float are measured
+            anew every time.
+            See :func:`~lightning_quantum.deployment.choose_deployment`. ``False`` measures every form.
+        cache_dir: where; :func:`~lightning_quantum.deployment.default_cache_dir` when ``None``
+            (``$LIGHTNING_QUANTUM_CACHE/deployment``, else ``~/.cache/lightning_quantum/deployment``).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate()])  # doctest: +SKIP
@@ -96,6 +105,8 @@ class DeploymentGate(Callback):
         export: bool = True,
         output_dir: str | Path | None = None,
         stem: str = "deployed",
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> None:
         err = MisconfigurationException
         for label, values, choices in (("numerics", numerics, NUMERICS), ("runners", runners, RUNNERS)):
@@ -130,6 +141,10 @@ class DeploymentGate(Callback):
         self.export = export
         self.output_dir = output_dir
         self.stem = stem
+        if not isinstance(cache, bool):
+            raise err(f"`cache`={cache!r} is not valid. Give True or False.")
+        self.cache = cache
+        self.cache_dir = cache_dir
         self.module: nn.Module | None = None
         self.decision: DeploymentDecision | None = None
         self.paths: dict[str, Path] = {}
@@ -179,6 +194,7 @@ class DeploymentGate(Callback):
             max_accuracy_drop=self.max_accuracy_drop,
             min_cosine=self.min_cosine,
             max_eval_batches=1 if quick else self.max_eval_batches,
+            cache_dir=None if quick or not self.cache else (self.cache_dir or default_cache_dir()),
         )
         rank_zero_info(f"Deployment: {self.decision.reason}")
         if self.export:

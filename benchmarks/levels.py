@@ -59,7 +59,8 @@ def run_level(level: str, epochs: int, out: Path, extra: list[str] = DIGITS, gat
                 "callbacks.rich_progress_bar=null",
                 "callbacks.model_checkpoint=null",
                 "callbacks.report.print_table=false",
-                *([] if gate else ["callbacks.deployment=null"]),
+                # every form measured in every run: no cached ranking (benchmarks/gate_cost.py measures the cache)
+                *(["callbacks.deployment.cache=false"] if gate else ["callbacks.deployment=null"]),
             ],
         )
     started = time.perf_counter()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_quantum.deployment as deployment
+import lightning_quantum.report as report_module
 from lightning_quantum.callbacks import DeploymentGate, OptimizationReport, QuantizationAwareTraining
 from lightning_quantum.deployment import (
     FORMS,
@@ -413,6 +415,9 @@ def test_a_cached_ranking_spares_the_forms_that_cannot_win(tmp_path, monkeypatch
     assert not skipped.measured and skipped.latency_p50_ms is None and skipped.note.startswith("not rebuilt: slower")
     assert "Measured 2 of the 3 forms" in second.reason and "`cache=False`" in second.reason
     assert second.candidate("int8 eager").accuracy is not None  # accuracy is always measured anew
+    words, rows = report_module._deployment(SimpleNamespace(extra={"deployment": second.to_dict()}))
+    assert "building (compiling, exporting) the 2 measured forms" in words
+    assert [row[5] for row in rows if row[0] == "bf16 eager"] == ["n/a"]
 
     calls.clear()  # another batch size is another key
     _gate(_fresh_mlp(1), tmp_path, batch_size=16)

@@ -5,6 +5,8 @@ Example:
     >>> kwargs = lq.recipe("advanced").trainer_kwargs()  # doctest: +SKIP
 """
 
+import importlib.metadata
+
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model
 from lightning_quantum.deployment import DeploymentDecision, choose_deployment, load_deployment, save_deployment
 from lightning_quantum.gpu import gpu_status
@@ -13,7 +15,10 @@ from lightning_quantum.optimize import OptimizationResult, load_optimized, optim
 from lightning_quantum.precision import PrecisionDecision, resolve_precision
 from lightning_quantum.report import OptimizationReportData
 
-__version__ = "0.1.0"
+try:  # the one spelling of the version is the package metadata (pyproject.toml)
+    __version__ = importlib.metadata.version("lightning-quantum")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "OptimizationLevel",

@@ -24,14 +24,19 @@ from torch import Tensor, nn
 from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model, evaluate_accuracy
+from lightning_quantum.levels import OptimizationLevel
+from lightning_quantum.pruning.masks import PRUNING_METHODS
 from lightning_quantum.report import OptimizationReportData, build_report, write_report
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OPTIMIZE_LEVELS", "OptimizationResult", "StepRecord", "load_optimized", "optimize", "save_optimized"]
 
-OPTIMIZE_LEVELS = ("basic", "advanced", "quantum", "ultra")
-PRUNE_METHODS = ("l1_unstructured", "l1_structured", "l2_structured")
+#: The level names ``optimize`` takes: the levels' own (:class:`~lightning_quantum.levels.OptimizationLevel`).
+OPTIMIZE_LEVELS = tuple(level.value for level in OptimizationLevel)
+#: The pruning methods of ULTRA's post-training step: the registry's less N:M, which ``optimize`` does not
+#: apply (the ``Pruning`` callback trains a 2:4 pattern in).
+PRUNE_METHODS = tuple(method for method in PRUNING_METHODS if method != "nm")
 
 
 @dataclass
@@ -146,7 +151,7 @@ _LEVEL_NUMERICS["ultra"] = _LEVEL_NUMERICS["quantum"]
 
 def optimize(
     model: nn.Module,
-    level: str = "quantum",
+    level: str | OptimizationLevel = "quantum",
     *,
     calibration_data: Iterable[Any] | None = None,
     eval_data: Iterable[Any] | None = None,
@@ -185,7 +190,8 @@ def optimize(
 
     Args:
         model: the trained model (a plain ``nn.Module`` mapping inputs to outputs).
-        level: one of ``basic``, ``advanced``, ``quantum``, ``ultra``.
+        level: an :class:`~lightning_quantum.levels.OptimizationLevel` or its name (``basic``,
+            ``advanced``, ``quantum``, ``ultra``; any case).
         calibration_data: batches for static int8 calibration (as a DataLoader yields them).
         eval_data: labelled batches to measure accuracy on, before and after each step.
         metric: ``metric(outputs, targets) -> float``; top-1 accuracy by default.
@@ -209,7 +215,7 @@ def optimize(
         ValueError: for an invalid argument (named, with its value and the valid choices), for
             ``max_accuracy_drop`` without ``eval_data``, or when there is nothing to time on.
     """
-    check_choice("level", level, OPTIMIZE_LEVELS)
+    level = OptimizationLevel.parse(level).value
     check_fraction("prune_amount", prune_amount)
     check_choice("prune_method", prune_method, PRUNE_METHODS)
     check_positive("calibration_batches", calibration_batches)

@@ -21,12 +21,11 @@ import math
 import multiprocessing
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,10 +34,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from lightning_quantum import __version__
 from lightning_quantum.gpu import gpu_status
+from lightning_quantum.levels import OptimizationLevel
+from lightning_quantum.optimize import PRUNE_METHODS
 from lightning_quantum.serving import (
+    ARCHITECTURES,
     JobStore,
     UnsafePathError,
     exit_with_parent,
@@ -54,17 +57,27 @@ log = logging.getLogger(__name__)
 _UNPROCESSABLE = 422  # Starlette renamed its constant (…_ENTITY to …_CONTENT); the number is the same
 
 
-class Level(str, Enum):
-    BASIC = "basic"
-    ADVANCED = "advanced"
-    QUANTUM = "quantum"
-    ULTRA = "ultra"
+def _one_of(label: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """A check that a value is one of ``choices`` (a registry's names); a 422 names the field, the value
+    and the choices otherwise."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"`{label}`={value!r} is not valid. Choose one of: {', '.join(map(repr, choices))}.")
+        return value
+
+    return check
 
 
-class Architecture(str, Enum):
-    DIGITS_MLP = "digits_mlp"
-    DIGITS_CNN = "digits_cnn"
-
+# The service's choices, spelled by the library's registries (and listed as an enum in the JSON schema).
+Architecture = Annotated[
+    str,
+    AfterValidator(_one_of("architecture", tuple(ARCHITECTURES))),
+    Field(json_schema_extra={"enum": list(ARCHITECTURES)}),
+]
+PruneMethod = Annotated[
+    str, AfterValidator(_one_of("prune_method", PRUNE_METHODS)), Field(json_schema_extra={"enum": list(PRUNE_METHODS)})
+]
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="letters, digits, _ . -")]
 
@@ -105,7 +118,7 @@ class OptimizationOptions(_Strict):
     calibrate: bool = Field(True, description="static int8 calibrated on the training split; false: dynamic int8")
     calibration_batches: int = Field(8, ge=1, le=64)
     prune_amount: float = Field(0.5, ge=0.0, lt=1.0, description="ultra: share of weights (or channels) removed")
-    prune_method: Literal["l1_unstructured", "l1_structured", "l2_structured"] = "l1_unstructured"
+    prune_method: PruneMethod = "l1_unstructured"
     slim: bool = Field(False, description="ultra with a structured method: remove the pruned channels")
     deploy: bool = Field(True, description="measure the inference forms here and ship the fastest within budget")
     keep_slower: bool = Field(False, description="keep compressed numerics even where another form is faster")
@@ -115,7 +128,7 @@ class OptimizationOptions(_Strict):
 
 class ModelOptimizationRequest(_Strict):
     model: Name
-    level: Level = Level.QUANTUM
+    level: OptimizationLevel = OptimizationLevel.QUANTUM
     options: OptimizationOptions = OptimizationOptions()
 
 
@@ -405,7 +418,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     app = FastAPI(
         title="lightning-quantum optimization service",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         description="Register trained models, optimize them at a level in a worker process, and profile them.",
     )

@@ -5,16 +5,26 @@ A neutral home below the measuring, pruning and quantization modules, which all 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
-__all__ = ["dense_values", "plain_tensors"]
+__all__ = ["dense_values", "is_quantized", "plain_tensors"]
+
+
+def is_quantized(tensor: Any) -> bool:
+    """Whether ``tensor`` is a tensor subclass that keeps its data in inner tensors: a quantized
+    (torchao) weight, such as ``Int8Tensor`` or ``IntxUnpackedToInt8Tensor``."""
+    return (
+        isinstance(tensor, Tensor)
+        and type(tensor) not in (Tensor, nn.Parameter)
+        and hasattr(tensor, "__tensor_flatten__")
+    )
 
 
 def dense_values(tensor: Tensor) -> Tensor:
     """The values a weight stands for: itself, or a quantized (torchao) weight dequantized."""
-    if type(tensor) not in (Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
-        return tensor.dequantize()
-    return tensor
+    return tensor.dequantize() if is_quantized(tensor) else tensor
 
 
 def plain_tensors(tensor: Tensor) -> list[Tensor]:
@@ -23,7 +33,7 @@ def plain_tensors(tensor: Tensor) -> list[Tensor]:
     Quantized weights (torchao) are tensor subclasses whose bytes live in inner tensors (the packed
     values, scales, zero points), listed by ``__tensor_flatten__``.
     """
-    if type(tensor) in (Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+    if not is_quantized(tensor):
         return [tensor]
-    names, _ = tensor.__tensor_flatten__()
+    names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]  # a subclass (checked above)
     return [inner for name in names for inner in plain_tensors(getattr(tensor, name))]

@@ -30,6 +30,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
+from lightning_quantum._modules import replace_module
+
 log = logging.getLogger(__name__)
 
 __all__ = ["enable_activation_checkpointing", "disable_activation_checkpointing", "BlockTypes"]
@@ -58,12 +60,6 @@ def _matches(module: nn.Module, block_types: BlockTypes) -> bool:
         elif isinstance(module, block):
             return True
     return False
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def enable_activation_checkpointing(model: nn.Module, block_types: BlockTypes | None = None) -> list[str]:
@@ -112,7 +108,7 @@ def enable_activation_checkpointing(model: nn.Module, block_types: BlockTypes | 
             f"{type(model).__name__}. Its module types are: {types}."
         )
     for name in targets:
-        _replace(
+        replace_module(
             model, name, checkpoint_wrapper(model.get_submodule(name), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         )
     log.debug("Activation checkpointing wraps %d blocks: %s", len(targets), targets)
@@ -124,7 +120,7 @@ def disable_activation_checkpointing(model: nn.Module) -> int:
     restored = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, CheckpointWrapper):
-            _replace(model, name, module._checkpoint_wrapped_module)
+            replace_module(model, name, module._checkpoint_wrapped_module)
             restored += 1
     for module in model.modules():
         if _is_hf_model(module) and getattr(module, "is_gradient_checkpointing", False):

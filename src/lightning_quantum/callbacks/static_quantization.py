@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_quantum._modules import replace_module
 from lightning_quantum._validation import check_choice, check_positive
 from lightning_quantum.quantization.static import CPUOnly, quantize_static_int8
 
@@ -104,6 +105,4 @@ class StaticQuantization(Callback):
             ) from None
 
     def _swap(self, pl_module: pl.LightningModule, new: nn.Module) -> None:
-        parent_name, _, child = self.submodule.rpartition(".")
-        parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
-        setattr(parent, child, new)
+        replace_module(pl_module, self.submodule, new)

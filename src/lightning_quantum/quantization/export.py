@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._modules import owner_of
+from lightning_quantum._tensors import is_quantized
 from lightning_quantum.weights import read_safetensors
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,6 @@ __all__ = [
     "load_program",
     "export_torchscript",
 ]
-
-
-def _is_subclass(tensor: Any) -> bool:
-    return (
-        isinstance(tensor, Tensor)
-        and type(tensor) not in (Tensor, nn.Parameter)
-        and hasattr(tensor, "__tensor_flatten__")
-    )
 
 
 def _storage_key(tensor: Tensor) -> tuple[Any, ...] | None:
@@ -70,7 +64,7 @@ def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
     """The model's weights as plain, contiguous tensors (tied ones once), plus torchao metadata if any."""
     state = model.state_dict()
     metadata = None
-    if any(_is_subclass(t) for t in state.values()):
+    if any(is_quantized(t) for t in state.values()):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
         state, metadata = flatten_tensor_state_dict(state)
@@ -138,9 +132,7 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
         for alias, name in aliases.items():
             if alias in state:
                 continue
-            owner, _, attr = alias.rpartition(".")
-            source_owner, _, source_attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(source_owner), source_attr))
+            setattr(*owner_of(model, alias), getattr(*owner_of(model, name)))
     return model
 
 
@@ -254,7 +246,7 @@ def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: 
     Raises:
         ValueError: for a model with quantized (tensor subclass) weights, which do not trace.
     """
-    if any(_is_subclass(t) for t in model.state_dict().values()):
+    if any(is_quantized(t) for t in model.state_dict().values()):
         raise ValueError("TorchScript cannot trace quantized tensor weights; use export_program (.pt2) instead.")
     was_training = model.training
     model.eval()

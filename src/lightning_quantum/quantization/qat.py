@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._modules import replace_module
+from lightning_quantum._tensors import is_quantized
 from lightning_quantum.pruning.masks import select_parameters
 from lightning_quantum.quantization.schemes import check_group_size, qat_base_config
 
@@ -124,7 +126,7 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def _quantized(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) and type(module.weight) not in (Tensor, nn.Parameter)
+    return isinstance(module, (nn.Linear, nn.Embedding)) and is_quantized(module.weight)
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -294,9 +296,7 @@ def _convert_to_int8_kernels(model: nn.Module) -> None:
     cls = _fake_quantized_linear()
     targets = [name for name, m in model.named_modules() if isinstance(m, cls)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        prepared: Any = getattr(parent, child)
+        prepared: Any = model.get_submodule(name)
         quantizer: Any = prepared.weight_fake_quantizer
         linear = prepared.to_linear()
         frozen = quantizer is not None and quantizer.config.range_learning
@@ -309,7 +309,7 @@ def _convert_to_int8_kernels(model: nn.Module) -> None:
             act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.ASYMMETRIC),
         )
         linear.weight = nn.Parameter(weight, requires_grad=False)
-        setattr(parent, child, linear)
+        replace_module(model, name, linear)
 
 
 def unprepare_qat(model: nn.Module) -> int:
@@ -324,11 +324,9 @@ def unprepare_qat(model: nn.Module) -> int:
 
 def _swap_back(model: nn.Module, targets: list[str], linear_cls: type[nn.Module]) -> None:
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        prepared: Any = getattr(parent, child)
-        is_linear = isinstance(prepared, linear_cls)
-        setattr(parent, child, prepared.to_linear() if is_linear else prepared.to_embedding())
+        prepared: Any = model.get_submodule(name)
+        is_linear = isinstance(prepared, linear_cls)  # (a separate test: it would narrow `prepared` for mypy)
+        replace_module(model, name, prepared.to_linear() if is_linear else prepared.to_embedding())
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_quantum._batches import split_batch
+from lightning_quantum._modules import owner_of
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,7 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
     used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
     for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
         if name not in used:
-            parent_name, _, attr = name.rpartition(".")
-            parent = graph_module.get_submodule(parent_name) if parent_name else graph_module
-            delattr(parent, attr)
+            delattr(*owner_of(graph_module, name))
 
 
 def quantize_static_int8(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_quantum._modules import replace_module
 from lightning_quantum._validation import check_choice
 from lightning_quantum.pruning.masks import select_parameters
 
@@ -59,11 +60,6 @@ def import_bitsandbytes(device: torch.device) -> Any:
             f"{'.'.join(map(str, MIN_BITSANDBYTES))}. Upgrade it, or run on a CUDA device."
         )
     return bnb
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -130,7 +126,7 @@ def quantize_weights_bnb(
                 new.support_avx512bf16_for_cpu = False
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
-        _swap(model, name, new.to(target))  # the move quantizes the weights
+        replace_module(model, name, new.to(target))  # the move quantizes the weights
     log.info("bitsandbytes %s: %d linear layers", fmt, len(chosen))
     return sorted(chosen)
 

@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lightning_quantum.checkpointing_probe import run_probe
+from checkpointing_probe import run_probe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "activation_checkpointing.json"
 

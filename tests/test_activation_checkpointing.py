@@ -5,8 +5,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+from lightning_quantum.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from lightning_quantum.callbacks import ActivationCheckpointing
-from lightning_quantum.checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from lightning_quantum.models import Classifier, DigitsCNN, DigitsMLP, MLPBlock
 from tests.conftest import trainer_kwargs
 
@@ -119,10 +119,20 @@ def test_hugging_face_model_uses_its_own_switch():
 
 
 def test_checkpointing_cuts_peak_training_memory_on_cpu():
-    from lightning_quantum.checkpointing_probe import run_probe
+    from benchmarks.checkpointing_probe import run_probe
 
     # 8 blocks, activations of 16384 x 256 fp32 = 16 MiB each. Without checkpointing each block keeps
     # its linear input, ReLU output and dropout mask for backward; with it only block inputs are kept.
     off, on = run_probe("off")["peak_mb"], run_probe("on")["peak_mb"]
     assert off > 150, off
     assert on < 0.6 * off, (on, off)
+
+
+def test_the_old_module_name_still_works_with_a_deprecation_warning(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "lightning_quantum.checkpointing", raising=False)
+    with pytest.warns(DeprecationWarning, match="renamed `lightning_quantum.activation_checkpointing`"):
+        old = importlib.import_module("lightning_quantum.checkpointing")
+    assert old.enable_activation_checkpointing is enable_activation_checkpointing

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quantum.checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from lightning_quantum.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class ActivationCheckpointing(Callback):
 
     Applied in ``setup("fit")`` and removed in ``teardown("fit")``, so validation, test and
     predict after ``fit`` run the plain model, and ``fit`` can be called again. Checkpoint keys do
-    not change while it is on. See :func:`lightning_quantum.checkpointing.enable_activation_checkpointing`
+    not change while it is on. See :func:`lightning_quantum.activation_checkpointing.enable_activation_checkpointing`
     for how blocks are chosen.
 
     Args:

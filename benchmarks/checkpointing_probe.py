@@ -1,6 +1,6 @@
 """Measure activation checkpointing's effect on peak training memory, one configuration per process.
 
-    python -m lightning_quantum.checkpointing_probe on|off [--blocks 8] [--width 256] [--batch 16384]
+    python benchmarks/checkpointing_probe.py on|off [--blocks 8] [--width 256] [--batch 16384]
 
 Prints one JSON line: ``{"peak_mb": ..., "step_ms": ...}``. Each configuration must run in a fresh
 process with ``MALLOC_MMAP_THRESHOLD_=65536`` so that process RSS follows live tensor memory (see
@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["run_probe"]
@@ -29,8 +30,7 @@ def run_probe(mode: str, *, blocks: int = 8, width: int = 256, batch: int = 1638
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     args = [
         sys.executable,
-        "-m",
-        __name__,
+        str(Path(__file__).resolve()),
         mode,
         "--blocks",
         str(blocks),
@@ -57,8 +57,8 @@ def _main() -> None:
     import torch
     from torch import nn
 
+    from lightning_quantum.activation_checkpointing import enable_activation_checkpointing
     from lightning_quantum.benchmark import measure_training_peak_memory_mb
-    from lightning_quantum.checkpointing import enable_activation_checkpointing
     from lightning_quantum.models.nets import MLPBlock
 
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import os
 import time
 from pathlib import Path
 
-from lightning_quantum.serving import run_optimization_job
+from lightning_quantum.apps.serving import run_optimization_job
 
 
 def gated_optimization_job(*args):

@@ -13,9 +13,9 @@ from lightning_quantum.apps import optimize as optimize_app
 from lightning_quantum.apps.serve import ServiceSettings, create_app
 from lightning_quantum.callbacks import Pruning
 from lightning_quantum.levels import LEVELS, OptimizationLevel
+from lightning_quantum.models import ARCHITECTURES
 from lightning_quantum.optimize import OPTIMIZE_LEVELS, PRUNE_METHODS
 from lightning_quantum.pruning.masks import PRUNING_METHODS
-from lightning_quantum.serving import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 

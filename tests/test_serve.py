@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
 from lightning_quantum.apps.serve import ServiceSettings, create_app
+from lightning_quantum.apps.serving import JobStore, UnsafePathError, resolve_inside
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import DigitsMLP
-from lightning_quantum.serving import JobStore, UnsafePathError, resolve_inside
 
 TOKEN = "s3cret-token"
 

@@ -30,7 +30,15 @@ from lightning_quantum.report import OptimizationReportData, build_report, write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZE_LEVELS", "OptimizationResult", "StepRecord", "load_optimized", "optimize", "save_optimized"]
+__all__ = [
+    "OPTIMIZE_LEVELS",
+    "OptimizationResult",
+    "StepRecord",
+    "load_optimized",
+    "optimize",
+    "optimize_and_save",
+    "save_optimized",
+]
 
 #: The level names ``optimize`` takes: the levels' own (:class:`~lightning_quantum.levels.OptimizationLevel`).
 OPTIMIZE_LEVELS = tuple(level.value for level in OptimizationLevel)
@@ -452,6 +460,35 @@ def save_optimized(
     keep_existing(paths["recipe"])
     paths["recipe"].write_text(json.dumps(recipe, indent=2) + "\n")
     return paths
+
+
+def optimize_and_save(
+    model: nn.Module,
+    level: str | OptimizationLevel,
+    datamodule: Any,
+    output_dir: str | Path,
+    *,
+    calibrate: bool = True,
+    **options: Any,
+) -> tuple[OptimizationResult, dict[str, Path]]:
+    """The pipeline of ``lq-optimize`` and of the service's jobs: :func:`optimize` ``model`` on a
+    LightningDataModule's data, then :func:`save_optimized` into ``output_dir``.
+
+    Static int8 is calibrated on the training split when ``calibrate`` (dynamic int8 otherwise),
+    accuracy is measured on the test split, and the first 8 test inputs are the example the
+    artifact is traced with. ``options`` are :func:`optimize`'s keyword arguments.
+    """
+    datamodule.setup("fit")
+    eval_data = datamodule.test_dataloader()
+    result = optimize(
+        model,
+        level,
+        calibration_data=datamodule.train_dataloader() if calibrate else None,
+        eval_data=eval_data,
+        **options,
+    )
+    example = split_batch(next(iter(eval_data)))[0][:8]
+    return result, save_optimized(result, output_dir, example_inputs=example)
 
 
 def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:

@@ -21,11 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from lightning_quantum._batches import split_batch
 from lightning_quantum.apps._config import config_dir, refuse_non_finite, report_user_errors
 from lightning_quantum.apps.train import instantiate
 from lightning_quantum.models import digits_architecture_of
-from lightning_quantum.optimize import OptimizationResult, optimize, save_optimized
+from lightning_quantum.optimize import OptimizationResult, optimize_and_save
 from lightning_quantum.pruning.slimming import rebuild_architecture, slimmed_architecture
 from lightning_quantum.report import render_rich_table
 from lightning_quantum.weights import read_checkpoint, state_mismatch
@@ -97,20 +96,8 @@ def run(cfg: DictConfig) -> OptimizationResult:
     module = instantiate(OmegaConf.create(model_cfg))
     load_weights(module, cfg.checkpoint)
     network = inference_network(module).eval()
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
     options: dict[str, Any] = dict(OmegaConf.to_container(cfg.options, resolve=True))  # type: ignore[arg-type]
-    calibrate = options.pop("calibrate", True)
-    eval_data = datamodule.test_dataloader()
-    result = optimize(
-        network,
-        cfg.level,
-        calibration_data=datamodule.train_dataloader() if calibrate else None,
-        eval_data=eval_data,
-        **options,
-    )
-    example = split_batch(next(iter(eval_data)))[0]
-    paths = save_optimized(result, cfg.paths.output_dir, example_inputs=example[:8])
+    result, paths = optimize_and_save(network, cfg.level, instantiate(cfg.data), cfg.paths.output_dir, **options)
     Console().print(render_rich_table(result.report))
     for step in result.steps:
         log.info("step %-8s %s %s", step.name, "kept" if step.kept else "not kept", step.reason or "")

@@ -37,11 +37,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lightning_quantum import __version__
-from lightning_quantum.gpu import gpu_status
-from lightning_quantum.levels import OptimizationLevel
-from lightning_quantum.optimize import PRUNE_METHODS
-from lightning_quantum.serving import (
-    ARCHITECTURES,
+from lightning_quantum.apps.serving import (
     JobStore,
     UnsafePathError,
     exit_with_parent,
@@ -50,6 +46,10 @@ from lightning_quantum.serving import (
     run_optimization_job,
     run_profile,
 )
+from lightning_quantum.gpu import gpu_status
+from lightning_quantum.levels import OptimizationLevel
+from lightning_quantum.models import ARCHITECTURES
+from lightning_quantum.optimize import PRUNE_METHODS
 from lightning_quantum.weights import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class Worker:
     """One spawned worker process that runs calls one at a time, and is replaced when it dies.
 
     The process starts at the first call and exits by itself when the server process is gone
-    (:func:`~lightning_quantum.serving.exit_with_parent`), so a killed server leaves no worker behind.
+    (:func:`~lightning_quantum.apps.serving.exit_with_parent`), so a killed server leaves no worker behind.
     """
 
     def __init__(self, name: str) -> None:

@@ -1,6 +1,23 @@
 """Reference models: the digits nets and a classification LightningModule."""
 
 from lightning_quantum.models.classifier import Classifier
-from lightning_quantum.models.nets import ConvBlock, DigitsCNN, DigitsMLP, MLPBlock, digits_architecture_of
+from lightning_quantum.models.nets import (
+    ARCHITECTURES,
+    ConvBlock,
+    DigitsCNN,
+    DigitsMLP,
+    MLPBlock,
+    build_architecture,
+    digits_architecture_of,
+)
 
-__all__ = ["Classifier", "DigitsMLP", "DigitsCNN", "MLPBlock", "ConvBlock", "digits_architecture_of"]
+__all__ = [
+    "ARCHITECTURES",
+    "Classifier",
+    "DigitsMLP",
+    "DigitsCNN",
+    "MLPBlock",
+    "ConvBlock",
+    "build_architecture",
+    "digits_architecture_of",
+]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_quantum._validation import check_fraction, check_positive
 
-__all__ = ["MLPBlock", "ConvBlock", "DigitsMLP", "DigitsCNN", "digits_architecture_of"]
+__all__ = [
+    "ARCHITECTURES",
+    "MLPBlock",
+    "ConvBlock",
+    "DigitsMLP",
+    "DigitsCNN",
+    "build_architecture",
+    "digits_architecture_of",
+]
 
 
 class MLPBlock(nn.Module):
@@ -140,3 +148,29 @@ def digits_architecture_of(state: Mapping[str, Any]) -> tuple[str, dict[str, Any
                 "num_classes": int(out.shape[0]),
             }
     return None
+
+
+def _digits_mlp(options: Mapping[str, Any]) -> nn.Module:
+    return DigitsMLP(hidden=tuple(options.get("hidden") or (512, 512)), dropout=0.0)
+
+
+def _digits_cnn(options: Mapping[str, Any]) -> nn.Module:
+    return DigitsCNN(channels=tuple(options.get("channels") or (32, 64, 64)), hidden=int(options.get("width") or 128))
+
+
+#: The bundled architectures by name (the service's and ``lq-optimize``'s names; ``conf/model/<name>.yaml``):
+#: a fixed list, so a model is never built from a Python target that came with a request.
+ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "digits_mlp": _digits_mlp,
+    "digits_cnn": _digits_cnn,
+}
+
+
+def build_architecture(architecture: str, options: Mapping[str, Any]) -> nn.Module:
+    """A fresh model of a bundled architecture (:data:`ARCHITECTURES`) with the given options, for inference
+    (no dropout): ``hidden`` for ``digits_mlp``; ``channels`` and ``width`` for ``digits_cnn``."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"`architecture`={architecture!r} is not valid. Choose one of: {', '.join(map(repr, ARCHITECTURES))}."
+        )
+    return ARCHITECTURES[architecture](options)

@@ -13,17 +13,21 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lightning_quantum._batches import split_batch
+from lightning_quantum.benchmark import benchmark_model
+from lightning_quantum.data import DigitsDataModule
+from lightning_quantum.models.nets import build_architecture, digits_architecture_of
+from lightning_quantum.optimize import load_optimized, optimize_and_save
 from lightning_quantum.weights import read_checkpoint, state_mismatch
 
 __all__ = [
-    "ARCHITECTURES",
     "JobStore",
     "UnsafePathError",
-    "build_architecture",
     "load_registered_model",
     "resolve_inside",
     "run_optimization_job",
@@ -80,29 +84,6 @@ def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-# -- architectures a registered model may have: a fixed list, never a Python target from a request ------
-def _digits_mlp(options: dict[str, Any]) -> Any:
-    from lightning_quantum.models import DigitsMLP
-
-    return DigitsMLP(hidden=tuple(options.get("hidden") or (512, 512)), dropout=0.0)
-
-
-def _digits_cnn(options: dict[str, Any]) -> Any:
-    from lightning_quantum.models import DigitsCNN
-
-    return DigitsCNN(channels=tuple(options.get("channels") or (32, 64, 64)), hidden=int(options.get("width") or 128))
-
-
-ARCHITECTURES: dict[str, Callable[[dict[str, Any]], Any]] = {"digits_mlp": _digits_mlp, "digits_cnn": _digits_cnn}
-
-
-def build_architecture(architecture: str, options: dict[str, Any]) -> Any:
-    """A fresh model of a known architecture (``digits_mlp`` or ``digits_cnn``) with bounded options."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"`architecture`={architecture!r} is not valid. Choose from: {sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[architecture](options)
-
-
 def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any:
     """Build the model a record names and load its weights: safetensors, or ``torch.load(weights_only=True)``.
 
@@ -118,8 +99,6 @@ def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any
     state = {k.removeprefix("net."): v for k, v in state.items()}  # a Classifier's checkpoint
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch is not None:
-        from lightning_quantum.models import digits_architecture_of
-
         found = digits_architecture_of(state)
         hint = f" The file holds a {found[0]} with options {found[1]}." if found else ""
         raise ValueError(
@@ -130,42 +109,19 @@ def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any
     return model.eval()
 
 
-def _digits_data(layout: str, batch_size: int = 64) -> Any:
-    from lightning_quantum.data import DigitsDataModule
-
-    dm = DigitsDataModule(batch_size=batch_size, layout=layout)  # type: ignore[arg-type]
-    dm.setup("fit")
-    return dm
-
-
-def _layout(record: dict[str, Any]) -> str:
-    return "image" if record["architecture"] == "digits_cnn" else "flat"
+def _digits_data(record: dict[str, Any], batch_size: int = 64) -> DigitsDataModule:
+    """The digits, laid out as the record's architecture takes them (8x8 images for the CNN)."""
+    return DigitsDataModule(batch_size=batch_size, layout="image" if record["architecture"] == "digits_cnn" else "flat")
 
 
 def run_optimization_job(
     model_root: str, artifacts_dir: str, job_id: str, record: dict[str, Any], level: str, options: dict[str, Any]
 ) -> dict[str, Any]:
     """Optimize a registered model (in a worker process) and write its artifact; return the response data."""
-    import torch
-
-    from lightning_quantum._batches import split_batch
-    from lightning_quantum.optimize import optimize, save_optimized
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_registered_model(model_root, record)
-    dm = _digits_data(_layout(record), int(options.get("batch_size", 64)))
-    options = dict(options)
-    calibrate = options.pop("calibrate", True)
-    result = optimize(
-        model,
-        level,
-        calibration_data=dm.train_dataloader() if calibrate else None,
-        eval_data=dm.test_dataloader(),
-        **options,
-    )
-    out = Path(artifacts_dir) / job_id
-    example = split_batch(next(iter(dm.test_dataloader())))[0][:8]
-    paths = save_optimized(result, out, example_inputs=example)
+    data = _digits_data(record, int(options.get("batch_size", 64)))
+    result, paths = optimize_and_save(model, level, data, Path(artifacts_dir) / job_id, **options)
     report = result.report
     return {
         "job_id": job_id,
@@ -200,17 +156,14 @@ def run_profile(
     model_root: str, artifacts_dir: str, record: dict[str, Any], job_id: str | None, batch_size: int, repeats: int
 ) -> dict[str, Any]:
     """Benchmark a registered model, or the optimized artifact of one of its finished jobs (worker process)."""
-    from lightning_quantum._batches import split_batch
-    from lightning_quantum.benchmark import benchmark_model
-    from lightning_quantum.optimize import load_optimized
-
     model = load_registered_model(model_root, record)
     if job_id is not None:
         model = load_optimized(model, resolve_inside(artifacts_dir, job_id))
-    dm = _digits_data(_layout(record), batch_size)
-    inputs = split_batch(next(iter(dm.test_dataloader())))[0]
+    data = _digits_data(record, batch_size)
+    data.setup("test")
+    inputs = split_batch(next(iter(data.test_dataloader())))[0]
     while inputs.shape[0] < batch_size:  # the timed batch has exactly batch_size samples
-        inputs = __import__("torch").cat([inputs, inputs])
+        inputs = torch.cat([inputs, inputs])
     metrics = benchmark_model(model, inputs[:batch_size], repeats=repeats, warmup=3)
     return {
         "model": record["name"],

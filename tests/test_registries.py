@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 import lightning_quantum as lq
 from lightning_quantum.apps import optimize as optimize_app
@@ -25,6 +26,7 @@ def schema(tmp_path_factory):
     root = tmp_path_factory.mktemp("registries")
     (root / "models").mkdir()
     app = create_app(ServiceSettings(model_root=root / "models", data_dir=root / "data"))
+    assert isinstance(app, FastAPI)  # the limits are middleware, not a wrapper around the app
     return app, app.openapi()["components"]["schemas"]
 
 

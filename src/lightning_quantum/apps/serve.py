@@ -328,7 +328,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-# Declared in the OpenAPI schema, so /docs can send the token; checked by each app's `require_token`.
+# Declared in the OpenAPI schema, so /docs can send the token; checked by `_require_token`.
 _BEARER = HTTPBearer(auto_error=False, description="the token in the server's LQ_SERVE_TOKEN (or --token-env)")
 
 
@@ -343,78 +343,231 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def create_app(settings: ServiceSettings) -> FastAPI:
-    """The FastAPI application; state in ``settings.data_dir`` (``service.sqlite``, ``artifacts/``)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = settings.data_dir / "artifacts"
-    artifacts.mkdir(exist_ok=True)
-    model_root = settings.model_root.resolve(strict=True)
-    store = JobStore(settings.data_dir / "service.sqlite")
-    interrupted = store.fail_interrupted()
-    if interrupted:
-        log.warning("Marked %d job(s) cut off by a restart as failed", interrupted)
-    job_workers = [Worker(f"job {i}") for i in range(settings.workers)]
-    quick_worker = Worker("registration and profile")
+_Job = tuple[str, dict[str, Any], str, dict[str, Any]]  # (job id, model record, level, options)
 
-    started: dict[str, Any] = {"count": 0}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Reentrant: a second server (or test client) over the same app shares the first one's queue
-        # and workers, and the last one to stop ends them.
-        if started["count"] == 0:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[tuple[str, dict[str, Any], str, dict[str, Any]]] = asyncio.Queue()
-            started.update(
-                loop=loop,
-                queue=queue,
-                consumers=[loop.create_task(_take_jobs(worker, queue)) for worker in job_workers],
-            )
-        started["count"] += 1
-        try:
-            yield
-        finally:
-            started["count"] -= 1
-            if started["count"] == 0:
-                await _stop(started["consumers"])
+class _Service:
+    """What the routes share: the settings, the store, the workers and the job queue.
 
-    async def _stop(consumers: list[asyncio.Task]) -> None:
-        for task in consumers:
+    Starting is reentrant: a second server (or test client) over the same app shares the first one's
+    queue and workers, and the last one to stop ends them.
+    """
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.artifacts = settings.data_dir / "artifacts"
+        self.artifacts.mkdir(exist_ok=True)
+        self.model_root = settings.model_root.resolve(strict=True)
+        self.store = JobStore(settings.data_dir / "service.sqlite")
+        interrupted = self.store.fail_interrupted()
+        if interrupted:
+            log.warning("Marked %d job(s) cut off by a restart as failed", interrupted)
+        self.job_workers = [Worker(f"job {i}") for i in range(settings.workers)]
+        self.quick_worker = Worker("registration and profile")
+        self._users = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._consumers: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        if self._users == 0:
+            self._loop = asyncio.get_running_loop()
+            self._queue = asyncio.Queue()
+            self._consumers = [self._loop.create_task(self._take_jobs(worker)) for worker in self.job_workers]
+        self._users += 1
+
+    async def stop(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
+        for task in self._consumers:
             task.cancel()
-        await asyncio.gather(*consumers, return_exceptions=True)  # running jobs are marked stopped
-        stopped = store.fail_interrupted(JobStore.STOPPED_QUEUED, statuses=("queued",))
+        await asyncio.gather(*self._consumers, return_exceptions=True)  # running jobs are marked stopped
+        stopped = self.store.fail_interrupted(JobStore.STOPPED_QUEUED, statuses=("queued",))
         if stopped:
             log.warning("Marked %d queued job(s) failed: the service stopped", stopped)
-        for worker in (*job_workers, quick_worker):
+        for worker in (*self.job_workers, self.quick_worker):
             worker.stop()
-        store.close()
+        self.store.close()
 
-    def enqueue(item: tuple[str, dict[str, Any], str, dict[str, Any]]) -> None:
+    def enqueue(self, job: _Job) -> None:
         """Put a job on the queue, from whichever event loop serves the request."""
-        loop, queue = started["loop"], started["queue"]
-        if loop is asyncio.get_running_loop():
-            queue.put_nowait(item)
+        assert self._loop is not None and self._queue is not None, "the service is not started"
+        if self._loop is asyncio.get_running_loop():
+            self._queue.put_nowait(job)
         else:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, job)
 
-    async def _take_jobs(worker: Worker, queue: asyncio.Queue) -> None:
+    async def _take_jobs(self, worker: Worker) -> None:
+        assert self._queue is not None
         while True:
-            job_id, record, level, options = await queue.get()
-            store.start_job(job_id)
+            job_id, record, level, options = await self._queue.get()
+            self.store.start_job(job_id)
             try:
                 result = await worker.run(
-                    run_optimization_job, str(model_root), str(artifacts), job_id, record, level, options
+                    run_optimization_job, str(self.model_root), str(self.artifacts), job_id, record, level, options
                 )
             except asyncio.CancelledError:
-                store.fail_job(job_id, JobStore.STOPPED_RUNNING)
+                self.store.fail_job(job_id, JobStore.STOPPED_RUNNING)
                 raise
             except Exception as error:  # the job fails with its reason; the service goes on
                 log.warning("Job %s failed: %s: %s", job_id, type(error).__name__, error)
-                store.fail_job(job_id, f"{type(error).__name__}: {error}")
+                self.store.fail_job(job_id, f"{type(error).__name__}: {error}")
             else:
-                store.finish_job(job_id, result)
+                self.store.finish_job(job_id, result)
             finally:
-                queue.task_done()
+                self._queue.task_done()
+
+    def known_model(self, name: str) -> dict[str, Any]:
+        return _found(self.store.model(name), f"No registered model {name!r}. See GET /models.")
+
+
+def _found(record: dict[str, Any] | None, detail: str) -> dict[str, Any]:
+    """``record``, or a 404 with ``detail`` when the store has none."""
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
+    return record
+
+
+def _service(request: Request) -> _Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+Service = Annotated[_Service, Depends(_service)]
+
+
+async def _require_token(
+    service: Service, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+) -> None:
+    token = service.settings.token
+    if token and (credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode())):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "Missing or wrong bearer token.", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+
+
+#: Routes open to anyone (liveness), and routes behind the bearer token.
+public = APIRouter()
+router = APIRouter(dependencies=[Depends(_require_token)])
+
+
+@public.get("/health", tags=["service"])
+async def health() -> dict[str, str]:
+    """Liveness: 200 while the service runs (no token needed)."""
+    return {"status": "ok"}
+
+
+@router.get("/gpu/status", tags=["service"])
+async def gpu() -> dict[str, Any]:
+    """``gpu_status()``: ``available: false`` on a machine without a GPU."""
+    return await asyncio.to_thread(gpu_status)
+
+
+@router.post("/models", status_code=201, response_model=RegisteredModel, tags=["models"])
+async def register_model(registration: ModelRegistration, service: Service) -> dict[str, Any]:
+    """Register a weights file inside the model root; it is loaded once (in a worker) to check it.
+
+    A name already registered answers 409 unless ``replace`` is true.
+    """
+    record = registration.model_dump(mode="json", exclude={"replace"})
+    if not registration.replace and service.store.model(registration.name) is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"A model named {registration.name!r} is registered already; send `replace`: true to replace it.",
+        )
+    try:
+        path = resolve_inside(service.model_root, registration.path)
+    except UnsafePathError as error:
+        raise HTTPException(_UNPROCESSABLE, f"`path` is refused: {error}") from None
+    if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"`path`={registration.path!r} is not a {'/'.join(WEIGHT_SUFFIXES)} file inside the model root.",
+        )
+    try:
+        await service.quick_worker.run(_check_loads, str(service.model_root), record)
+    except (ValueError, FileNotFoundError) as error:
+        raise HTTPException(_UNPROCESSABLE, str(error)) from None
+    except WorkerCrashed as error:
+        raise HTTPException(_UNPROCESSABLE, f"`path`={registration.path!r} could not be loaded: {error}") from None
+    service.store.add_model(record)
+    return service.known_model(registration.name)
+
+
+@router.get("/models", response_model=list[RegisteredModel], tags=["models"])
+async def list_models(service: Service) -> list[dict[str, Any]]:
+    return service.store.models()
+
+
+@router.post("/optimize/model", status_code=202, response_model=JobAccepted, tags=["optimization"])
+async def optimize_model(request: ModelOptimizationRequest, service: Service) -> dict[str, Any]:
+    """Queue an optimization job; poll ``GET /optimize/jobs/{id}`` for its status and result."""
+    record = service.known_model(request.model)
+    options = request.options.model_dump()
+    level = request.level.value
+    job_id = service.store.create_job(request.model, level, options)
+    service.enqueue((job_id, record, level, options))
+    return {"job_id": job_id, "status": "queued", "queue_position": service.store.queue_position(job_id)}
+
+
+@router.get("/optimize/jobs/{job_id}", response_model=JobStatus, tags=["optimization"])
+async def job_status(job_id: Annotated[str, Field(max_length=64)], service: Service) -> dict[str, Any]:
+    return _found(service.store.job(job_id), f"No job {job_id!r}.")
+
+
+@router.get("/optimization/stats", tags=["optimization"])
+async def optimization_stats(service: Service) -> dict[str, Any]:
+    """Counts by status, and by level the mean compression ratio, speedup and accuracy degradation."""
+    return service.store.stats()
+
+
+@router.post("/performance/profile", response_model=ProfileResponse, tags=["performance"])
+async def profile(request: ProfileRequest, service: Service) -> dict[str, Any]:
+    """Latency, throughput and memory of a registered model, or of a finished job's optimized model."""
+    record = service.known_model(request.model)
+    if request.job_id is not None:
+        job = service.store.job(request.job_id)
+        if job is None or job["model"] != request.model:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No job {request.job_id!r} of {request.model!r}.")
+        if job["status"] != "succeeded":
+            raise HTTPException(status.HTTP_409_CONFLICT, f"Job {request.job_id!r} is {job['status']}.")
+    try:
+        return await service.quick_worker.run(
+            run_profile,
+            str(service.model_root),
+            str(service.artifacts),
+            record,
+            request.job_id,
+            request.batch_size,
+            request.repeats,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise HTTPException(_UNPROCESSABLE, str(error)) from None
+    except WorkerCrashed as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Profiling failed: {error}.") from None
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The FastAPI application; state in ``settings.data_dir`` (``service.sqlite``, ``artifacts/``).
+
+    The body limit is ASGI middleware (:class:`BodyLimit`); every route but ``/health`` needs the
+    bearer token when ``settings.token`` is set.
+    """
+    service = _Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
 
     app = FastAPI(
         title="lightning-quantum optimization service",
@@ -422,124 +575,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         lifespan=lifespan,
         description="Register trained models, optimize them at a level in a worker process, and profile them.",
     )
-    app.state.store = store
+    app.state.service = service
+    app.state.store = service.store
     app.state.settings = settings
-    app.state.workers = {"jobs": job_workers, "quick": quick_worker}
+    app.state.workers = {"jobs": service.job_workers, "quick": service.quick_worker}
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
-
-    async def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
-        token = settings.token
-        if token and (
-            credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode())
-        ):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "Missing or wrong bearer token.", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    api = APIRouter(dependencies=[Depends(require_token)])
-
-    def found(record: dict[str, Any] | None, detail: str) -> dict[str, Any]:
-        """``record``, or a 404 with ``detail`` when the store has none."""
-        if record is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
-        return record
-
-    def known_model(name: str) -> dict[str, Any]:
-        return found(store.model(name), f"No registered model {name!r}. See GET /models.")
-
-    @app.get("/health", tags=["service"])
-    async def health() -> dict[str, str]:
-        """Liveness: 200 while the service runs (no token needed)."""
-        return {"status": "ok"}
-
-    @api.get("/gpu/status", tags=["service"])
-    async def gpu() -> dict[str, Any]:
-        """``gpu_status()``: ``available: false`` on a machine without a GPU."""
-        return await asyncio.to_thread(gpu_status)
-
-    @api.post("/models", status_code=201, response_model=RegisteredModel, tags=["models"])
-    async def register_model(registration: ModelRegistration) -> dict[str, Any]:
-        """Register a weights file inside the model root; it is loaded once (in a worker) to check it.
-
-        A name already registered answers 409 unless ``replace`` is true.
-        """
-        record = registration.model_dump(mode="json", exclude={"replace"})
-        if not registration.replace and store.model(registration.name) is not None:
-            raise HTTPException(
-                status.HTTP_409_CONFLICT,
-                f"A model named {registration.name!r} is registered already; send `replace`: true to replace it.",
-            )
-        try:
-            path = resolve_inside(model_root, registration.path)
-        except UnsafePathError as error:
-            raise HTTPException(_UNPROCESSABLE, f"`path` is refused: {error}") from None
-        if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND,
-                f"`path`={registration.path!r} is not a {'/'.join(WEIGHT_SUFFIXES)} file inside the model root.",
-            )
-        try:
-            await quick_worker.run(_check_loads, str(model_root), record)
-        except (ValueError, FileNotFoundError) as error:
-            raise HTTPException(_UNPROCESSABLE, str(error)) from None
-        except WorkerCrashed as error:
-            raise HTTPException(_UNPROCESSABLE, f"`path`={registration.path!r} could not be loaded: {error}") from None
-        store.add_model(record)
-        return known_model(registration.name)
-
-    @api.get("/models", response_model=list[RegisteredModel], tags=["models"])
-    async def list_models() -> list[dict[str, Any]]:
-        return store.models()
-
-    @api.post("/optimize/model", status_code=202, response_model=JobAccepted, tags=["optimization"])
-    async def optimize_model(request: ModelOptimizationRequest) -> dict[str, Any]:
-        """Queue an optimization job; poll ``GET /optimize/jobs/{id}`` for its status and result."""
-        record = known_model(request.model)
-        options = request.options.model_dump()
-        level = request.level.value
-        job_id = store.create_job(request.model, level, options)
-        enqueue((job_id, record, level, options))
-        return {"job_id": job_id, "status": "queued", "queue_position": store.queue_position(job_id)}
-
-    @api.get("/optimize/jobs/{job_id}", response_model=JobStatus, tags=["optimization"])
-    async def job_status(job_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
-        return found(store.job(job_id), f"No job {job_id!r}.")
-
-    @api.get("/optimization/stats", tags=["optimization"])
-    async def optimization_stats() -> dict[str, Any]:
-        """Counts by status, and by level the mean compression ratio, speedup and accuracy degradation."""
-        return store.stats()
-
-    @api.post("/performance/profile", response_model=ProfileResponse, tags=["performance"])
-    async def profile(request: ProfileRequest) -> dict[str, Any]:
-        """Latency, throughput and memory of a registered model, or of a finished job's optimized model."""
-        record = known_model(request.model)
-        if request.job_id is not None:
-            job = store.job(request.job_id)
-            if job is None or job["model"] != request.model:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"No job {request.job_id!r} of {request.model!r}.")
-            if job["status"] != "succeeded":
-                raise HTTPException(status.HTTP_409_CONFLICT, f"Job {request.job_id!r} is {job['status']}.")
-        try:
-            return await quick_worker.run(
-                run_profile,
-                str(model_root),
-                str(artifacts),
-                record,
-                request.job_id,
-                request.batch_size,
-                request.repeats,
-            )
-        except (ValueError, FileNotFoundError) as error:
-            raise HTTPException(_UNPROCESSABLE, str(error)) from None
-        except WorkerCrashed as error:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Profiling failed: {error}.") from None
-
-    app.include_router(api)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.include_router(public)
+    app.include_router(router)
     return app
 
 

@@ -94,3 +94,18 @@ def test_the_walk_finds_a_circle_hidden_in_a_function(tmp_path):
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
     (pkg / "c.py").write_text("def g():\n    return 1\n")
     assert find_cycle(import_graph(pkg, "pkg")) is None
+
+
+def test_no_function_body_is_over_80_lines():
+    """A function's body (its docstring aside) fits on a screen; a longer one is split where its steps are."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                docstring = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+                first = body[1] if docstring and len(body) > 1 else body[0]
+                lines = node.end_lineno - first.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(PACKAGE)}::{node.name} ({lines} lines)")
+    assert not long, long

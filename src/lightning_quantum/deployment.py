@@ -360,6 +360,59 @@ def choose_deployment(
         ValueError: for an invalid argument (named), or when neither ``eval_data`` nor ``example_inputs``
             is given.
     """
+    _check_gate_arguments(forms, batch_size, warmup, repeats, rounds, num_threads, max_accuracy_drop, min_cosine)
+    if max_eval_batches is not None:
+        check_positive("max_eval_batches", max_eval_batches)
+    if eval_data is None and example_inputs is None:
+        raise ValueError("Give `eval_data` or `example_inputs`: there is nothing to time the candidates on.")
+    started = time.perf_counter()
+    batches: list[tuple[Any, Tensor | None]] = [(example_inputs, None)]
+    if eval_data is not None:
+        batches = [split_batch(b) for b in itertools.islice(eval_data, max_eval_batches)]
+    timed = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
+    threads = num_threads or torch.get_num_threads()
+    device = _module_device(model)
+    reference_form = trained_form(model)
+    order = [reference_form] + [f for f in forms if f != reference_form]
+    if reference_form == "trained eager" and any(f.endswith("compiled") for f in forms):
+        order.insert(1, "trained compiled")  # the model as it is, compiled
+    gate = _Measurement(
+        model, float_model, timed, _rebatch(batches, _leading_dim(timed)), list(dict.fromkeys(order)), metric=metric,
+        max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, warmup=warmup, repeats=repeats, rounds=rounds,
+        device=device, threads=threads, started=started,
+    )  # fmt: skip
+    cache_file: Path | None = None
+    key: dict[str, Any] = {}
+    with _threads(threads), eval_mode(model):
+        if cache_dir is not None:
+            key = _cache_key(
+                model, float_model, timed, gate.order, threads, device, max_accuracy_drop, min_cosine, metric
+            )
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            cache_file = Path(cache_dir) / f"{digest[:24]}.json"
+            cached = _read_cache(cache_file, key, gate.order)
+            chosen = gate.from_cache(cached) if cached is not None else None
+            if chosen is not None:
+                return chosen
+        results, built = gate.measure(gate.order)
+    winner = _fastest_eligible(results, built)
+    decision = gate.decide(results, winner, None)
+    if cache_file is not None:
+        _write_cache(cache_file, key, decision)
+    log.info("deployment: %s", decision.reason)
+    return built[winner.form], decision
+
+
+def _check_gate_arguments(
+    forms: Sequence[str],
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    rounds: int,
+    num_threads: int | None,
+    max_accuracy_drop: float,
+    min_cosine: float,
+) -> None:
     if isinstance(forms, str) or not forms:
         raise ValueError(f"`forms`={forms!r} is not valid. Give a list of: {', '.join(map(repr, FORMS))}.")
     for form in forms:
@@ -374,46 +427,41 @@ def choose_deployment(
     check_non_negative("max_accuracy_drop", max_accuracy_drop)
     if not -1.0 <= check_finite("min_cosine", min_cosine) <= 1.0:
         raise ValueError(f"`min_cosine`={min_cosine!r} is not valid. It must lie in [-1, 1].")
-    if max_eval_batches is not None:
-        check_positive("max_eval_batches", max_eval_batches)
-    if eval_data is None and example_inputs is None:
-        raise ValueError("Give `eval_data` or `example_inputs`: there is nothing to time the candidates on.")
-    started = time.perf_counter()
-    batches: list[tuple[Any, Tensor | None]] = []
-    if eval_data is not None:
-        for index, batch in enumerate(eval_data):
-            if max_eval_batches is not None and index >= max_eval_batches:
-                break
-            batches.append(split_batch(batch))
-    else:
-        batches = [(example_inputs, None)]
-    timed = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
-    threads = num_threads or torch.get_num_threads()
-    device = _module_device(model)
-    reference_form = trained_form(model)
-    order = [reference_form] + [f for f in forms if f != reference_form]
-    if reference_form == "trained eager" and any(f.endswith("compiled") for f in forms):
-        order.insert(1, "trained compiled")  # the model as it is, compiled
-    order = list(dict.fromkeys(order))
-    measure = _Measurement(
-        model,
-        float_model,
-        timed,
-        _rebatch(batches, _leading_dim(timed)),
-        metric=metric,
-        max_accuracy_drop=max_accuracy_drop,
-        min_cosine=min_cosine,
-        warmup=warmup,
-        repeats=repeats,
-        rounds=rounds,
-        device=device,
-    )
+
+
+class _Measurement:
+    """Build, judge and time candidate forms of one model on fixed data, and decide (the body of
+    :func:`choose_deployment`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        float_model: nn.Module | None,
+        timed: Any,
+        chunks: list[tuple[Any, Tensor | None, int]],
+        order: list[str],
+        *,
+        metric: Callable[[Tensor, Tensor], float] | None,
+        max_accuracy_drop: float,
+        min_cosine: float,
+        warmup: int,
+        repeats: int,
+        rounds: int,
+        device: torch.device,
+        threads: int,
+        started: float,
+    ) -> None:
+        self.model, self.float_model, self.timed, self.chunks, self.metric = model, float_model, timed, chunks, metric
+        self.order, self.reference_form = order, order[0]
+        self.max_accuracy_drop, self.min_cosine = max_accuracy_drop, min_cosine
+        self.warmup, self.repeats, self.rounds, self.device = warmup, repeats, rounds, device
+        self.threads, self.started = threads, started
 
     def decide(
-        results: dict[str, CandidateResult], winner: CandidateResult, cached_from: str | None
+        self, results: dict[str, CandidateResult], winner: CandidateResult, cached_from: str | None
     ) -> DeploymentDecision:
-        candidates = [results[f] for f in order]
-        reason = _reason(winner, results[reference_form], candidates)
+        candidates = [results[f] for f in self.order]
+        reason = _reason(winner, results[self.reference_form], candidates)
         if cached_from is not None:
             skipped = sum(not c.measured for c in candidates)
             reason += (
@@ -424,84 +472,50 @@ def choose_deployment(
         return DeploymentDecision(
             form=winner.form,
             reason=reason,
-            trained_form=reference_form,
-            reference_accuracy=results[reference_form].accuracy,
-            max_accuracy_drop=max_accuracy_drop,
-            min_cosine=min_cosine,
-            batch_size=_leading_dim(timed),
-            device=str(device),
-            num_threads=threads,
+            trained_form=self.reference_form,
+            reference_accuracy=results[self.reference_form].accuracy,
+            max_accuracy_drop=self.max_accuracy_drop,
+            min_cosine=self.min_cosine,
+            batch_size=_leading_dim(self.timed),
+            device=str(self.device),
+            num_threads=self.threads,
             candidates=candidates,
-            gate_seconds=time.perf_counter() - started,
+            gate_seconds=time.perf_counter() - self.started,
             cached_from=cached_from,
         )
 
-    cache_file: Path | None = None
-    key: dict[str, Any] = {}
-    with _threads(threads), eval_mode(model):
-        if cache_dir is not None:
-            key = _cache_key(model, float_model, timed, order, threads, device, max_accuracy_drop, min_cosine, metric)
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-            cache_file = Path(cache_dir) / f"{digest[:24]}.json"
-            cached = _read_cache(cache_file, key, order)
-            subset, acceptable = _cached_subset(cached, order, reference_form) if cached else (order, set())
-            if cached is not None and len(subset) < len(order):  # else the cache spares nothing
-                results, built = measure(reference_form, subset)
-                winner = _fastest_eligible(results, built)
-                if winner.form in acceptable:
-                    for form in order:
-                        if form not in results:
-                            p50 = cached["p50"].get(form)
-                            then = (
-                                f"slower in the cached measurement ({p50:.3f} ms p50 then)"
-                                if p50 is not None
-                                else "it could not run in the cached measurement"
-                            )
-                            results[form] = CandidateResult(form, measured=False, note=f"not rebuilt: {then}")
-                    decision = decide(results, winner, str(cached["measured_at"]))
-                    log.info("deployment: %s", decision.reason)
-                    return built[winner.form], decision
-                log.info(
-                    "deployment: the cached ranking of %s no longer holds (%s won among %s): measuring every form",
-                    cached["measured_at"],
-                    winner.form,
-                    subset,
+    def from_cache(self, cached: dict[str, Any]) -> tuple[nn.Module, DeploymentDecision] | None:
+        """The winner among the forms a cached ranking leaves, or ``None`` when the ranking no longer holds
+        here (or spares no form): then every form is measured."""
+        subset, acceptable = _cached_subset(cached, self.order, self.reference_form)
+        if len(subset) == len(self.order):
+            return None
+        results, built = self.measure(subset)
+        winner = _fastest_eligible(results, built)
+        if winner.form not in acceptable:
+            log.info(
+                "deployment: the cached ranking of %s no longer holds (%s won among %s): measuring every form",
+                cached["measured_at"],
+                winner.form,
+                subset,
+            )
+            return None
+        for form in self.order:
+            if form not in results:
+                p50 = cached["p50"].get(form)
+                then = (
+                    f"slower in the cached measurement ({p50:.3f} ms p50 then)"
+                    if p50 is not None
+                    else "it could not run in the cached measurement"
                 )
-        results, built = measure(reference_form, order)
-    winner = _fastest_eligible(results, built)
-    decision = decide(results, winner, None)
-    if cache_file is not None:
-        _write_cache(cache_file, key, decision)
-    log.info("deployment: %s", decision.reason)
-    return built[winner.form], decision
+                results[form] = CandidateResult(form, measured=False, note=f"not rebuilt: {then}")
+        decision = self.decide(results, winner, str(cached["measured_at"]))
+        log.info("deployment: %s", decision.reason)
+        return built[winner.form], decision
 
-
-class _Measurement:
-    """Build, judge and time candidate forms of one model on fixed data (the body of :func:`choose_deployment`)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        float_model: nn.Module | None,
-        timed: Any,
-        chunks: list[tuple[Any, Tensor | None, int]],
-        *,
-        metric: Callable[[Tensor, Tensor], float] | None,
-        max_accuracy_drop: float,
-        min_cosine: float,
-        warmup: int,
-        repeats: int,
-        rounds: int,
-        device: torch.device,
-    ) -> None:
-        self.model, self.float_model, self.timed, self.chunks, self.metric = model, float_model, timed, chunks, metric
-        self.max_accuracy_drop, self.min_cosine = max_accuracy_drop, min_cosine
-        self.warmup, self.repeats, self.rounds, self.device = warmup, repeats, rounds, device
-
-    def __call__(
-        self, reference_form: str, order: Sequence[str]
-    ) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
+    def measure(self, order: Sequence[str]) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
         """Every form in ``order`` (the reference first) as measured, and those that ran, built."""
+        reference_form = self.reference_form
         results: dict[str, CandidateResult] = {}
         built: dict[str, nn.Module] = {}
         onnx_exports: dict[str, bytes] = {}

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "OptimizationLevel",
     "LevelDefinition",
+    "deployment_numerics",
+    "level_definition",
     "LEVELS",
     "CALLBACKS",
     "Recipe",
@@ -105,7 +107,10 @@ class LevelDefinition:
         trainer: ``Trainer`` arguments set here (``precision="auto"`` is resolved by :func:`resolve_precision`).
         model: the Hydra model config the level picks (``conf/model/<model>.yaml``), unless the user
             names one (``model=...`` wins); ``None`` keeps the app's default.
-        missing: empty when the level is built; otherwise what it still lacks, shown in the error.
+        post_training: what :func:`~lightning_quantum.optimize.optimize` does at this level to a model
+            already trained (these steps are the level's own, not the ones below it): each entry is a
+            step, or alternatives tried in order until one is kept. QUANTUM trains with int8 QAT, and
+            after training quantizes to int8 statically (calibrated) or dynamically instead.
     """
 
     level: OptimizationLevel
@@ -113,7 +118,7 @@ class LevelDefinition:
     callbacks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     trainer: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None
-    missing: str = ""
+    post_training: tuple[tuple[str, ...], ...] = ()
 
 
 LEVELS: tuple[LevelDefinition, ...] = (
@@ -138,6 +143,7 @@ LEVELS: tuple[LevelDefinition, ...] = (
             "deployment": {"numerics": ["float", "bf16"]},
         },
         trainer={"precision": "auto"},
+        post_training=(("bf16",),),
     ),
     LevelDefinition(
         OptimizationLevel.QUANTUM,
@@ -146,6 +152,7 @@ LEVELS: tuple[LevelDefinition, ...] = (
             "within the accuracy budget ships), export to safetensors and torch.export"
         ),
         callbacks={"qat": {"start_step": None}, "deployment": {"numerics": ["float", "bf16", "int8"]}, "export": {}},
+        post_training=(("int8",),),
     ),
     LevelDefinition(
         OptimizationLevel.ULTRA,
@@ -159,13 +166,20 @@ LEVELS: tuple[LevelDefinition, ...] = (
             "qat": {"start_step": None, "start_after_pruning": True},
         },
         model="ultra_digits",
+        post_training=(("prune",), ("nf4", "int8")),  # NF4 weights; int8 when NF4 is rolled back or cannot run
     ),
 )
 _BY_LEVEL = {d.level: d for d in LEVELS}
 
 
-def _built_levels() -> list[str]:
-    return [d.level.value for d in LEVELS if not d.missing]
+def level_definition(level: str | OptimizationLevel) -> LevelDefinition:
+    """The definition of ``level`` (a name in any case, or the enum)."""
+    return _BY_LEVEL[OptimizationLevel.parse(level)]
+
+
+def deployment_numerics(level: str | OptimizationLevel) -> list[str]:
+    """The numerics the deployment gate tries at ``level``: its own and the levels' below it."""
+    return list(_cumulative(OptimizationLevel.parse(level))[0]["deployment"]["numerics"])
 
 
 def _cumulative(
@@ -176,11 +190,6 @@ def _cumulative(
     ``replacement`` stands in for ``level``'s own definition (to render a changed one).
     """
     definition = replacement or _BY_LEVEL[level]
-    if definition.missing:
-        raise ValueError(
-            f"`level`={level.value!r} is not available yet: {definition.missing}. "
-            f"Available levels: {', '.join(map(repr, _built_levels()))}."
-        )
     callbacks: dict[str, dict[str, Any]] = {}
     trainer: dict[str, Any] = {}
     for d in LEVELS:
@@ -316,9 +325,6 @@ def _render_definition(definition: LevelDefinition) -> str:
         "# change the Python definition and regenerate (tests/test_levels.py checks they agree).",
         f"# {name}: {definition.adds}.",
     ]
-    if definition.missing:
-        lines.append(f"# Not available yet: {definition.missing}.")
-        return "\n".join(lines) + "\n" + _to_yaml({"level": name})
     callbacks, trainer = _cumulative(definition.level, definition)
     defaults: list[Any] = [f"/callbacks/{callback}" for callback in callbacks]
     if definition.model:  # Hydra wants overrides after the other entries; `model=...` from the shell still wins

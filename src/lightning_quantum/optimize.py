@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -23,10 +24,39 @@ from torch import Tensor, nn
 
 from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
-from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model, evaluate_accuracy
-from lightning_quantum.levels import OptimizationLevel
-from lightning_quantum.pruning.masks import PRUNING_METHODS
-from lightning_quantum.report import OptimizationReportData, build_report, write_report
+from lightning_quantum.benchmark import (
+    OptimizationPerformanceMetrics,
+    benchmark_model,
+    evaluate_accuracy,
+    serialized_size_bytes,
+)
+from lightning_quantum.deployment import FORMS, CastInputs, choose_deployment, forms_for, trained_form
+from lightning_quantum.levels import OptimizationLevel, deployment_numerics, level_definition
+from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime
+from lightning_quantum.pruning import select_parameters, structured_masks, unstructured_masks
+from lightning_quantum.pruning.masks import PRUNING_METHODS, make_pruning_permanent
+from lightning_quantum.pruning.slimming import (
+    build_dependency_graph,
+    coupled_channel_masks,
+    output_layers,
+    rebuild_architecture,
+    record_architecture,
+)
+from lightning_quantum.pruning.slimming import slim_model as slim_layers
+from lightning_quantum.quantization import (
+    compile_for_inference,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    quantize_weights_bnb,
+)
+from lightning_quantum.quantization.export import (
+    FrozenInference,
+    export_program,
+    load_program,
+    load_safetensors,
+    save_safetensors,
+)
+from lightning_quantum.report import OptimizationReportData, build_report, keep_existing, write_report
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +124,6 @@ def _first_inputs(data: Iterable[Any]) -> Any:
 
 def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inputs: Any) -> dict[str, Any]:
     """One-shot magnitude pruning in place: unstructured (global), or channels (optionally removed)."""
-    from lightning_quantum.pruning import select_parameters, structured_masks, unstructured_masks
-    from lightning_quantum.pruning.masks import make_pruning_permanent
-    from lightning_quantum.pruning.slimming import build_dependency_graph, coupled_channel_masks, output_layers
-    from lightning_quantum.pruning.slimming import slim_model as slim_layers
-
     modules = select_parameters(model)
     weights: dict[str, Tensor] = {f"{name}.weight": m.weight for name, m in modules.items()}  # type: ignore[misc]
     if method == "l1_unstructured":
@@ -112,8 +137,6 @@ def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inp
         raise ValueError("Structured pruning found no layer to prune besides the model's outputs.")
     channel_masks = structured_masks(weights, amount, norm=1 if method == "l1_structured" else 2)
     if slim:
-        from lightning_quantum.pruning.slimming import record_architecture
-
         removed = slim_layers(model, graph, channel_masks)
         return {
             "method": method,
@@ -128,33 +151,23 @@ def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inp
 
 def _int8(model: nn.Module, calibration_data: Iterable[Any] | None, calibration_batches: int) -> tuple[nn.Module, dict]:
     if calibration_data is not None:
-        from lightning_quantum.quantization import quantize_static_int8
-
         return quantize_static_int8(model, calibration_data, max_batches=calibration_batches), {"kind": "static"}
-    from lightning_quantum.quantization import quantize_dynamic_int8
 
     layers = quantize_dynamic_int8(model)
     return model, {"kind": "dynamic", "layers": len(layers)}
 
 
 def _nf4(model: nn.Module) -> tuple[nn.Module, dict]:
-    from lightning_quantum.quantization import quantize_weights_bnb
-
     layers = quantize_weights_bnb(model, "nf4")
     return model, {"layers": len(layers)}
 
 
 def _bf16(model: nn.Module) -> tuple[nn.Module, dict]:
-    from lightning_quantum.deployment import CastInputs
-
     return CastInputs(model.to(torch.bfloat16), torch.bfloat16), {"dtype": "bfloat16"}
 
 
 #: The steps that change the numerics (the others, pruning, keep float weights).
 _NUMERICS_STEPS = ("bf16", "int8", "nf4")
-#: The numerics the deployment gate may try at each level.
-_LEVEL_NUMERICS = {"basic": ["float"], "advanced": ["float", "bf16"], "quantum": ["float", "bf16", "int8"]}
-_LEVEL_NUMERICS["ultra"] = _LEVEL_NUMERICS["quantum"]
 
 
 def optimize(
@@ -224,6 +237,64 @@ def optimize(
             ``max_accuracy_drop`` without ``eval_data``, or when there is nothing to time on.
     """
     level = OptimizationLevel.parse(level).value
+    example_inputs = _checked_arguments(
+        prune_amount, prune_method, slim, calibration_batches, batch_size, repeats, compile, deploy, keep_slower,
+        max_accuracy_drop, eval_data, calibration_data, example_inputs,
+    )  # fmt: skip
+    started = time.perf_counter()
+    was_training = model.training
+    measure = dict(eval_data=eval_data, metric=metric, batch_size=batch_size, repeats=repeats)
+    timed = example_inputs if eval_data is None else None
+    pipeline = _Steps(copy.deepcopy(model).eval(), eval_data, metric, max_accuracy_drop)
+    before = benchmark_model(pipeline.current, timed, **measure)  # type: ignore[arg-type]
+    pipeline.reference = before.accuracy
+    transforms: dict[str, Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]] = {
+        "bf16": _bf16,
+        "int8": lambda m: _int8(m, calibration_data, calibration_batches),
+        "prune": lambda m: (m, _prune(m, prune_amount, prune_method, slim, example_inputs)),
+        "nf4": _nf4,
+        "compile": lambda m: (compile_for_inference(m), {}),
+    }
+    for alternatives in level_definition(level).post_training:
+        next((name for name in alternatives if pipeline.attempt(name, transforms[name])), None)
+    if compile:
+        pipeline.attempt("compile", transforms["compile"])
+    extra: dict[str, Any] = {}
+    if deploy:
+        pipeline.current = _deploy(
+            pipeline.current, pipeline.float_current, pipeline.steps, level, keep_slower, eval_data, timed,
+            example_inputs, metric, batch_size, repeats, max_accuracy_drop, before.accuracy, extra,
+        )  # fmt: skip
+    duration = time.perf_counter() - started
+    after = benchmark_model(pipeline.current, timed, **measure)  # type: ignore[arg-type]
+    report = build_report(
+        before,
+        after,
+        optimization_duration_seconds=duration,
+        accuracy_reference="the original model",
+        level=level,
+        extra={"steps": [asdict(s) for s in pipeline.steps], "post_training": True, **extra},
+    )
+    model.train(was_training)
+    return OptimizationResult(pipeline.current, before, after, report, pipeline.steps)
+
+
+def _checked_arguments(
+    prune_amount: float,
+    prune_method: str,
+    slim: bool,
+    calibration_batches: int,
+    batch_size: int,
+    repeats: int,
+    compile: bool,
+    deploy: bool,
+    keep_slower: bool,
+    max_accuracy_drop: float | None,
+    eval_data: Iterable[Any] | None,
+    calibration_data: Iterable[Any] | None,
+    example_inputs: Any,
+) -> Any:
+    """Check :func:`optimize`'s arguments (a ``ValueError`` names the first bad one); return the inputs to time."""
     check_fraction("prune_amount", prune_amount)
     check_choice("prune_method", prune_method, PRUNE_METHODS)
     check_positive("calibration_batches", calibration_batches)
@@ -245,102 +316,57 @@ def optimize(
         check_non_negative("max_accuracy_drop", max_accuracy_drop)  # NaN would switch the budget off
         if eval_data is None:
             raise ValueError("`max_accuracy_drop` needs `eval_data` to measure accuracy on.")
-    if example_inputs is None:
-        source = eval_data if eval_data is not None else calibration_data
-        if source is None:
-            raise ValueError("Give `example_inputs`, `eval_data` or `calibration_data`: nothing to time the model on.")
-        example_inputs = _first_inputs(source)
-    started = time.perf_counter()
-    original = model
-    was_training = original.training
-    current = copy.deepcopy(original).eval()
-    measure = dict(eval_data=eval_data, metric=metric, batch_size=batch_size, repeats=repeats)
-    timed = example_inputs if eval_data is None else None
-    before = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
-    reference = before.accuracy
+    if example_inputs is not None:
+        return example_inputs
+    source = eval_data if eval_data is not None else calibration_data
+    if source is None:
+        raise ValueError("Give `example_inputs`, `eval_data` or `calibration_data`: nothing to time the model on.")
+    return _first_inputs(source)
 
-    def accuracy_of(candidate: nn.Module) -> float | None:
-        return None if eval_data is None else evaluate_accuracy(candidate, eval_data, metric=metric)
 
-    steps: list[StepRecord] = []
-    float_current = current  # the model before its numerics changed: the gate's float form
+class _Steps:
+    """The steps of one :func:`optimize` call: each transforms a copy of the current model, is measured,
+    and is kept, or rolled back when it drops accuracy over the budget."""
 
-    def attempt(name: str, transform: Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]) -> bool:
-        nonlocal current, float_current
+    def __init__(
+        self,
+        model: nn.Module,
+        eval_data: Iterable[Any] | None,
+        metric: Callable[[Tensor, Tensor], float] | None,
+        max_accuracy_drop: float | None,
+    ) -> None:
+        self.current = model
+        self.float_current = model  # the model before its numerics changed: the gate's float form
+        self.eval_data, self.metric, self.max_accuracy_drop = eval_data, metric, max_accuracy_drop
+        self.reference: float | None = None
+        self.steps: list[StepRecord] = []
+
+    def attempt(self, name: str, transform: Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]) -> bool:
+        """Apply step ``name``; whether it was kept."""
         t0 = time.perf_counter()
         try:
-            candidate, detail = transform(copy.deepcopy(current))
+            candidate, detail = transform(copy.deepcopy(self.current))
             candidate.eval()  # a wrapper a step adds starts in train mode
         except (ValueError, ImportError, RuntimeError) as error:  # e.g. nothing to quantize, no bnb
-            steps.append(StepRecord(name, False, None, None, 0.0, time.perf_counter() - t0, reason=str(error)))
+            self.steps.append(StepRecord(name, False, None, None, 0.0, time.perf_counter() - t0, reason=str(error)))
             log.warning("optimize: step %s not applied: %s", name, error)
             return False
-        from lightning_quantum.benchmark import serialized_size_bytes
-
-        accuracy = accuracy_of(candidate)
-        drop = reference - accuracy if reference is not None and accuracy is not None else None
+        accuracy = None if self.eval_data is None else evaluate_accuracy(candidate, self.eval_data, metric=self.metric)
+        drop = self.reference - accuracy if self.reference is not None and accuracy is not None else None
         record = StepRecord(
             name, True, accuracy, drop, serialized_size_bytes(candidate) / 2**20, time.perf_counter() - t0, detail
         )
-        if max_accuracy_drop is not None and drop is not None and drop > max_accuracy_drop:
+        budget = self.max_accuracy_drop
+        if budget is not None and drop is not None and drop > budget:
             record.kept = False
-            record.reason = f"accuracy drop {drop:.4f} is above `max_accuracy_drop`={max_accuracy_drop}: rolled back"
+            record.reason = f"accuracy drop {drop:.4f} is above `max_accuracy_drop`={budget}: rolled back"
             log.warning("optimize: step %s rolled back: %s", name, record.reason)
         else:
             if name not in _NUMERICS_STEPS:
-                float_current = candidate
-            current = candidate
-        steps.append(record)
+                self.float_current = candidate
+            self.current = candidate
+        self.steps.append(record)
         return record.kept
-
-    def prune(m: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        return m, _prune(m, prune_amount, prune_method, slim, example_inputs)
-
-    def int8(m: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        return _int8(m, calibration_data, calibration_batches)
-
-    if level == "advanced":
-        attempt("bf16", _bf16)
-    elif level == "quantum":
-        attempt("int8", int8)
-    elif level == "ultra":
-        attempt("prune", prune)
-        if not attempt("nf4", _nf4):
-            attempt("int8", int8)
-    if compile:
-        from lightning_quantum.quantization import compile_for_inference
-
-        attempt("compile", lambda m: (compile_for_inference(m), {}))
-    extra: dict[str, Any] = {}
-    if deploy:
-        current = _deploy(
-            current,
-            float_current,
-            steps,
-            level,
-            keep_slower,
-            eval_data,
-            timed,
-            example_inputs,
-            metric,
-            batch_size,
-            repeats,
-            max_accuracy_drop,
-            reference,
-            extra,
-        )
-    duration = time.perf_counter() - started
-    after = benchmark_model(current, timed, **measure)  # type: ignore[arg-type]
-    report = build_report(
-        before,
-        after,
-        optimization_duration_seconds=duration,
-        accuracy_reference="the original model",
-        level=level,
-        extra={"steps": [asdict(s) for s in steps], "post_training": True, **extra},
-    )
-    original.train(was_training)
-    return OptimizationResult(current, before, after, report, steps)
 
 
 def _deploy(
@@ -360,16 +386,13 @@ def _deploy(
     extra: dict[str, Any],
 ) -> nn.Module:
     """Run the deployment gate on the result of the steps; roll back a numerics step the gate passed over."""
-    from lightning_quantum.benchmark import serialized_size_bytes
-    from lightning_quantum.deployment import choose_deployment, forms_for, trained_form
-
     t0 = time.perf_counter()
     trained = trained_form(current)
     numerics_step = next((s for s in reversed(steps) if s.kept and s.name in _NUMERICS_STEPS), None)
     if keep_slower and numerics_step is not None:
         forms = [trained, trained.replace("eager", "compiled")]
     else:
-        forms = forms_for(_LEVEL_NUMERICS[level])
+        forms = forms_for(deployment_numerics(level))
     module, decision = choose_deployment(
         current,
         eval_data,
@@ -422,12 +445,6 @@ def save_optimized(
     other as safetensors weights, with ``optimized.json`` recording the steps that were kept, so
     :func:`load_optimized` can rebuild the model around them. Earlier files are kept, renamed.
     """
-    import json
-
-    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
-    from lightning_quantum.quantization.export import FrozenInference, export_program, save_safetensors
-    from lightning_quantum.report import keep_existing
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = write_report(result.report, directory)
@@ -503,10 +520,6 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
     Raises:
         ValueError: for a missing recipe, an unknown step or format, or no ``model`` for safetensors.
     """
-    import json
-
-    from lightning_quantum.quantization.export import load_program, load_safetensors
-
     directory = Path(directory)
     recipe_path = directory / RECIPE
     if not recipe_path.is_file():
@@ -517,13 +530,9 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
         program = load_program(directory / file)
         deploy = next((s for s in recipe.get("steps", []) if s.get("name") == "deploy"), None)
         if deploy is not None and _deployed_form(deploy.get("detail") or {}, recipe_path)[1]:
-            from lightning_quantum.quantization import compile_for_inference
-
             return compile_for_inference(program)
         return program
     if fmt == "onnx":
-        from lightning_quantum.onnx_runtime import load_onnxruntime
-
         return load_onnxruntime(directory / file)
     if fmt != "safetensors":
         raise ValueError(f"{recipe_path}: `format`={fmt!r} is not valid. Choose from: 'pt2', 'onnx', 'safetensors'.")
@@ -539,19 +548,13 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
             if numerics == "bf16" and "bf16" not in kept:
                 model = _bf16(model)[0]
             elif numerics == "int8" and "int8" not in kept:
-                from lightning_quantum.quantization import quantize_dynamic_int8
-
                 quantize_dynamic_int8(model)
         elif name == "prune":
             if detail.get("architecture"):
-                from lightning_quantum.pruning.slimming import rebuild_architecture
-
                 rebuild_architecture(model, detail["architecture"])
         elif name == "bf16":
             model = _bf16(model)[0]
         elif name == "int8" and detail.get("kind") == "dynamic":
-            from lightning_quantum.quantization import quantize_dynamic_int8
-
             quantize_dynamic_int8(model)
         elif name == "nf4":
             _nf4(model)
@@ -559,16 +562,12 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
             raise ValueError(f"{recipe_path}: unknown step {name!r} ({detail}).")
     loaded = load_safetensors(model, directory / file).eval()
     if compiled:
-        from lightning_quantum.quantization import compile_for_inference
-
         return compile_for_inference(loaded)
     return loaded
 
 
 def _deployed_form(detail: dict[str, Any], recipe_path: Path) -> tuple[str, bool]:
     """(numerics, compiled) of a recipe's ``deploy`` step, or a ``ValueError`` naming a bad form."""
-    from lightning_quantum.deployment import FORMS
-
     form = detail.get("form")
     if form not in (*FORMS, "trained eager", "trained compiled"):
         raise ValueError(f"{recipe_path}: the deploy step's `form`={form!r} is not valid. Choose one of: {FORMS}.")

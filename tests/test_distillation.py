@@ -497,4 +497,4 @@ def test_setup_gives_each_model_the_batch_where_it_lives():
 def test_teacher_time_share_is_measured_in_training_steps(tmp_path):
     _, model = _distill_losses(tmp_path, "off")
     assert 0 < model.teacher_seconds < model.step_seconds
-    assert 0 < model.report_extra()["distillation"]["teacher_time_share"] < 1
+    assert 0 < model.distillation_figures()["teacher_time_share"] < 1

@@ -100,7 +100,7 @@ def test_teacher_time_share_on_cuda(tmp_path, digits):
 
     model = DistillationModule(DigitsMLP(hidden=(32,)), DigitsCNN(), num_classes=10)
     pl.Trainer(**trainer_kwargs(tmp_path, accelerator="cuda", max_epochs=1, limit_train_batches=10)).fit(model, digits)
-    share = model.report_extra()["distillation"]["teacher_time_share"]
+    share = model.distillation_figures()["teacher_time_share"]
     assert 0.05 < share < 0.95  # timed on the device, not the kernel launches
 
 

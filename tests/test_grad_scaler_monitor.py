@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -139,4 +141,4 @@ def test_the_scalers_calibration_skips_are_left_out_of_the_warning_rate(tmp_path
     assert monitor.skipped_steps == 3 and monitor.calibration_skips == 3
     assert monitor.skip_rate == 0.0 and not monitor.warned
     assert not [w for w in caught if "max_skip_rate" in str(w.message)]
-    assert monitor.report_extra(model)["grad_scaler"]["calibration_skips"] == 3
+    assert monitor.report_extra(SimpleNamespace(pl_module=model))["grad_scaler"]["calibration_skips"] == 3

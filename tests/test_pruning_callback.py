@@ -3,6 +3,7 @@
 import copy
 import json
 import pickle
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -85,7 +86,7 @@ def test_pruned_weights_stay_zero_under_accumulation_clipping_and_skipped_amp_st
     assert probe.checked_steps > 10 and probe.checked_grads > 0
     assert pruning.current_sparsity == pytest.approx(0.8)
     assert [t for t, _ in pruning.history] == [2, 3, 4, 5, 6]  # at step 1 the cubic target is 0
-    sparsity = pruning.report_extra(model)["pruning"]["sparsity_over_pruned_weights"]
+    sparsity = pruning.report_extra(SimpleNamespace(pl_module=model))["pruning"]["sparsity_over_pruned_weights"]
     assert sparsity == pytest.approx(0.8, abs=1e-3)
 
 
@@ -223,7 +224,8 @@ def test_make_permanent_loads_into_an_unpruned_copy(tmp_path, digits):
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
     fresh = _mlp(seed=1)
     fresh.load_state_dict(state)
-    assert pruning.report_extra(fresh)["pruning"]["sparsity_over_pruned_weights"] == pytest.approx(0.6, abs=1e-4)
+    figures = pruning.report_extra(SimpleNamespace(pl_module=fresh))["pruning"]
+    assert figures["sparsity_over_pruned_weights"] == pytest.approx(0.6, abs=1e-4)
 
 
 def test_schedule_longer_than_the_fit_warns_with_numbers(tmp_path, digits):

@@ -56,7 +56,7 @@ from lightning_quantum.quantization.export import (
     load_safetensors,
     save_safetensors,
 )
-from lightning_quantum.report import OptimizationReportData, build_report, keep_existing, write_report
+from lightning_quantum.report import OptimizationReportData, ReportExtra, build_report, keep_existing, write_report
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def optimize(
         next((name for name in alternatives if pipeline.attempt(name, transforms[name])), None)
     if compile:
         pipeline.attempt("compile", transforms["compile"])
-    extra: dict[str, Any] = {}
+    extra = ReportExtra(steps=[], post_training=True)
     if deploy:
         pipeline.current = _deploy(
             pipeline.current, pipeline.float_current, pipeline.steps, level, keep_slower, eval_data, timed,
@@ -273,7 +273,7 @@ def optimize(
         optimization_duration_seconds=duration,
         accuracy_reference="the original model",
         level=level,
-        extra={"steps": [asdict(s) for s in pipeline.steps], "post_training": True, **extra},
+        extra={**extra, "steps": [asdict(s) for s in pipeline.steps]},
     )
     model.train(was_training)
     return OptimizationResult(pipeline.current, before, after, report, pipeline.steps)
@@ -383,7 +383,7 @@ def _deploy(
     repeats: int,
     max_accuracy_drop: float | None,
     reference: float | None,
-    extra: dict[str, Any],
+    extra: ReportExtra,
 ) -> nn.Module:
     """Run the deployment gate on the result of the steps; roll back a numerics step the gate passed over."""
     t0 = time.perf_counter()

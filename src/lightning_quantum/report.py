@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict, runtime_checkable
+
+from torch import nn
 
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics
 
@@ -22,6 +25,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "OptimizationReportData",
+    "ReportContext",
+    "ReportContributor",
+    "ReportExtra",
     "build_report",
     "keep_existing",
     "write_report",
@@ -44,6 +50,117 @@ REPORT_FIELDS = (
     "precision",
     "device",
 )
+
+
+class StudentVsTeacher(TypedDict, total=False):
+    size_ratio: float  # student over teacher
+    speedup: float  # teacher latency over student latency
+    accuracy_difference: float | None  # student minus teacher
+    agreement: float | None  # without labels: top-1 agreement, or mean cosine (``agreement_kind``)
+    agreement_kind: str
+
+
+class DistillationFigures(TypedDict):
+    teacher_size_mb: float
+    student_size_mb: float
+    teacher_parameters: int
+    student_parameters: int
+    teacher_time_share: float | None
+    cache: Any  # the cache setting, or "off: <why>"
+    cache_hit_rate: float | None
+    teacher_precision: str
+
+
+class PruningFigures(TypedDict):
+    method: str
+    target_sparsity: float
+    sparsity_over_pruned_weights: float
+    removed_channels: dict[str, int]
+    slimmed: bool
+    speed: str
+
+
+class QuantizationFigures(TypedDict):
+    scheme: str
+    group_size: int
+    phase: str
+    layers: int
+
+
+class StaticQuantizationFigures(TypedDict):
+    submodule: str | None
+    num_batches: int
+    split: str
+    converted: bool
+
+
+class GradScalerFigures(TypedDict):
+    optimizer_steps: int
+    skipped_steps: int
+    nonfinite_steps: int
+    calibration_skips: int
+    last_scale: float | None
+
+
+class ExportedFile(TypedDict):
+    path: str
+    bytes: int
+
+
+class ReportExtra(TypedDict, total=False):
+    """The sections of :attr:`OptimizationReportData.extra`, each written by one contributor."""
+
+    # the OptimizationReport callback
+    fast_dev_run: bool
+    global_step: int
+    fit_step_time_ms_median: float | None  # wall time of a training batch inside the fit
+    optimized_compiled: dict[str, Any]  # OptimizationPerformanceMetrics.to_dict() of the compiled model
+    # a DistillationModule
+    teacher: dict[str, Any]  # OptimizationPerformanceMetrics.to_dict() of the teacher
+    student_vs_teacher: StudentVsTeacher
+    distillation: DistillationFigures
+    # the callbacks
+    pruning: PruningFigures
+    sparsity_table: list[dict[str, Any]]  # per layer, the last row the total
+    sparsity_curve: list[list[float]]  # [step, sparsity]
+    quantization: QuantizationFigures
+    static_quantization: StaticQuantizationFigures
+    grad_scaler: GradScalerFigures
+    loss_scale_curve: list[list[float]]  # [step, scale]
+    deployment: dict[str, Any]  # DeploymentDecision.to_dict(), with the files written
+    exported: dict[str, ExportedFile]  # by format
+    # lq.optimize
+    steps: list[dict[str, Any]]
+    post_training: bool
+
+
+@dataclass
+class ReportContext:
+    """What a contributor to the report may use.
+
+    Attributes:
+        trainer: the ``Trainer`` of the fit.
+        pl_module: the LightningModule as it is measured (the optimized model).
+        optimized: the optimized model's figures.
+        eval_loader: the loader the report measures accuracy on.
+        measure: ``measure(module, precision)`` measures another model (a teacher) with the report's
+            settings (batch size, threads, repeats) on ``eval_loader``.
+    """
+
+    trainer: Any
+    pl_module: Any
+    optimized: OptimizationPerformanceMetrics
+    eval_loader: Any
+    measure: Callable[[nn.Module, str], OptimizationPerformanceMetrics]
+
+
+@runtime_checkable
+class ReportContributor(Protocol):
+    """A callback or LightningModule that adds sections to the optimization report."""
+
+    def report_extra(self, context: ReportContext) -> ReportExtra:
+        """The sections to add, from :class:`ReportExtra`'s keys."""
+        ...
 
 
 @dataclass
@@ -78,7 +195,7 @@ class OptimizationReportData:
     train_step_time_ratio: float | None = None
     level: str | None = None
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: ReportExtra = field(default_factory=lambda: ReportExtra())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +210,7 @@ def build_report(
     accuracy_reference: str = "baseline",
     train_step_time_ms: dict[str, float] | None = None,
     level: str | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: ReportExtra | None = None,
     baseline_is_reference: bool = True,
 ) -> OptimizationReportData:
     """Combine two measurements into the report.
@@ -139,7 +256,7 @@ def build_report(
         train_step_time_ms=train_step_time_ms,
         train_step_time_ratio=ratio,
         level=level,
-        extra=dict(extra or {}),
+        extra=ReportExtra(**(extra or {})),
     )
 
 
@@ -350,8 +467,8 @@ def render_charts(report: OptimizationReportData, directory: Path, stem: str) ->
     if isinstance(extra.get("sparsity_table"), list) and extra["sparsity_table"]:
         charts["Per-layer sparsity"] = sparsity_chart(extra["sparsity_table"], directory / f"{stem}_sparsity.png")
     curves = {
-        label: [tuple(point) for point in extra.get(key) or []]
-        for key, label in (("sparsity_curve", "target sparsity"), ("loss_scale_curve", "loss scale"))
+        "target sparsity": [tuple(point) for point in extra.get("sparsity_curve") or []],
+        "loss scale": [tuple(point) for point in extra.get("loss_scale_curve") or []],
     }
     if any(curves.values()):
         charts["Training curves"] = curves_chart(curves, directory / f"{stem}_curves.png")  # type: ignore[arg-type]

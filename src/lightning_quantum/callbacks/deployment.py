@@ -35,6 +35,7 @@ from lightning_quantum.deployment import (
     save_deployment,
     trained_form,
 )
+from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class DeploymentGate(Callback):
                 self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem
             )
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         if self.decision is None:
             return {}
         record = self.decision.to_dict()

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_quantum._batches import split_batch
 from lightning_quantum.callbacks._common import detached_copy, find_callback
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
-from lightning_quantum.report import keep_existing
+from lightning_quantum.report import ReportContext, ReportExtra, keep_existing
 
 log = logging.getLogger(__name__)
 
@@ -116,5 +116,5 @@ class ModelExport(Callback):
             self.paths[fmt] = writers[fmt](path)
         rank_zero_info(f"Exported the model: {', '.join(str(p) for p in self.paths.values())}")
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         return {"exported": {fmt: {"path": str(p), "bytes": p.stat().st_size} for fmt, p in self.paths.items()}}

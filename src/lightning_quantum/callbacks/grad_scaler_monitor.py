@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_quantum._validation import check_fraction, check_non_negative, check_positive
 from lightning_quantum.callbacks._common import is_sanity_checking
+from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ class GradScalerMonitor(Callback):
         self.last_scale = state_dict.get("last_scale")
         self.scale_history = [(int(s), float(v)) for s, v in state_dict.get("scale_history", [])]
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         """The counters, and the loss-scale curve (drawn in the report) when a scaler ran."""
-        extra: dict[str, Any] = {
+        extra: ReportExtra = {
             "grad_scaler": {
                 "optimizer_steps": self.optimizer_steps,
                 "skipped_steps": self.skipped_steps,

@@ -38,6 +38,7 @@ from lightning_quantum.pruning.slimming import (
     record_architecture,
     slim_model,
 )
+from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,10 @@ class Pruning(Callback):
         """A plain ``state_dict`` with the masks applied, loadable into an unpruned copy of the model."""
         return make_pruning_permanent(pl_module, self.masks)
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         """Figures for the optimization report: the per-layer table and the sparsity reached."""
         layers = sorted({t.rsplit(".", 1)[0] for t in self._targets})
-        table = sparsity_report(pl_module, names=layers if self.slimmed_architecture is None else None)
+        table = sparsity_report(context.pl_module, names=layers if self.slimmed_architecture is None else None)
         return {
             "sparsity_table": table,
             "sparsity_curve": [list(h) for h in self.history],

@@ -25,6 +25,7 @@ from lightning_quantum.quantization.qat import (
     set_fake_quant_enabled,
 )
 from lightning_quantum.quantization.schemes import QAT_SCHEMES
+from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class QuantizationAwareTraining(Callback):
         self.fake_quant_enabled = bool(state_dict.get("fake_quant_enabled", False))
         self.ranges_frozen = bool(state_dict.get("ranges_frozen", False))
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         """Figures for the optimization report."""
         return {
             "quantization": {

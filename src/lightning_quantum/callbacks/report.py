@@ -39,7 +39,15 @@ from lightning_quantum.callbacks._common import (
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.quantization.export import compile_for_inference
-from lightning_quantum.report import OptimizationReportData, build_report, render_rich_table, write_report
+from lightning_quantum.report import (
+    OptimizationReportData,
+    ReportContext,
+    ReportContributor,
+    ReportExtra,
+    build_report,
+    render_rich_table,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +311,7 @@ class OptimizationReport(Callback, MeasuresInference):
         duration = self._elapsed()
         baseline_metrics, final_metrics = self._benchmark(trainer, pl_module)
         step_times = self._train_step_times(trainer, pl_module)
-        extra: dict[str, Any] = {
+        extra: ReportExtra = {
             "fast_dev_run": is_fast_dev_run(trainer),
             "global_step": trainer.global_step,
             # Median wall time of a training batch inside this fit, Lightning's loop included.
@@ -315,38 +323,25 @@ class OptimizationReport(Callback, MeasuresInference):
             extra["optimized_compiled"] = benchmark_model(
                 compiled, eval_data=self._eval_loader(trainer), precision=str(trainer.precision), **settings
             ).to_dict()
-        teacher = getattr(pl_module, "teacher", None)  # a DistillationModule: measure its teacher alike
-        if isinstance(teacher, nn.Module):
-            teacher_metrics = benchmark_model(
-                teacher,
-                eval_data=self._eval_loader(trainer),
-                precision="bf16-true" if getattr(pl_module, "teacher_precision", None) == "bf16" else "32-true",
-                **self._settings(trainer),
-            )
-            extra["teacher"] = teacher_metrics.to_dict()
-            extra["student_vs_teacher"] = {
-                "size_ratio": final_metrics.model_size_bytes / teacher_metrics.model_size_bytes,
-                "speedup": teacher_metrics.inference_latency_ms / final_metrics.inference_latency_ms,
-                "accuracy_difference": None
-                if final_metrics.accuracy is None or teacher_metrics.accuracy is None
-                else final_metrics.accuracy - teacher_metrics.accuracy,
-            }
-            agreement = getattr(pl_module, "teacher_agreement", None)
-            if callable(agreement):  # quality without labels: how closely the student follows the teacher
-                extra["student_vs_teacher"]["agreement"] = agreement(self._eval_loader(trainer))
-                extra["student_vs_teacher"]["agreement_kind"] = (
-                    "top-1" if getattr(pl_module, "output_loss", "kl") == "kl" else "cosine"
-                )
+        loader = self._eval_loader(trainer)
+        settings = self._settings(trainer)
+        context = ReportContext(
+            trainer,
+            pl_module,
+            final_metrics,
+            loader,
+            measure=lambda module, precision: benchmark_model(
+                module, eval_data=loader, precision=precision, **settings
+            ),
+        )
+        # the LightningModule (a DistillationModule measures its teacher), then the callbacks (Pruning adds
+        # its per-layer sparsity table, the DeploymentGate its candidates, ...)
+        for contributor in (pl_module, *getattr(trainer, "callbacks", [])):
+            if isinstance(contributor, ReportContributor) and contributor is not self:
+                extra.update(contributor.report_extra(context))
         reference, reference_name, baseline_is_reference = self._accuracy_reference(
             trainer, baseline_metrics, extra.get("teacher")
         )
-        module_extra = getattr(pl_module, "report_extra", None)  # e.g. a DistillationModule's teacher figures
-        if callable(module_extra):
-            extra.update(module_extra())
-        for callback in getattr(trainer, "callbacks", []):  # e.g. Pruning adds its per-layer sparsity table
-            report_extra = getattr(callback, "report_extra", None)
-            if callable(report_extra) and callback is not self:
-                extra.update(report_extra(pl_module))
         self.report = build_report(
             baseline_metrics,
             final_metrics,

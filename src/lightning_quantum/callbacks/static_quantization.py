@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_quantum._modules import replace_module
 from lightning_quantum._validation import check_choice, check_positive
 from lightning_quantum.quantization.static import CPUOnly, quantize_static_int8
+from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class StaticQuantization(Callback):
             + ("" if pl_module.device.type == "cpu" else f" (a CPU model: it runs on the CPU, not {pl_module.device})")
         )
 
-    def report_extra(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def report_extra(self, context: ReportContext) -> ReportExtra:
         return {
             "static_quantization": {
                 "submodule": self.submodule,

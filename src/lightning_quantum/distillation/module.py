@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from lightning_quantum._batches import batch_indices, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
+from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
+from lightning_quantum.report import DistillationFigures, ReportContext, ReportExtra, StudentVsTeacher
 
 log = logging.getLogger(__name__)
 
@@ -608,19 +610,36 @@ class DistillationModule(pl.LightningModule):
                 count += n
         return total / count if count else None
 
-    def report_extra(self) -> dict[str, Any]:
-        """Teacher figures for the optimization report (size and parameters beside the student's)."""
-        from lightning_quantum.benchmark import serialized_size_bytes
-
+    def report_extra(self, context: ReportContext) -> ReportExtra:
+        """The teacher, measured as the report measures the student, and the two side by side; the
+        distillation figures (sizes, parameters, the teacher's share of step time, the cache)."""
+        teacher = context.measure(self.teacher, "bf16-true" if self.teacher_precision == "bf16" else "32-true")
+        student = context.optimized
+        versus: StudentVsTeacher = {
+            "size_ratio": student.model_size_bytes / teacher.model_size_bytes,
+            "speedup": teacher.inference_latency_ms / student.inference_latency_ms,
+            "accuracy_difference": None
+            if student.accuracy is None or teacher.accuracy is None
+            else student.accuracy - teacher.accuracy,
+        }
+        # quality without labels: how closely the student follows the teacher
+        versus["agreement"] = self.teacher_agreement(context.eval_loader)
+        versus["agreement_kind"] = "top-1" if self.output_loss == "kl" else "cosine"
         return {
-            "distillation": {
-                "teacher_size_mb": serialized_size_bytes(self.teacher) / 2**20,
-                "student_size_mb": serialized_size_bytes(self.student) / 2**20,
-                "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()),
-                "student_parameters": sum(p.numel() for p in self.student.parameters()),
-                "teacher_time_share": self.teacher_seconds / self.step_seconds if self.step_seconds else None,
-                "cache": self.cache_teacher if self.cache_off_reason is None else f"off: {self.cache_off_reason}",
-                "cache_hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else None,
-                "teacher_precision": self.teacher_precision,
-            }
+            "teacher": teacher.to_dict(),
+            "student_vs_teacher": versus,
+            "distillation": self.distillation_figures(),
+        }
+
+    def distillation_figures(self) -> DistillationFigures:
+        """Sizes and parameters of teacher and student, the teacher's share of training step time, the cache."""
+        return {
+            "teacher_size_mb": serialized_size_bytes(self.teacher) / 2**20,
+            "student_size_mb": serialized_size_bytes(self.student) / 2**20,
+            "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()),
+            "student_parameters": sum(p.numel() for p in self.student.parameters()),
+            "teacher_time_share": self.teacher_seconds / self.step_seconds if self.step_seconds else None,
+            "cache": self.cache_teacher if self.cache_off_reason is None else f"off: {self.cache_off_reason}",
+            "cache_hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else None,
+            "teacher_precision": self.teacher_precision,
         }

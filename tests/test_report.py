@@ -139,3 +139,20 @@ def test_a_slower_or_larger_model_is_never_called_faster_or_smaller():
     assert "3.12x slower" in md and "2.00x larger" in md and "faster" not in md and "smaller" not in md
     assert ratio_words(1.0, "faster", "slower") == "1.00x faster"
     assert ratio_words(float("nan"), "faster", "slower") == ratio_words(0.0, "faster", "slower") == "n/a"
+
+
+def test_every_report_contributor_has_the_one_signature():
+    """Callbacks and the DistillationModule add to the report through ReportContributor.report_extra(context)."""
+    import inspect
+
+    import lightning_quantum.callbacks as callbacks
+    from lightning_quantum.distillation import DistillationModule
+    from lightning_quantum.report import ReportContributor, ReportExtra
+
+    classes = [c for c in vars(callbacks).values() if inspect.isclass(c) and hasattr(c, "report_extra")]
+    classes.append(DistillationModule)
+    assert len(classes) >= 7, classes
+    for cls in classes:
+        assert list(inspect.signature(cls.report_extra).parameters) == ["self", "context"], cls
+        assert issubclass(cls, ReportContributor), cls
+        assert inspect.get_annotations(cls.report_extra)["return"] in ("ReportExtra", ReportExtra), cls

@@ -42,7 +42,9 @@ from lightning_quantum._batches import (
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._tensors import dense_values, plain_tensors
 from lightning_quantum._validation import check_non_negative, check_positive
+from lightning_quantum.onnx_runtime import OnnxRuntimeModule
 from lightning_quantum.precision import AUTOCAST_DTYPES
+from lightning_quantum.quantization.export import FrozenInference, safetensors_state
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,6 @@ def serialized_size_bytes(module: nn.Module) -> int:
     the size of a real file, nothing estimated.
     """
     from safetensors.torch import save
-
-    from lightning_quantum.quantization.export import safetensors_state
 
     try:
         tensors, metadata = safetensors_state(module)
@@ -404,9 +404,6 @@ def _at_timed_batch(model: nn.Module) -> bool:
     """Whether accuracy is measured at the timed batch size: a compiled model runs at the shape it was
     compiled for, and an ONNX Runtime int8 model quantizes its activations with one scale per call, so
     a sample's output depends on the batch it is in (as the deployment gate measured it)."""
-    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
-    from lightning_quantum.quantization.export import FrozenInference
-
     return isinstance(model, (FrozenInference, OnnxRuntimeModule, torch._dynamo.eval_frame.OptimizedModule))
 
 

@@ -57,6 +57,11 @@ from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _reb
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
+from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime, to_onnxruntime
+from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
+from lightning_quantum.quantization.export import FrozenInference, compile_for_inference, export_program, load_program
+from lightning_quantum.quantization.qat import dequantize_linears, is_converted
+from lightning_quantum.report import keep_existing, ratio_words
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +163,10 @@ def _is_int8(model: nn.Module) -> bool:
 
 
 def _has_quantized_weights(model: nn.Module) -> bool:
-    from lightning_quantum.quantization.qat import is_converted
-
     return is_converted(model)
 
 
 def _float_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module:
-    from lightning_quantum.quantization.qat import dequantize_linears
-
     source = float_model if float_model is not None else model
     if float_model is None and any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
         raise ValueError("a static int8 graph has no float weights to go back to: give `float_model`")
@@ -180,7 +181,6 @@ def _int8_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module
         return copy.deepcopy(model)
     if _has_quantized_weights(model):
         raise ValueError("the model holds quantized weights of another kind (int4, static int8), not int8 linears")
-    from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 
     out = _float_numerics(model, float_model)
     quantize_dynamic_int8(out)
@@ -219,8 +219,6 @@ def build_form(
     else:
         raise ValueError(f"`form`={form!r} is not valid. Choose one of: {', '.join(map(repr, FORMS))}.")
     if runner == "onnxruntime":
-        from lightning_quantum.onnx_runtime import to_onnxruntime
-
         if example_inputs is None:
             raise ValueError(f"`example_inputs` is needed for the form {form!r}: ONNX export traces one batch.")
         if onnx_exports is not None and "float" in onnx_exports:  # exported already: no float copy to make
@@ -239,8 +237,6 @@ def build_form(
         built = _float_numerics(model, float_model)
     built.eval()
     if runner == "compiled":
-        from lightning_quantum.quantization.export import compile_for_inference
-
         return compile_for_inference(built)
     return built
 
@@ -736,8 +732,6 @@ def _time_interleaved(
 def _reason(winner: CandidateResult, reference: CandidateResult, candidates: list[CandidateResult]) -> str:
     """Why the winner won, in one sentence: its speed against the trained and float forms, and any
     faster form that was turned down."""
-    from lightning_quantum.report import ratio_words
-
     p50 = winner.latency_p50_ms or float("nan")
     within = sum(c.eligible for c in candidates)
     parts = [f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50)"]
@@ -769,10 +763,6 @@ def save_deployment(
     """Write the chosen form: ``<stem>.pt2`` (a ``torch.export`` program of its numerics, traced on the
     CPU), or ``<stem>.onnx`` for an ONNX Runtime form, and ``deployment.json`` (the form, the
     decision). Earlier files are kept, renamed."""
-    from lightning_quantum.onnx_runtime import OnnxRuntimeModule
-    from lightning_quantum.quantization.export import FrozenInference, export_program
-    from lightning_quantum.report import keep_existing
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     record = out / DEPLOYMENT_FILE
@@ -804,8 +794,6 @@ def load_deployment(directory: str | Path) -> nn.Module:
         ValueError: for a record that names an unknown form or a program outside the directory.
         ImportError: for an ONNX Runtime form without the ``onnx`` extra installed.
     """
-    from lightning_quantum.quantization.export import compile_for_inference, load_program
-
     root = Path(directory)
     record_path = root / DEPLOYMENT_FILE
     if not record_path.is_file():
@@ -822,8 +810,6 @@ def load_deployment(directory: str | Path) -> nn.Module:
     if program.parent != root.resolve() or program.suffix != suffix:
         raise ValueError(f"{record_path}: `program`={record.get('program')!r} must name a {suffix} file in {root}.")
     if suffix == ".onnx":
-        from lightning_quantum.onnx_runtime import load_onnxruntime
-
         return load_onnxruntime(program, record.get("num_threads"))
     module = load_program(program)
     return compile_for_inference(module) if form.endswith("compiled") else module

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 from torch import nn
 
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics
+from lightning_quantum.charts import curves_chart, levels_chart, sparsity_chart
 
 log = logging.getLogger(__name__)
 
@@ -460,8 +461,6 @@ def render_charts(report: OptimizationReportData, directory: Path, stem: str) ->
     Per-layer sparsity (a pruning run), the sparsity and loss-scale curves over training, and accuracy
     against size and latency for the baseline, the optimized model and a distillation teacher.
     """
-    from lightning_quantum.charts import curves_chart, levels_chart, sparsity_chart
-
     charts: dict[str, Path] = {}
     extra = report.extra
     if isinstance(extra.get("sparsity_table"), list) and extra["sparsity_table"]:

@@ -8,6 +8,9 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_quantum.activation_checkpointing import disable_activation_checkpointing
+from lightning_quantum.quantization.qat import unprepare_qat
+
 #: The DataModule (or LightningModule) loader each ``eval_split`` reads.
 EVAL_LOADERS = {"test": "test_dataloader", "val": "val_dataloader"}
 
@@ -65,9 +68,6 @@ def detached_copy(module: nn.Module, *, without: tuple[str, ...] = ()) -> nn.Mod
 def inference_copy(module: nn.Module, *, keep_teacher: bool = False) -> nn.Module:
     """A detached copy for inference: no activation checkpointing wrappers, no QAT fake quantizers, and
     no distillation teacher unless ``keep_teacher``."""
-    from lightning_quantum.activation_checkpointing import disable_activation_checkpointing
-    from lightning_quantum.quantization.qat import unprepare_qat
-
     out = detached_copy(module, without=() if keep_teacher else ("teacher",))
     disable_activation_checkpointing(out)
     unprepare_qat(out)

@@ -25,6 +25,7 @@ from lightning_quantum.callbacks._common import (
     inference_copy,
     is_fast_dev_run,
 )
+from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.deployment import (
     FORMS,
     NUMERICS,
@@ -161,8 +162,6 @@ class DeploymentGate(Callback):
     @staticmethod
     def _float_model(trainer: pl.Trainer) -> nn.Module | None:
         """The float weights from before QAT's conversion, when a QAT callback converted this fit."""
-        from lightning_quantum.callbacks.qat import QuantizationAwareTraining
-
         qat = find_callback(trainer, QuantizationAwareTraining)
         return qat.float_model if qat is not None else None
 

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_quantum._batches import split_batch
 from lightning_quantum.callbacks._common import detached_copy, find_callback
+from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
 from lightning_quantum.report import ReportContext, ReportExtra, keep_existing
 
@@ -35,8 +36,6 @@ def _positional(example: Any, fmt: str) -> tuple[Any, ...]:
 
 def _deployed_program_of_this_model(trainer: pl.Trainer) -> Path | None:
     """The ``.pt2`` a DeploymentGate wrote, when the form it shipped has the trained model's own numerics."""
-    from lightning_quantum.callbacks.deployment import DeploymentGate
-
     gate = find_callback(trainer, DeploymentGate)
     if gate is None or gate.decision is None or "program" not in gate.paths:
         return None

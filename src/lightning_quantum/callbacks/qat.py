@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
 from lightning_quantum.callbacks._common import find_callback, inference_copy
+from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -215,8 +216,6 @@ class QuantizationAwareTraining(Callback):
     @staticmethod
     def _pruning_end(trainer: pl.Trainer) -> int:
         """The optimizer step at which the Trainer's Pruning callback reaches its final sparsity."""
-        from lightning_quantum.callbacks.pruning import Pruning
-
         pruning = find_callback(trainer, Pruning)
         if pruning is None:
             raise MisconfigurationException("`start_after_pruning`=True needs a Pruning callback in the Trainer.")

@@ -38,6 +38,7 @@ from lightning_quantum.callbacks._common import (
     is_fast_dev_run,
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
+from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.quantization.export import compile_for_inference
 from lightning_quantum.report import (
     OptimizationReportData,
@@ -374,8 +375,6 @@ class OptimizationReport(Callback, MeasuresInference):
         model just before int8 conversion; the model at fit start, unless it is near chance level (at
         most 1.5x chance), where a "degradation" of -0.9 would say nothing.
         """
-        from lightning_quantum.callbacks.qat import QuantizationAwareTraining
-
         if self.reference_accuracy is not None:
             return self.reference_accuracy, "the given reference_accuracy", True
         if teacher is not None and teacher.get("accuracy") is not None:

@@ -24,6 +24,7 @@ from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
+from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 from lightning_quantum.report import DistillationFigures, ReportContext, ReportExtra, StudentVsTeacher
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,6 @@ def _lower_precision(teacher: nn.Module, precision: str) -> nn.Module:
     lowered = copy.deepcopy(teacher)
     if precision == "bf16":
         return lowered.to(torch.bfloat16)
-    from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 
     quantize_dynamic_int8(lowered.eval())
     return lowered

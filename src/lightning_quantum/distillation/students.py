@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_quantum.data.text import load_minilm, mean_pooled_embeddings
+
 __all__ = ["student_from_teacher", "layer_map", "SentenceEncoder", "minilm_student"]
 
 
@@ -97,8 +99,6 @@ class SentenceEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-        from lightning_quantum.data.text import mean_pooled_embeddings
-
         return mean_pooled_embeddings(self.model, input_ids, attention_mask)
 
 
@@ -110,6 +110,4 @@ def minilm_student(
     The defaults (no dropout, the token embedding table frozen) are the ones that distilled best and
     fastest in ``benchmarks/minilm_recipes.py``; see :func:`student_from_teacher`.
     """
-    from lightning_quantum.data.text import load_minilm
-
     return SentenceEncoder(student_from_teacher(load_minilm()[1], layers, dropout, freeze_word_embeddings))

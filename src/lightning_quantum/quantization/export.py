@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_quantum._modules import owner_of
 from lightning_quantum._tensors import is_quantized
+from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
 from lightning_quantum.weights import read_safetensors
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
         RuntimeError: with ``strict``, for keys the file lacks or the model does not have.
     """
     from safetensors import safe_open
-
-    from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
 
     tensors = read_safetensors(path)
     aliases = tied_aliases(model.state_dict())

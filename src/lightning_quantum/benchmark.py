@@ -21,6 +21,7 @@ import logging
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import psutil
 import torch
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from lightning_quantum._batches import (
@@ -45,6 +47,8 @@ from lightning_quantum._validation import check_non_negative, check_positive
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule
 from lightning_quantum.precision import AUTOCAST_DTYPES
 from lightning_quantum.quantization.export import FrozenInference, safetensors_state
+
+# Imported inside the functions that use them: bitsandbytes (slow to import, and only for 4-bit layers).
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +132,6 @@ def serialized_size_bytes(module: nn.Module) -> int:
     plus their JSON metadata), bitsandbytes weights as their packed data and quant state: always
     the size of a real file, nothing estimated.
     """
-    from safetensors.torch import save
-
     try:
         tensors, metadata = safetensors_state(module)
     except (ImportError, ValueError, TypeError, AttributeError, IndexError) as error:
@@ -514,8 +516,6 @@ def make_train_step(
     The optimizer comes from the module's own ``configure_optimizers``, and ``training_step`` runs
     under ``forward_context`` (autocast for mixed precision). Use it on a copy: it updates weights.
     """
-    import warnings
-
     optimizer = _first_optimizer(module.configure_optimizers())  # type: ignore[operator]
     module.train()
 

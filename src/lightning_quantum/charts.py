@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# Imported inside the functions that use them: matplotlib (slow to import, and only for the charts).
+
 __all__ = ["curves_chart", "levels_chart", "sparsity_chart"]
 
 

@@ -14,6 +14,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+import torch
+
+# Imported inside the functions that use them: pynvml (optional: NVIDIA GPUs only).
+
 log = logging.getLogger(__name__)
 
 __all__ = ["cuda_capability", "gpu_status", "memory_stats", "nvml_index"]
@@ -184,9 +189,6 @@ def memory_stats(device: Any = "cpu", *, nvml_device_index: int | None = None) -
         nvml_device_index: also read ``memory/gpu_used_mb`` and ``memory/gpu_total_mb`` from NVML for
             this device; NVML must already be initialized (``pynvml.nvmlInit``) by the caller.
     """
-    import psutil
-    import torch
-
     dev = torch.device(device)
     stats = {"memory/rss_mb": psutil.Process().memory_info().rss / _MB}
     if dev.type == "cuda":

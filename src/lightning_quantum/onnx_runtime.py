@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._modules import eval_mode
+
+# Imported inside the functions that use them: onnx and onnxruntime (optional: the `onnx` extra).
 
 __all__ = ["OnnxRuntimeModule", "onnxruntime_available", "to_onnxruntime", "load_onnxruntime"]
 
@@ -183,7 +186,6 @@ def export_onnx(model: nn.Module, example_inputs: Any) -> bytes:
     ``example_inputs`` is one batch: a tensor, a tuple of positional inputs, or a dict of keywords.
     """
     _require()
-    import logging
 
     names: list[str] | None = None
     if isinstance(example_inputs, dict):  # keyword inputs (a Hugging Face encoder's), named in the graph

@@ -14,9 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
+from rich.console import Group
+from rich.table import Table
 from torch import nn
 
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics
@@ -416,7 +419,6 @@ def render_markdown(report: OptimizationReportData, charts: dict[str, str] | Non
 
 def render_html(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:
     """The report as a standalone HTML page (tables, and the charts as ``<img>`` of relative PNG paths)."""
-    from html import escape
 
     def table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         head = "".join(f"<th>{escape(h)}</th>" for h in headers)
@@ -490,14 +492,11 @@ def render_charts(report: OptimizationReportData, directory: Path, stem: str) ->
 
 def render_rich_table(report: OptimizationReportData) -> Any:
     """The report as a ``rich.table.Table`` for the console."""
-    from rich.table import Table
-
     table = Table(title=f"Optimization report{f' ({report.level})' if report.level else ''} on {report.device}")
     for header, justify in (("figure", "left"), ("baseline", "right"), ("optimized", "right"), ("change", "right")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for row in _rows(report):
         table.add_row(*row)
-    from rich.console import Group
 
     parts: list[Any] = [table]
     teacher = _teacher_rows(report)

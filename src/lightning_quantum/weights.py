@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 __all__ = ["WEIGHT_SUFFIXES", "read_checkpoint", "read_safetensors", "state_mismatch"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -21,9 +25,6 @@ def read_safetensors(path: str | Path, *, label: str | None = None) -> dict[str,
         path: the file.
         label: how the error names the file (an argument and a path relative to a served root, say).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -54,7 +55,6 @@ def read_checkpoint(path: str | Path, *, argument: str = "checkpoint", shown: st
         raise FileNotFoundError(f"{label} is not a file.")
     if path.suffix == ".safetensors":
         return {"state_dict": read_safetensors(path, label=label)}
-    import torch
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -52,6 +52,8 @@ from lightning_quantum.models import ARCHITECTURES
 from lightning_quantum.optimize import PRUNE_METHODS
 from lightning_quantum.weights import WEIGHT_SUFFIXES
 
+# Imported inside the functions that use them: uvicorn (only when the server runs).
+
 log = logging.getLogger(__name__)
 
 _UNPROCESSABLE = 422  # Starlette renamed its constant (…_ENTITY to …_CONTENT); the number is the same

@@ -15,6 +15,8 @@ from lightning_quantum._validation import check_positive
 from lightning_quantum.callbacks._common import is_sanity_checking
 from lightning_quantum.gpu import memory_stats, nvml_index
 
+# Imported inside the functions that use them: pynvml (optional: NVIDIA GPUs only).
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MemoryMonitor"]

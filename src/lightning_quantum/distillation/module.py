@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
@@ -382,7 +383,6 @@ class DistillationModule(pl.LightningModule):
             self._cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self._cached = torch.zeros(size, dtype=torch.bool, device=self.device)
             return None
-        import numpy as np
 
         directory = Path(self.cache_dir or self.trainer.default_root_dir) / "teacher_cache"
         directory.mkdir(parents=True, exist_ok=True)

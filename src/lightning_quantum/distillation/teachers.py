@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from lightning_quantum._validation import check_positive
 from lightning_quantum.data.digits import DigitsDataModule
@@ -34,8 +35,6 @@ def digits_teacher(
         data_seed: seed of the train/val/test split (the students' ``data.seed``), so the teacher
             never sees their test set.
     """
-    from safetensors.torch import load_file, save_file
-
     check_positive("epochs", epochs)
     net = DigitsCNN()
     path = Path(weights) if weights is not None else None

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# Imported inside the functions that use them: torch_pruning (only for structured pruning with slimming).
+
 log = logging.getLogger(__name__)
 
 __all__ = [

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from lightning_quantum.pruning.masks import select_parameters
 
+# Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
+# prints warnings about its CUDA kernels).
+
 log = logging.getLogger(__name__)
 
 __all__ = ["quantize_dynamic_int8", "sqnr_db"]

@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_quantum._modules import owner_of
 from lightning_quantum._tensors import is_quantized
 from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
 from lightning_quantum.weights import read_safetensors
+
+# Imported inside the functions that use them: torchao (slow to import) and torch._inductor
+# (Inductor's import takes ~2 s).
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,6 @@ def safetensors_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
 
 def save_safetensors(model: nn.Module, path: str | Path) -> Path:
     """Write the model's weights to ``path`` (a ``.safetensors`` file); return the path."""
-    from safetensors.torch import save_file
-
     tensors, metadata = safetensors_state(model)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,6 @@ def load_safetensors(model: nn.Module, path: str | Path, *, strict: bool = True)
         ValueError: for a truncated or corrupt file (named).
         RuntimeError: with ``strict``, for keys the file lacks or the model does not have.
     """
-    from safetensors import safe_open
-
     tensors = read_safetensors(path)
     aliases = tied_aliases(model.state_dict())
     four_bit = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
@@ -221,7 +222,7 @@ class FrozenInference(nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(_own_code(_caller(model))))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # lazy: importing Inductor takes ~2 s, paid at first use
 
         with inductor_config.patch(freezing=self.freezing):
             return self._compiled(*args, **kwargs)  # type: ignore[operator]

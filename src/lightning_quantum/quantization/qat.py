@@ -34,6 +34,9 @@ from lightning_quantum._tensors import is_quantized
 from lightning_quantum.pruning.masks import select_parameters
 from lightning_quantum.quantization.schemes import check_group_size, qat_base_config
 
+# Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
+# prints warnings about its CUDA kernels).
+
 log = logging.getLogger(__name__)
 
 __all__ = [

@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
+
+# Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
+# prints warnings about its CUDA kernels).
 
 __all__ = ["QAT_SCHEMES", "qat_base_config", "check_group_size"]
 
 
 def _int8_dynamic_int8_weight(group_size: int) -> Any:
-    import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis
 
@@ -23,7 +26,6 @@ def _int8_dynamic_int8_weight(group_size: int) -> Any:
 
 
 def _int8_dynamic_int4_weight(group_size: int) -> Any:
-    import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerGroup
 
@@ -32,7 +34,6 @@ def _int8_dynamic_int4_weight(group_size: int) -> Any:
 
 
 def _int4_weight_only(group_size: int) -> Any:
-    import torch
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 

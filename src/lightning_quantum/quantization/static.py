@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from lightning_quantum._batches import split_batch
 from lightning_quantum._modules import owner_of
 
+# Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
+# prints warnings about its CUDA kernels).
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CPUOnly", "quantize_static_int8", "unobserved_modules"]

@@ -25,6 +25,8 @@ from lightning_quantum._modules import replace_module
 from lightning_quantum._validation import check_choice
 from lightning_quantum.pruning.masks import select_parameters
 
+# Imported inside the functions that use them: bitsandbytes (slow to import, and optional on a CPU).
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BNB_FORMATS", "MIN_BITSANDBYTES", "import_bitsandbytes", "quantize_weights_bnb"]

@@ -72,3 +72,11 @@ def test_the_service_names_the_choices_of_a_bad_name(schema, tmp_path):
     assert response.status_code == 422
     message = str(response.json()["detail"])
     assert "`prune_method`='random' is not valid. Choose one of: 'l1_unstructured', 'l1_structured'" in message
+
+
+def test_every_public_name_still_resolves():
+    import lightning_quantum.callbacks as callbacks
+
+    for package in (lq, callbacks):
+        missing = [name for name in package.__all__ if not hasattr(package, name)]
+        assert not missing, (package.__name__, missing)

@@ -12,10 +12,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.conftest
+
 import lightning_quantum
 from lightning_quantum.callbacks import OptimizationReport, Pruning, QuantizationAwareTraining, RandomStateCheckpoint
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
+from tests.conftest import trainer_kwargs
 
 assert "oldtree" in lightning_quantum.__file__, lightning_quantum.__file__
 out = Path(sys.argv[1])
@@ -28,17 +31,6 @@ callbacks = [
     OptimizationReport(output_dir=out, repeats=2, warmup=1, print_table=False, compare_train_step=False),
     ModelCheckpoint(dirpath=out, filename="old", save_last=False, every_n_epochs=1, save_top_k=-1),
 ]
-trainer = pl.Trainer(
-    default_root_dir=out,
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    max_epochs=1,
-    limit_train_batches=20,
-    limit_val_batches=1,
-    callbacks=callbacks,
-)
+trainer = pl.Trainer(**trainer_kwargs(out, limit_train_batches=20, enable_checkpointing=True, callbacks=callbacks))
 trainer.fit(model, DigitsDataModule(batch_size=32, seed=7))
 print(sorted(p.name for p in out.iterdir()))

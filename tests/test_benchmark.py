@@ -98,7 +98,7 @@ def test_accuracy_with_half_wrong_labels():
 def test_regrouped_batches_do_not_recompile_a_compiled_model():
     from torch._dynamo.utils import counters
 
-    from lightning_quantum.quantization.export import compile_for_inference
+    from lightning_quantum.compiled import compile_for_inference
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 4))

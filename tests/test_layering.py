@@ -109,3 +109,18 @@ def test_no_function_body_is_over_80_lines():
                 if lines > 80:
                     long.append(f"{path.relative_to(PACKAGE)}::{node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_the_floors_point_down():
+    """The shared helpers (``_*.py``) import only one another; quantization does not reach into pruning;
+    nothing but the apps imports the apps."""
+    graph = import_graph(PACKAGE, "lightning_quantum")
+    arrows = [(a, b) for a, targets in graph.items() for b in targets]
+
+    def private(name):
+        return name.rsplit(".", 1)[-1].startswith("_") and name.count(".") == 1
+
+    up = [f"{a} -> {b}" for a, b in arrows if private(a) and not private(b)]
+    up += [f"{a} -> {b}" for a, b in arrows if ".quantization." in a and ".pruning." in b]
+    up += [f"{a} -> {b}" for a, b in arrows if ".apps." in b and ".apps." not in a]
+    assert not up, up

@@ -1,13 +1,14 @@
-"""Helpers on ``nn.Module`` that the measuring, distillation and training code share."""
+"""Helpers on ``nn.Module`` that the measuring, pruning, quantization and training code share."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import fnmatch
+from collections.abc import Iterator, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["eval_mode", "owner_of", "replace_module"]
+__all__ = ["eval_mode", "owner_of", "replace_module", "select_parameters"]
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -40,3 +41,54 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def select_parameters(
+    model: nn.Module,
+    module_types: Sequence[str] = ("Linear", "Conv1d", "Conv2d", "Conv3d"),
+    names: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+    parameter_name: str = "weight",
+    purpose: str = "prune",
+) -> dict[str, nn.Module]:
+    """The modules whose ``parameter_name`` will be pruned (or quantized), by qualified module name.
+
+    Args:
+        model: the model to search.
+        module_types: class names of the modules to prune.
+        names: ``fnmatch`` patterns on module names; every module type when ``None``.
+        ignore: ``fnmatch`` patterns of module names to leave alone (the classifier head, say).
+        parameter_name: the parameter of each module to prune.
+        purpose: the word the error uses for what is done ("prune", "quantize").
+
+    Raises:
+        ValueError: when a pattern (of ``names`` or ``ignore``) matches nothing, or nothing is left
+            to prune, with what was searched.
+    """
+    candidates = {
+        name: m
+        for name, m in model.named_modules()
+        if name and type(m).__name__ in set(module_types) and isinstance(getattr(m, parameter_name, None), Tensor)
+    }
+    all_names = [name for name, _ in model.named_modules() if name]
+    for label, patterns in (("names", names or ()), ("ignore", ignore)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+                raise ValueError(
+                    f"`{label}` pattern {pattern!r} matches no module of {type(model).__name__}. "
+                    f"Module names: {all_names[:40]}{' ...' if len(all_names) > 40 else ''}"
+                )
+    selected = {
+        name: m
+        for name, m in candidates.items()
+        if (names is None or any(fnmatch.fnmatchcase(name, p) for p in names))
+        and not any(fnmatch.fnmatchcase(name, p) for p in ignore)
+    }
+    if not selected:
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"Nothing to {purpose} in {type(model).__name__}: no module of `module_types`={list(module_types)} with a "
+            f"`{parameter_name}` is left after `names`={names} and `ignore`={list(ignore)}. Module types present: "
+            f"{found}."
+        )
+    return selected

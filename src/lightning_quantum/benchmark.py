@@ -44,9 +44,10 @@ from lightning_quantum._batches import (
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._tensors import dense_values, plain_tensors
 from lightning_quantum._validation import check_non_negative, check_positive
+from lightning_quantum.compiled import FrozenInference
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule
 from lightning_quantum.precision import AUTOCAST_DTYPES
-from lightning_quantum.quantization.export import FrozenInference, safetensors_state
+from lightning_quantum.quantization.export import safetensors_state
 
 # Imported inside the functions that use them: bitsandbytes (slow to import, and only for 4-bit layers).
 

@@ -57,9 +57,10 @@ from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _reb
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
+from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime, to_onnxruntime
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
-from lightning_quantum.quantization.export import FrozenInference, compile_for_inference, export_program, load_program
+from lightning_quantum.quantization.export import export_program, load_program
 from lightning_quantum.quantization.qat import dequantize_linears, is_converted
 from lightning_quantum.report import keep_existing, ratio_words
 

@@ -30,6 +30,7 @@ from lightning_quantum.benchmark import (
     evaluate_accuracy,
     serialized_size_bytes,
 )
+from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.deployment import FORMS, CastInputs, choose_deployment, forms_for, trained_form
 from lightning_quantum.levels import OptimizationLevel, deployment_numerics, level_definition
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime
@@ -44,13 +45,11 @@ from lightning_quantum.pruning.slimming import (
 )
 from lightning_quantum.pruning.slimming import slim_model as slim_layers
 from lightning_quantum.quantization import (
-    compile_for_inference,
     quantize_dynamic_int8,
     quantize_static_int8,
     quantize_weights_bnb,
 )
 from lightning_quantum.quantization.export import (
-    FrozenInference,
     export_program,
     load_program,
     load_safetensors,

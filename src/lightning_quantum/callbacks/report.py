@@ -40,7 +40,7 @@ from lightning_quantum.callbacks._common import (
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
-from lightning_quantum.quantization.export import compile_for_inference
+from lightning_quantum.compiled import compile_for_inference
 from lightning_quantum.report import (
     OptimizationReportData,
     ReportContext,

@@ -1,8 +1,8 @@
 """Quantization with torchao, as pure functions the callbacks call."""
 
+from lightning_quantum.compiled import compile_for_inference
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8, sqnr_db
 from lightning_quantum.quantization.export import (
-    compile_for_inference,
     export_program,
     export_torchscript,
     load_program,

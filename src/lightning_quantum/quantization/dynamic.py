@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_quantum.pruning.masks import select_parameters
+from lightning_quantum._modules import select_parameters
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).

@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_quantum._modules import replace_module
+from lightning_quantum._modules import replace_module, select_parameters
 from lightning_quantum._tensors import is_quantized
-from lightning_quantum.pruning.masks import select_parameters
 from lightning_quantum.quantization.schemes import check_group_size, qat_base_config
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_quantum._modules import replace_module
+from lightning_quantum._modules import replace_module, select_parameters
 from lightning_quantum._validation import check_choice
-from lightning_quantum.pruning.masks import select_parameters
 
 # Imported inside the functions that use them: bitsandbytes (slow to import, and optional on a CPU).
 

@@ -156,3 +156,19 @@ def test_every_report_contributor_has_the_one_signature():
         assert list(inspect.signature(cls.report_extra).parameters) == ["self", "context"], cls
         assert issubclass(cls, ReportContributor), cls
         assert inspect.get_annotations(cls.report_extra)["return"] in ("ReportExtra", ReportExtra), cls
+
+
+def test_a_callback_with_the_old_report_extra_signature_still_contributes(tmp_path, tiny_classifier, digits):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.conftest import trainer_kwargs
+
+    class Old(Callback):
+        def report_extra(self, pl_module):
+            return {"old": type(pl_module).__name__}
+
+    report = OptimizationReport(output_dir=tmp_path, repeats=2, warmup=1, print_table=False, compare_train_step=False)
+    with pytest.deprecated_call(match=r"Old.report_extra\(pl_module\) is the old signature"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Old(), report])).fit(tiny_classifier, digits)
+    assert report.report.extra["old"] == "Classifier"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import statistics
 import time
@@ -14,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from rich.console import Console
 from torch import nn
 from typing_extensions import override
@@ -87,6 +89,25 @@ def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
 
 def _deployment_gate(trainer: pl.Trainer) -> DeploymentGate | None:
     return find_callback(trainer, DeploymentGate)
+
+
+def _contribution(contributor: ReportContributor, context: ReportContext) -> ReportExtra:
+    """``contributor.report_extra(context)``; a callback still written for the old signature,
+    ``report_extra(self, pl_module)``, gets the module, with a deprecation warning (for one release)."""
+    parameters = list(inspect.signature(contributor.report_extra).parameters)
+    if parameters == ["pl_module"]:
+        rank_zero_deprecation(
+            f"{type(contributor).__name__}.report_extra(pl_module) is the old signature: take a "
+            "`lightning_quantum.report.ReportContext` instead (`context.pl_module` is the module)."
+        )
+        return contributor.report_extra(context.pl_module)  # type: ignore[arg-type]
+    if not parameters:  # the old LightningModule signature, report_extra(self)
+        rank_zero_deprecation(
+            f"{type(contributor).__name__}.report_extra() is the old signature: take a "
+            "`lightning_quantum.report.ReportContext`."
+        )
+        return contributor.report_extra()  # type: ignore[call-arg]
+    return contributor.report_extra(context)
 
 
 class OptimizationReport(Callback, MeasuresInference):
@@ -340,7 +361,7 @@ class OptimizationReport(Callback, MeasuresInference):
         # its per-layer sparsity table, the DeploymentGate its candidates, ...)
         for contributor in (pl_module, *getattr(trainer, "callbacks", [])):
             if isinstance(contributor, ReportContributor) and contributor is not self:
-                extra.update(contributor.report_extra(context))
+                extra.update(_contribution(contributor, context))
         reference, reference_name, baseline_is_reference = self._accuracy_reference(
             trainer, baseline_metrics, extra.get("teacher")
         )

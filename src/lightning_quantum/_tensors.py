@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["dense_values", "is_quantized", "plain_tensors"]
 
@@ -18,6 +19,7 @@ def is_quantized(tensor: Any) -> bool:
     return (
         isinstance(tensor, Tensor)
         and type(tensor) not in (Tensor, nn.Parameter)
+        and not isinstance(tensor, DTensor)  # a sharded (FSDP2) weight is a subclass too, but not quantized
         and hasattr(tensor, "__tensor_flatten__")
     )
 

@@ -31,6 +31,7 @@ from lightning_quantum.pruning.masks import (
     unstructured_masks,
 )
 from lightning_quantum.pruning.schedules import SCHEDULES, SparsitySchedule
+from lightning_quantum.pruning.sharded import is_sharded
 from lightning_quantum.pruning.slimming import (
     build_dependency_graph,
     coupled_channel_masks,
@@ -186,6 +187,7 @@ class Pruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule = self._resolve_schedule(trainer)
         self._last_step = trainer.global_step
+        self._check_sharding(pl_module)
         self._bind(pl_module)  # masks restored from a checkpoint are applied again here
 
     @override
@@ -329,6 +331,18 @@ class Pruning(Callback):
         if self._mask_list:
             apply_masks(self._params, self._mask_list)
 
+    def _check_sharding(self, pl_module: pl.LightningModule) -> None:
+        """Under FSDP2 (sharded ``DTensor`` weights) single weights and N:M groups are pruned shard by shard;
+        removing channels needs the channel dependencies traced through whole layers, which it cannot."""
+        params = dict(pl_module.named_parameters())
+        if self.method in _STRUCTURED and any(is_sharded(params[t]) for t in self._targets if t in params):
+            raise MisconfigurationException(
+                f"`method`={self.method!r} traces channel dependencies through whole layers, which FSDP2's sharded "
+                "weights do not allow. Under FSDP2 prune with `method`='l1_unstructured' or 'nm'; to remove "
+                "channels, train with DDP, or slim the trained model afterwards with "
+                "`lq.optimize(model, 'ultra', prune_method='l2_structured', slim=True)`."
+            )
+
     def _target_for(self, t: int) -> float:
         assert self.schedule is not None
         if self.method == "nm":
@@ -341,7 +355,8 @@ class Pruning(Callback):
         if target <= self.current_sparsity or self.slimmed_architecture is not None:
             return
         masks = self._compute_masks(pl_module, target)
-        masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
+        if not any(is_sharded(m) for m in masks.values()):  # replicated (DDP): rank zero's masks for all
+            masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.masks = {k: v.bool() for k, v in masks.items()}
         self.current_sparsity = target
         self.history.append((t, target))
@@ -392,8 +407,8 @@ class Pruning(Callback):
         return self._graph
 
     def _check_ranks_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.world_size == 1:
-            return
+        if trainer.world_size == 1 or any(is_sharded(m) for m in self.masks.values()):
+            return  # sharded: each rank holds other weights
         params = dict(pl_module.named_parameters())
         zeros = sum(int((params[n] == 0).sum()) for n in self.masks)
         gathered = trainer.strategy.all_gather(torch.tensor(float(zeros), device=pl_module.device))
@@ -402,12 +417,15 @@ class Pruning(Callback):
 
     def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log.debug("Pruning at %s %d: target sparsity %.4f", self.unit, self.history[-1][0], self.current_sparsity)
-        if not trainer.is_global_zero or not trainer.loggers:
+        if not trainer.loggers:
             return
+        # every rank counts (sharded masks sum over the ranks); rank zero logs
         stats = {"pruning/target_sparsity": self.current_sparsity, "pruning/mask_sparsity": masks_sparsity(self.masks)}
         if self.log_per_layer:
             for name, mask in self.masks.items():
                 stats[f"pruning/sparsity/{name.removesuffix('.weight')}"] = 1.0 - float(mask.float().mean())
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
 

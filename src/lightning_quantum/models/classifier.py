@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_quantum._batches import split_batch
 from lightning_quantum._validation import check_fraction, check_positive
+from lightning_quantum.fsdp import shard_blocks
 
 __all__ = ["Classifier"]
 
@@ -67,6 +68,12 @@ class Classifier(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (Lightning's ``ModelParallelStrategy``), shard the net block by block over the
+        data-parallel ranks (:func:`~lightning_quantum.fsdp.shard_blocks`); under any other strategy, nothing."""
+        if self.device_mesh is not None:
+            shard_blocks(self.net, self.device_mesh["data_parallel"])
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = split_batch(batch)

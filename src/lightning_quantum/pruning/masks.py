@@ -24,6 +24,7 @@ from torch.nn.utils import prune as torch_prune
 from lightning_quantum._modules import select_parameters
 from lightning_quantum._tensors import dense_values
 from lightning_quantum._validation import check_choice, check_fraction
+from lightning_quantum.pruning.sharded import is_sharded, local_parts, shard_like, sharded_keep_mask
 
 __all__ = [
     "PRUNING_METHODS",
@@ -86,6 +87,8 @@ def unstructured_masks(
     check_fraction("sparsity", sparsity)
     check_choice("scope", scope, ("global", "layer"))
     previous = previous or {}
+    if any(is_sharded(w) for w in weights.values()):
+        return _sharded_unstructured_masks(weights, sparsity, scope, previous)
     if scope == "layer":
         return {
             name: _grow_mask(w.detach().abs().float(), round(sparsity * w.numel()), previous.get(name))
@@ -107,6 +110,37 @@ def unstructured_masks(
     return masks
 
 
+def _sharded_unstructured_masks(
+    weights: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """:func:`unstructured_masks` of FSDP2-sharded weights: each rank scores and keeps its own shard."""
+    sharded = _all_sharded(weights)
+    group = sharded[0].device_mesh.get_group()
+    local = {n: w.to_local().detach().abs().float() for n, w in weights.items()}  # type: ignore[attr-defined]
+    before = local_parts(previous)
+    if scope == "layer":
+        keep = {
+            n: sharded_keep_mask(local[n], round(sparsity * weights[n].numel()), before.get(n), group) for n in weights
+        }
+    else:
+        names = list(weights)
+        flat = torch.cat([local[n].flatten() for n in names])
+        prev = torch.cat([before[n].flatten() for n in names]) if all(n in before for n in names) else None
+        total = sum(weights[n].numel() for n in names)
+        joined = sharded_keep_mask(flat, round(sparsity * total), prev, group)
+        keep, offset = {}, 0
+        for n in names:
+            keep[n] = joined[offset : offset + local[n].numel()].view_as(local[n])
+            offset += local[n].numel()
+    return {n: shard_like(keep[n], weights[n]) for n in weights}  # type: ignore[arg-type]
+
+
+def _all_sharded(weights: Mapping[str, Tensor]) -> list[Any]:
+    if not all(is_sharded(w) for w in weights.values()):
+        raise ValueError("Some of the weights to prune are sharded (FSDP2 DTensors) and some are not: shard them all.")
+    return list(weights.values())
+
+
 def structured_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
@@ -122,6 +156,8 @@ def structured_masks(
     check_fraction("sparsity", sparsity)
     check_choice("norm", norm, (1, 2))
     previous = previous or {}
+    if any(is_sharded(w) for w in weights.values()):
+        return _sharded_structured_masks(weights, sparsity, norm, previous)
     masks = {}
     for name, w in weights.items():
         rows = w.detach().float().flatten(1).norm(p=norm, dim=1)
@@ -130,6 +166,25 @@ def structured_masks(
         n_prune = min(round(sparsity * rows.numel()), rows.numel() - 1)
         keep_rows = _grow_mask(rows, n_prune, prev_rows)
         masks[name] = keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
+    return masks
+
+
+def _sharded_structured_masks(
+    weights: Mapping[str, Tensor], sparsity: float, norm: int, previous: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """:func:`structured_masks` of FSDP2-sharded weights: rows are whole on the rank that holds them."""
+    sharded = _all_sharded(weights)
+    group = sharded[0].device_mesh.get_group()
+    before = local_parts(previous)
+    masks: dict[str, Tensor] = {}
+    for name, w in weights.items():
+        local = w.to_local().detach().float()  # type: ignore[attr-defined]
+        rows = local.flatten(1).norm(p=norm, dim=1)
+        prev = before.get(name)
+        prev_rows = prev.flatten(1).any(dim=1) if prev is not None else None
+        n_prune = min(round(sparsity * w.shape[0]), w.shape[0] - 1)
+        keep_rows = sharded_keep_mask(rows, n_prune, prev_rows, group)
+        masks[name] = shard_like(keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(local).clone(), w)  # type: ignore[arg-type]
     return masks
 
 
@@ -142,7 +197,8 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
         raise ValueError(f"`nm`={n}:{m} is not valid. It needs 0 < N < M, for example 2:4.")
     masks = {}
-    for name, w in weights.items():
+    for name, weight in weights.items():  # a sharded weight's rows are whole on its rank: N:M is local
+        w = weight.to_local() if is_sharded(weight) else weight  # type: ignore[attr-defined]
         rows = w.detach().abs().float().flatten(1)
         if rows.shape[1] % m:
             raise ValueError(
@@ -151,8 +207,8 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
             )
         groups = rows.view(rows.shape[0], -1, m)
         keep_idx = torch.topk(groups, n, dim=-1).indices
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True)
-        masks[name] = keep.view_as(w)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True).view_as(w)
+        masks[name] = shard_like(keep, weight) if is_sharded(weight) else keep  # type: ignore[arg-type]
     return masks
 
 

@@ -1,12 +1,12 @@
 """Run by tests/test_fsdp2.py: pruning under FSDP2 (2 CPU processes, gloo, ModelParallelStrategy), or the
 same fit in one process with the global batch (`single`); each rank writes its weights and masks."""
 
-import sys
+import argparse
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
@@ -15,7 +15,16 @@ from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
 from tests.conftest import trainer_kwargs
 
-out, mode, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+parser = argparse.ArgumentParser()
+parser.add_argument("out", type=Path)
+parser.add_argument("mode", choices=["fsdp2", "single"])
+parser.add_argument("steps", type=int)
+parser.add_argument("--schedule", default="one_shot")
+parser.add_argument("--save-at", type=int, default=0, help="write a (sharded) checkpoint at this step")
+parser.add_argument("--resume", type=Path, default=None)
+parser.add_argument("--tag", default="")
+args = parser.parse_args()
+out, mode, steps = args.out, args.mode, args.steps
 
 
 def full(t):
@@ -39,23 +48,29 @@ class ZerosOnEveryShard(Callback):
 
 torch.manual_seed(0)
 model = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
-pruning = Pruning(method="l1_unstructured", final_sparsity=0.5, schedule="one_shot", start_step=2)
+end = {"end_step": 8, "frequency": 2} if args.schedule != "one_shot" else {}
+pruning = Pruning(method="l1_unstructured", final_sparsity=0.5, schedule=args.schedule, start_step=2, **end)
 zeros = ZerosOnEveryShard(pruning)
 sharded = mode == "fsdp2"
+callbacks = [pruning, zeros]
+if args.save_at:
+    callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_at, save_top_k=-1))
 kwargs = trainer_kwargs(
     out,
     max_steps=steps,
     max_epochs=-1,
     limit_train_batches=None,
-    callbacks=[pruning, zeros],
+    callbacks=callbacks,
+    enable_checkpointing=bool(args.save_at),
     devices=2 if sharded else 1,
     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
 )
 trainer = pl.Trainer(**kwargs)
-trainer.fit(model, DigitsDataModule(batch_size=32 if sharded else 64))
+trainer.fit(model, DigitsDataModule(batch_size=32 if sharded else 64), ckpt_path=args.resume)
 params = dict(model.named_parameters())
 state = {f"weight/{n}": full(p.detach()).clone() for n, p in params.items()}
 state.update({f"mask/{n}": full(m).clone() for n, m in pruning.masks.items()})
 state["bad_zeros"] = torch.tensor(zeros.bad)
 state["sharded"] = torch.tensor(isinstance(params["net.head.weight"], DTensor))
-torch.save(state, out / f"{mode}-rank{trainer.global_rank}.pt")
+state["history"] = torch.tensor(pruning.history)
+torch.save(state, out / f"{mode}{args.tag}-rank{trainer.global_rank}.pt")

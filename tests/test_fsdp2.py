@@ -97,3 +97,27 @@ def test_two_process_fsdp2_pruning_matches_one_process(tmp_path):
     assert [int(rank["bad_zeros"]) for rank in ranks] == [0, 0]
     masks = [v for k, v in single.items() if k.startswith("mask/")]
     assert sum(int((~m).sum()) for m in masks) == round(0.5 * sum(m.numel() for m in masks))
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_fsdp2_pruning_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
+    """Masks are saved shard by shard in the distributed checkpoint; a run resumed at step 4 of a
+    schedule that ends at step 8 ends where the uninterrupted run ends."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, str(SCRIPT), str(tmp_path), "fsdp2", "8", "--schedule", "cubic"]
+    for extra in (
+        ["--save-at", "4", "--tag=-full"],
+        ["--resume", str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), "--tag=-resumed"],
+    ):
+        done = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "epoch=0-step=4.ckpt" / "meta.pt").is_file()  # a sharded (distributed) checkpoint
+    for rank in (0, 1):
+        full = torch.load(tmp_path / f"fsdp2-full-rank{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"fsdp2-resumed-rank{rank}.pt", weights_only=True)
+        assert torch.equal(full["history"], resumed["history"])
+        for key, value in full.items():
+            if key.startswith(("mask/", "weight/")):
+                assert torch.equal(resumed[key], value), key  # the same operations on the same inputs: bitwise
+        assert int(resumed["bad_zeros"]) == 0

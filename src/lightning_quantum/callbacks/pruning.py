@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed.checkpoint as distributed_checkpoint
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -31,7 +33,7 @@ from lightning_quantum.pruning.masks import (
     unstructured_masks,
 )
 from lightning_quantum.pruning.schedules import SCHEDULES, SparsitySchedule
-from lightning_quantum.pruning.sharded import is_sharded
+from lightning_quantum.pruning.sharded import is_sharded, shard_like
 from lightning_quantum.pruning.slimming import (
     build_dependency_graph,
     coupled_channel_masks,
@@ -58,6 +60,10 @@ def _parse_nm(nm: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise MisconfigurationException(f"`nm`={nm!r} is not valid. It needs 0 < N < M (N kept of every M).")
     return n, m
+
+
+#: Where sharded masks sit in a distributed checkpoint, beside the model's keys.
+_SHARDED_MASK_PREFIX = "_pruning_masks."
 
 
 class Pruning(Callback):
@@ -161,6 +167,7 @@ class Pruning(Callback):
 
         self.schedule: SparsitySchedule | None = None
         self.masks: dict[str, Tensor] = {}
+        self._sharded_to_load: list[str] = []  # sharded masks named by a checkpoint, read at fit start
         self.current_sparsity = 0.0
         self.history: list[tuple[int, float]] = []
         self.slimmed_architecture: dict[str, Any] | None = None
@@ -189,6 +196,14 @@ class Pruning(Callback):
         self._last_step = trainer.global_step
         self._check_sharding(pl_module)
         self._bind(pl_module)  # masks restored from a checkpoint are applied again here
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy (FSDP2) restores callbacks after on_fit_start: bind what it restored
+        if self._sharded_to_load or trainer.strategy.restore_checkpoint_after_setup:
+            self._last_step = trainer.global_step
+            self._load_sharded_masks(trainer, pl_module)
+            self._bind(pl_module)
 
     @override
     def on_train_batch_start(
@@ -231,9 +246,12 @@ class Pruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        sharded = [name for name, mask in self.masks.items() if is_sharded(mask)]
         return {
             "method": self.method,
-            "masks": {name: mask.detach().cpu() for name, mask in self.masks.items()},
+            # sharded (FSDP2) masks go with the sharded weights instead (on_save_checkpoint); named here
+            "masks": {name: mask.detach().cpu() for name, mask in self.masks.items() if name not in sharded},
+            "sharded_masks": sharded,
             "current_sparsity": self.current_sparsity,
             "history": [list(h) for h in self.history],
             "slimmed_architecture": self.slimmed_architecture,
@@ -248,10 +266,45 @@ class Pruning(Callback):
                 f"`method`={self.method!r}."
             )
         self.masks = {str(k): v.bool() for k, v in state_dict.get("masks", {}).items()}
+        self._sharded_to_load = [str(n) for n in state_dict.get("sharded_masks", [])]
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
         self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
         self.slimmed_architecture = state_dict.get("slimmed_architecture")
         self.removed_channels = dict(state_dict.get("removed_channels", {}))
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded (FSDP2) masks are saved as the weights are: each rank writes its shards into the
+        distributed checkpoint, under ``_pruning_masks.<weight>`` beside the model's keys."""
+        for name, mask in self.masks.items():
+            if is_sharded(mask):
+                checkpoint["state_dict"][f"{_SHARDED_MASK_PREFIX}{name}"] = mask
+
+    def _load_sharded_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read this rank's shards of the masks a distributed checkpoint holds (see ``on_save_checkpoint``)."""
+        names, self._sharded_to_load = self._sharded_to_load, []
+        if not names:
+            return
+        path = Path(str(trainer.ckpt_path or ""))
+        if not path.is_dir():
+            raise MisconfigurationException(
+                f"The checkpoint holds sharded (FSDP2) pruning masks, but {str(path)!r} is not the distributed "
+                "checkpoint directory they were saved in. Resume with the same ModelParallelStrategy and "
+                "`save_distributed_checkpoint=True`."
+            )
+        params = dict(pl_module.named_parameters())
+        template = {
+            f"{_SHARDED_MASK_PREFIX}{name}": shard_like(
+                torch.ones_like(params[name].to_local(), dtype=torch.bool),  # type: ignore[attr-defined]
+                params[name],  # type: ignore[arg-type]
+            )
+            for name in names
+        }
+        state = {"state_dict": template}
+        distributed_checkpoint.load(state, checkpoint_id=str(path))
+        self.masks.update({name: state["state_dict"][f"{_SHARDED_MASK_PREFIX}{name}"] for name in names})
 
     # -- public helpers ------------------------------------------------------------------------
     def make_permanent(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

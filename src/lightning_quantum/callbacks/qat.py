@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from typing_extensions import override
 
 from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
-from lightning_quantum.callbacks._common import find_callback, inference_copy
+from lightning_quantum.callbacks._common import detached_copy, find_callback, inference_copy
 from lightning_quantum.callbacks.pruning import Pruning
+from lightning_quantum.quantization.export import save_safetensors
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -127,12 +131,21 @@ class QuantizationAwareTraining(Callback):
         self._resolved_start = 0
         #: a copy of the model with the float weights QAT trained, taken just before conversion
         self.float_model: torch.nn.Module | None = None
+        #: under FSDP2, the converted model, whole, on rank zero (the trained module stays sharded)
+        self.converted_model: torch.nn.Module | None = None
+        #: under FSDP2, where rank zero wrote it (``qat_converted.safetensors``)
+        self.converted_path: Path | None = None
+        self._skeleton: torch.nn.Module | None = None  # the model's structure on the meta device
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._prepare(pl_module)
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                # FSDP2 shards the model after setup (configure_model), so QAT prepares first, as torchao
+                # documents; its structure is kept, without memory, to rebuild it whole at fit end
+                self._skeleton = detached_copy(pl_module).to("meta")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,7 +177,9 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.convert_on_fit_end and self.phase == "prepared":
+        if self.convert_on_fit_end and self.phase == "prepared" and self._skeleton is not None:
+            self._convert_sharded(trainer, pl_module)
+        elif self.convert_on_fit_end and self.phase == "prepared":
             # The float weights before conversion: the DeploymentGate's float form, the report's reference.
             self.float_model = inference_copy(pl_module)
             self._set_enabled(pl_module, True)
@@ -228,6 +243,27 @@ class QuantizationAwareTraining(Callback):
             return int(schedule.end)
         per_epoch = max(1, int(trainer.estimated_stepping_batches) // max(1, int(trainer.max_epochs or 1)))
         return int(schedule.end) * per_epoch
+
+    def _convert_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2: gather the trained weights into one state dict on rank zero (every rank takes part),
+        load them into the model rebuilt from its structure, convert that, and write it as safetensors.
+        The trained module stays sharded and fake-quantized."""
+        assert self._skeleton is not None
+        self._set_enabled(pl_module, True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(pl_module, options=options)
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "qat_converted.safetensors"  # every rank: a broadcast
+        if trainer.is_global_zero:
+            model = self._skeleton.to_empty(device="cpu")
+            model.load_state_dict(state)
+            set_fake_quant_enabled(model, True)
+            self.float_model = inference_copy(model)
+            convert_qat(model, self.scheme, group_size=self.group_size)
+            self.converted_model = model.eval()
+            self.converted_path = save_safetensors(model, out)
+            rank_zero_info(f"QAT: converted {len(self.layers)} layers to {self.scheme}, whole on rank zero: {out}")
+        self._skeleton = None
+        self.phase = "converted"
 
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
         if self.start_epoch is not None:

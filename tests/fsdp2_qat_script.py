@@ -1,0 +1,77 @@
+"""Run by tests/test_fsdp2.py: QAT under FSDP2 (2 CPU processes, gloo), or the same fit in one process
+with the global batch (`single`); rank zero writes the fake-quantized outputs, or the converted
+model's test accuracy."""
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_quantum.benchmark import evaluate_accuracy
+from lightning_quantum.callbacks import QuantizationAwareTraining
+from lightning_quantum.data import DigitsDataModule
+from lightning_quantum.models import Classifier, DigitsMLP
+from lightning_quantum.quantization import convert_qat, load_safetensors, prepare_qat, set_fake_quant_enabled
+from tests.conftest import trainer_kwargs
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out", type=Path)
+parser.add_argument("mode", choices=["fsdp2", "single"])
+parser.add_argument("steps", type=int)
+parser.add_argument("--convert", action="store_true")
+args = parser.parse_args()
+
+def outputs(module, x, fake_quant=True):
+    """Logits for ``x`` (every rank must call it: FSDP2 gathers each block's weights in forward)."""
+    set_fake_quant_enabled(module, fake_quant)
+    with torch.no_grad():
+        out = module(x)
+    set_fake_quant_enabled(module, True)
+    return out.full_tensor() if hasattr(out, "full_tensor") else out
+
+
+class AtStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.outputs = outputs(pl_module, fixed)
+
+
+torch.manual_seed(0)
+data = DigitsDataModule(batch_size=32 if args.mode == "fsdp2" else 64)
+data.setup("test")
+test_set = data.test_dataloader().dataset
+fixed = torch.stack([test_set[i][0] for i in range(64)])  # the same inputs on every rank and in one process
+start = AtStart()
+model = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
+qat = QuantizationAwareTraining(start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert)
+sharded = args.mode == "fsdp2"
+kwargs = trainer_kwargs(
+    args.out,
+    max_steps=args.steps,
+    max_epochs=-1,
+    limit_train_batches=None,
+    callbacks=[qat, start],
+    devices=2 if sharded else 1,
+    strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
+)
+trainer = pl.Trainer(**kwargs)
+trainer.fit(model, data)
+result = {}
+if args.convert:
+    if trainer.is_global_zero:
+        converted = qat.converted_model if sharded else model.net
+        result["accuracy"] = torch.tensor(evaluate_accuracy(converted, data.test_dataloader()))
+        if sharded:  # the consolidated file reloads into a fresh, converted model: safetensors, no pickle
+            fresh = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
+            prepare_qat(fresh, qat.scheme)
+            convert_qat(fresh, qat.scheme)
+            load_safetensors(fresh, qat.converted_path)
+            result["reloaded_accuracy"] = torch.tensor(evaluate_accuracy(fresh.net, data.test_dataloader()))
+else:
+    result["at_start"] = start.outputs
+    result["fake_quantized"] = outputs(model, fixed)
+    result["float"] = outputs(model, fixed, fake_quant=False)
+if trainer.is_global_zero:
+    torch.save(result, args.out / f"qat-{args.mode}{'-converted' if args.convert else ''}.pt")

@@ -150,3 +150,32 @@ def test_fsdp2_qat_converts_whole_on_rank_zero(tmp_path):
     assert abs(float(sharded["accuracy"]) - float(single["accuracy"])) <= 1 / 270 + 1e-9  # one of 270 test images
     assert float(sharded["reloaded_accuracy"]) == float(sharded["accuracy"])
     assert (tmp_path / "qat_converted.safetensors").is_file()
+
+
+def test_fsdp2_is_a_strategy_name_and_callbacks_that_need_the_whole_model_stop_at_setup():
+    import lightning.pytorch as pl
+
+    import lightning_quantum as lq
+    from lightning_quantum.callbacks import DeploymentGate, OptimizationReport
+    from lightning_quantum.callbacks._common import refuse_fsdp2
+
+    kwargs = lq.recipe("quantum", strategy="fsdp2", devices=2, accelerator="cpu").trainer_kwargs()
+    trainer = pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False})
+    assert isinstance(trainer.strategy, lq.FSDP2Strategy)
+    assert {type(c).__name__ for c in trainer.callbacks} >= {"DeploymentGate", "OptimizationReport", "ModelExport"}
+    with pytest.raises(MisconfigurationException, match=r"DeploymentGate, ModelExport, OptimizationReport need the "):
+        refuse_fsdp2(trainer)
+    plain = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[DeploymentGate(), OptimizationReport()])
+    refuse_fsdp2(plain)  # not FSDP2: nothing to refuse
+
+
+def test_lq_train_composes_the_fsdp2_trainer():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_quantum.apps._config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=fsdp2", "level=quantum"])
+    assert cfg.trainer.strategy == "fsdp2" and cfg.trainer.devices == 2

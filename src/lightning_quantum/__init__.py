@@ -9,6 +9,7 @@ import importlib.metadata
 
 from lightning_quantum.benchmark import OptimizationPerformanceMetrics, benchmark_model
 from lightning_quantum.deployment import DeploymentDecision, choose_deployment, load_deployment, save_deployment
+from lightning_quantum.fsdp import FSDP2Strategy  # also registers Trainer(strategy="fsdp2")
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.levels import OptimizationLevel, Recipe, recipe
 from lightning_quantum.optimize import OptimizationResult, load_optimized, optimize, save_optimized
@@ -28,6 +29,7 @@ __all__ = [
     "PrecisionDecision",
     "Recipe",
     "DeploymentDecision",
+    "FSDP2Strategy",
     "benchmark_model",
     "choose_deployment",
     "gpu_status",

@@ -6,6 +6,8 @@ import copy
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_quantum.activation_checkpointing import disable_activation_checkpointing
@@ -42,6 +44,29 @@ class MeasuresInference:
 
     batch_size: int
     num_threads: int | None
+
+
+#: Callbacks that need the whole model on rank zero, and how lq-train leaves each out.
+_NEEDS_WHOLE_MODEL = {
+    "OptimizationReport": "callbacks.report=null",
+    "DeploymentGate": "callbacks.deployment=null",
+    "ModelExport": "callbacks.export=null",
+}
+
+
+def refuse_fsdp2(trainer: pl.Trainer) -> None:
+    """Stop at setup, not after the fit, when callbacks that need the whole model on rank zero run
+    under FSDP2 (``ModelParallelStrategy``); the message names all of them and what to do instead."""
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    found = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ in _NEEDS_WHOLE_MODEL]  # type: ignore[attr-defined]
+    settings = " ".join(_NEEDS_WHOLE_MODEL[name] for name in found)
+    raise MisconfigurationException(
+        f"{', '.join(found)} need the whole model on rank zero, which FSDP2 (ModelParallelStrategy) does not hold. "
+        f"Leave them out (`{settings}` in lq-train) and measure or export the consolidated model after the fit "
+        "(QuantizationAwareTraining writes qat_converted.safetensors under FSDP2; `lq-optimize` takes a "
+        "checkpoint), or train with DDP."
+    )
 
 
 def is_sanity_checking(trainer: pl.Trainer) -> bool:

@@ -24,6 +24,7 @@ from lightning_quantum.callbacks._common import (
     find_callback,
     inference_copy,
     is_fast_dev_run,
+    refuse_fsdp2,
 )
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.deployment import (
@@ -164,6 +165,10 @@ class DeploymentGate(Callback):
         """The float weights from before QAT's conversion, when a QAT callback converted this fit."""
         qat = find_callback(trainer, QuantizationAwareTraining)
         return qat.float_model if qat is not None else None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_fsdp2(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum._batches import split_batch
-from lightning_quantum.callbacks._common import detached_copy, find_callback
+from lightning_quantum.callbacks._common import detached_copy, find_callback, refuse_fsdp2
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
 from lightning_quantum.report import ReportContext, ReportExtra, keep_existing
@@ -78,6 +78,10 @@ class ModelExport(Callback):
         self.output_dir = output_dir
         self.stem = stem
         self.paths: dict[str, Path] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_fsdp2(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -39,6 +39,7 @@ from lightning_quantum.callbacks._common import (
     find_callback,
     inference_copy,
     is_fast_dev_run,
+    refuse_fsdp2,
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
@@ -213,6 +214,7 @@ class OptimizationReport(Callback, MeasuresInference):
     # -- hooks ---------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_fsdp2(trainer)
         if stage == "fit":
             self._take_baseline_snapshot(pl_module)
 

@@ -19,6 +19,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
 parser.add_argument("mode", choices=["fsdp2", "single"])
 parser.add_argument("steps", type=int)
+parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
 parser.add_argument("--schedule", default="one_shot")
 parser.add_argument("--save-at", type=int, default=0, help="write a (sharded) checkpoint at this step")
 parser.add_argument("--resume", type=Path, default=None)
@@ -62,14 +63,15 @@ kwargs = trainer_kwargs(
     limit_train_batches=None,
     callbacks=callbacks,
     enable_checkpointing=bool(args.save_at),
+    accelerator=args.accelerator,
     devices=2 if sharded else 1,
     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
 )
 trainer = pl.Trainer(**kwargs)
 trainer.fit(model, DigitsDataModule(batch_size=32 if sharded else 64), ckpt_path=args.resume)
 params = dict(model.named_parameters())
-state = {f"weight/{n}": full(p.detach()).clone() for n, p in params.items()}
-state.update({f"mask/{n}": full(m).clone() for n, m in pruning.masks.items()})
+state = {f"weight/{n}": full(p.detach()).cpu().clone() for n, p in params.items()}
+state.update({f"mask/{n}": full(m).cpu().clone() for n, m in pruning.masks.items()})
 state["bad_zeros"] = torch.tensor(zeros.bad)
 state["sharded"] = torch.tensor(isinstance(params["net.head.weight"], DTensor))
 state["history"] = torch.tensor(pruning.history)

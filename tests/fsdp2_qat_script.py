@@ -21,6 +21,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
 parser.add_argument("mode", choices=["fsdp2", "single"])
 parser.add_argument("steps", type=int)
+parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
 parser.add_argument("--convert", action="store_true")
 args = parser.parse_args()
 
@@ -28,9 +29,9 @@ def outputs(module, x, fake_quant=True):
     """Logits for ``x`` (every rank must call it: FSDP2 gathers each block's weights in forward)."""
     set_fake_quant_enabled(module, fake_quant)
     with torch.no_grad():
-        out = module(x)
+        out = module(x.to(module.device))
     set_fake_quant_enabled(module, True)
-    return out.full_tensor() if hasattr(out, "full_tensor") else out
+    return (out.full_tensor() if hasattr(out, "full_tensor") else out).cpu()
 
 
 class AtStart(Callback):
@@ -53,6 +54,7 @@ kwargs = trainer_kwargs(
     max_epochs=-1,
     limit_train_batches=None,
     callbacks=[qat, start],
+    accelerator=args.accelerator,
     devices=2 if sharded else 1,
     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
 )

@@ -84,13 +84,23 @@ def test_structured_pruning_under_fsdp2_names_the_alternatives(mesh):
         pruning._check_sharding(model)
 
 
-@pytest.mark.parity
-def test_two_process_fsdp2_pruning_matches_one_process(tmp_path):
+#: Each two-process test runs on CPU processes (gloo), and on two GPUs (NCCL) where a machine has them.
+ACCELERATORS = [
+    pytest.param("cpu", marks=pytest.mark.parity),
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")],
+    ),
+]
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_two_process_fsdp2_pruning_matches_one_process(tmp_path, accelerator):
     """Same initial weights and data (2 ranks x 32 samples against one process x 64): after the mask
     update at step 2 and two more steps, masks equal, weights within 1e-5, pruned weights zero on
     every shard after every optimizer step."""
     for mode in ("fsdp2", "single"):
-        _run(SCRIPT, tmp_path, mode, "4")
+        _run(SCRIPT, tmp_path, mode, "4", "--accelerator", accelerator)
     ranks = [torch.load(tmp_path / f"fsdp2-rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
     assert all(bool(rank["sharded"]) for rank in ranks) and not bool(single["sharded"])
@@ -124,14 +134,14 @@ def test_fsdp2_pruning_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
         assert int(resumed["bad_zeros"]) == 0
 
 
-@pytest.mark.parity
-def test_two_process_fsdp2_qat_matches_one_process(tmp_path):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_two_process_fsdp2_qat_matches_one_process(tmp_path, accelerator):
     """QAT prepared before FSDP2 shards the model (torchao's order): before any step the fake-quantized
     outputs are equal; after 2 optimizer steps the float outputs are within 1e-5, and the fake-quantized
     ones within one int8 step (a weight 1e-8 apart can round to the next int8 value: measured 1.0e-3
     on 108 of 640 logits, every prediction the same)."""
     for mode in ("fsdp2", "single"):
-        _run(QAT_SCRIPT, tmp_path, mode, "2")
+        _run(QAT_SCRIPT, tmp_path, mode, "2", "--accelerator", accelerator)
     sharded, single = (torch.load(tmp_path / f"qat-{m}.pt", weights_only=True) for m in ("fsdp2", "single"))
     assert torch.equal(sharded["at_start"], single["at_start"])
     assert torch.allclose(sharded["float"], single["float"], atol=1e-5, rtol=0)

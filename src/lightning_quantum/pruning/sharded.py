@@ -37,8 +37,9 @@ def shard_like(local: Tensor, like: DTensor) -> DTensor:
     )
 
 
-def _global_sum(value: int, group: Any) -> int:
-    total = torch.tensor([value], dtype=torch.int64)
+def _global_sum(value: int, group: Any, device: torch.device) -> int:
+    """``value`` summed over the ranks (on the scores' device: NCCL reduces CUDA tensors only)."""
+    total = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(total, group=group)
     return int(total.item())
 
@@ -53,8 +54,9 @@ def sharded_keep_mask(scores: Tensor, n_prune: int, previous: Tensor | None, gro
         previous: this rank's earlier keep-mask, or ``None``.
         group: the process group of the shards.
     """
-    keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.to(scores.device).clone()
-    n_new = n_prune - _global_sum(int((~keep).sum()), group)
+    device = scores.device
+    keep = torch.ones_like(scores, dtype=torch.bool) if previous is None else previous.to(device).clone()
+    n_new = n_prune - _global_sum(int((~keep).sum()), group, device)
     if n_new <= 0:
         return keep
     flat_keep = keep.view(-1)
@@ -63,15 +65,15 @@ def sharded_keep_mask(scores: Tensor, n_prune: int, previous: Tensor | None, gro
     low, high = 0, int(torch.tensor(float("inf")).view(torch.int32))
     while low < high:  # the smallest threshold t with at least n_new kept scores <= t, over all ranks
         middle = (low + high) // 2
-        if _global_sum(int((bits <= middle).sum()), group) >= n_new:
+        if _global_sum(int((bits <= middle).sum()), group, device) >= n_new:
             high = middle
         else:
             low = middle + 1
     below = bits < low
     ties = torch.nonzero(bits == low).flatten()
-    wanted = n_new - _global_sum(int(below.sum()), group)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, torch.tensor([ties.numel()], dtype=torch.int64), group=group)
+    wanted = n_new - _global_sum(int(below.sum()), group, device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([ties.numel()], dtype=torch.int64, device=device), group=group)
     earlier = sum(int(c) for c in counts[: dist.get_rank(group)])  # ties go to the lower ranks first
     take = max(0, min(ties.numel(), wanted - earlier))
     remove = torch.cat([torch.nonzero(below).flatten(), ties[:take]])

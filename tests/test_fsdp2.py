@@ -189,3 +189,25 @@ def test_lq_train_composes_the_fsdp2_trainer():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=["trainer=fsdp2", "level=quantum"])
     assert cfg.trainer.strategy == "fsdp2" and cfg.trainer.devices == 2
+
+
+DISTILL_SCRIPT = Path(__file__).with_name("fsdp2_distill_script.py")
+
+
+@pytest.mark.parametrize(
+    "teacher_sharding",
+    [pytest.param("shard", marks=pytest.mark.parity), pytest.param("replicate", marks=pytest.mark.slow)],
+)
+def test_two_process_fsdp2_distillation_matches_one_process(tmp_path, teacher_sharding):
+    """The teacher (sharded, or whole on each rank) is bit-identical after the fit, frozen and in eval
+    mode; the student matches the one-process student within 1e-5 after 2 steps."""
+    _run(DISTILL_SCRIPT, tmp_path, "fsdp2", "2", "--teacher-sharding", teacher_sharding)
+    _run(DISTILL_SCRIPT, tmp_path, "single", "2")
+    sharded = torch.load(tmp_path / f"distill-fsdp2-{teacher_sharding}.pt", weights_only=True)
+    single = torch.load(tmp_path / "distill-single-replicate.pt", weights_only=True)
+    assert bool(sharded["teacher_sharded"]) == (teacher_sharding == "shard")
+    assert not bool(sharded["teacher_training"])
+    assert all(bool(v) for k, v in sharded.items() if k.startswith("teacher_unchanged/"))
+    for key, value in single.items():
+        if key.startswith("student/"):
+            assert torch.allclose(sharded[key], value, atol=1e-5, rtol=0), key

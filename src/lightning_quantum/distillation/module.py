@@ -25,6 +25,7 @@ from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
+from lightning_quantum.fsdp import shard_blocks
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 from lightning_quantum.report import DistillationFigures, ReportContext, ReportExtra, StudentVsTeacher
 
@@ -190,6 +191,9 @@ class DistillationModule(pl.LightningModule):
             probabilities are matched with ``KL(teacher || student)`` (MiniLM-style). The models must
             run eager attention (``attn_implementation="eager"``).
         attention_weight: weight of the attention losses.
+        teacher_sharding: under FSDP2 (``strategy="fsdp2"``): ``"replicate"`` keeps the whole teacher on
+            every rank (a small teacher: its forward needs no gathers); ``"shard"`` shards it as the
+            student is, block by block (a teacher too large for one device). Ignored otherwise.
 
     Raises:
         ValueError: for a temperature of 0 or below, negative weights, all loss weights zero, or a
@@ -219,6 +223,7 @@ class DistillationModule(pl.LightningModule):
         teacher_precision: Literal["fp32", "bf16", "int8"] = "fp32",
         attention_pairs: Mapping[str, str] | None = None,
         attention_weight: float = 1.0,
+        teacher_sharding: Literal["replicate", "shard"] = "replicate",
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
@@ -236,6 +241,8 @@ class DistillationModule(pl.LightningModule):
         check_choice("cache_teacher", cache_teacher, ("off", "memory", "disk"))
         check_choice("teacher_precision", teacher_precision, ("fp32", "bf16", "int8"))
         check_choice("output_loss", output_loss, ("kl", "mse", "cosine"))
+        check_choice("teacher_sharding", teacher_sharding, ("replicate", "shard"))
+        self.teacher_sharding = teacher_sharding
         check_positive("cache_max_mb", cache_max_mb)
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"], logger=False)
         self.student = student
@@ -416,6 +423,18 @@ class DistillationModule(pl.LightningModule):
             self._cached[indices[missing]] = True
         # float32 values, the same whether just computed or read back (from memory or from disk)
         return self._cache[indices].to(_device_of(inputs))
+
+    def configure_model(self) -> None:
+        """Under FSDP2: shard the student block by block, and the feature projections; the teacher too
+        with ``teacher_sharding="shard"`` (it stays frozen and in eval mode either way)."""
+        if self.device_mesh is None:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        shard_blocks(self.student, mesh)
+        if any(True for _ in self.projections.parameters()):
+            shard_blocks(self.projections, mesh)  # trained with the student: their gradients are reduced too
+        if self.teacher_sharding == "shard":
+            shard_blocks(self.teacher, mesh)
 
     def setup(self, stage: str) -> None:
         self._teacher_to_device()

@@ -211,3 +211,35 @@ def test_two_process_fsdp2_distillation_matches_one_process(tmp_path, teacher_sh
     for key, value in single.items():
         if key.startswith("student/"):
             assert torch.allclose(sharded[key], value, atol=1e-5, rtol=0), key
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_ultra_under_fsdp2_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
+    """lq-train level=ultra under FSDP2 (distillation, unstructured pruning, QAT), resumed from the
+    distributed checkpoint of epoch 2 of 4, writes the same converted model as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [
+        "trainer=fsdp2",
+        "level=ultra",
+        "trainer.max_epochs=4",
+        "logger=none",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.deployment=null",
+        "callbacks.export=null",
+        "callbacks.report=null",
+        "callbacks.pruning.method=l1_unstructured",
+        "callbacks.pruning.slim=false",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    middle = tmp_path / "full" / "checkpoints" / "epoch_001.ckpt"
+    for out, extra in ((tmp_path / "full", []), (tmp_path / "resumed", [f"ckpt_path='{middle}'"])):
+        command = [sys.executable, "-m", "lightning_quantum.apps.train", *common, f"paths.output_dir={out}", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (middle / "meta.pt").is_file()
+    full = load_file(tmp_path / "full" / "qat_converted.safetensors")  # safetensors: nothing is unpickled
+    resumed = load_file(tmp_path / "resumed" / "qat_converted.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)

@@ -284,7 +284,7 @@ def test_a_safetensors_file_as_ckpt_path_points_to_lq_optimize(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(ValueError, match=r"`ckpt_path`=.*model.safetensors' is a safetensors file.*lq-optimize"):
         train(_cfg(tmp_path, f"ckpt_path={weights}"))
-    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`=.*missing.ckpt' is not a file"):
+    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`=.*missing.ckpt' is neither a checkpoint file"):
         train(_cfg(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
 
 

@@ -118,7 +118,8 @@ def _check_stopping(trainer_cfg: DictConfig) -> None:
 
 
 def _check_ckpt_path(ckpt_path: Any) -> None:
-    """``ckpt_path`` must be a Lightning checkpoint file (or one of Lightning's keywords such as ``last``)."""
+    """``ckpt_path`` must be a Lightning checkpoint file, a distributed (FSDP2) checkpoint directory, or one
+    of Lightning's keywords such as ``last``."""
     if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_KEYWORDS:
         return
     path = Path(str(ckpt_path))
@@ -128,8 +129,12 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
             f"and callback state that resuming needs. To optimize these weights, use `lq-optimize "
             f"checkpoint={ckpt_path}`; to resume training, give a Lightning .ckpt (checkpoints/last.ckpt)."
         )
+    if path.is_dir() and (path / "meta.pt").is_file():  # a distributed checkpoint, as FSDP2 writes it
+        return
     if not path.is_file():
-        raise FileNotFoundError(f"`ckpt_path`={str(ckpt_path)!r} is not a file.")
+        raise FileNotFoundError(
+            f"`ckpt_path`={str(ckpt_path)!r} is neither a checkpoint file nor a distributed checkpoint directory."
+        )
 
 
 @contextmanager
@@ -192,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ValueError: for a level that is unknown or not built yet, an unknown precision, a NaN or
             infinite number anywhere in the config, ``trainer.max_epochs=-1`` with nothing else to
             stop the fit, or a ``ckpt_path`` that is a safetensors file.
-        FileNotFoundError: for a ``ckpt_path`` that is not a file.
+        FileNotFoundError: for a ``ckpt_path`` that is neither a file nor a distributed checkpoint.
         TrainingInterrupted: when SIGINT or SIGTERM stopped the fit (after writing the checkpoint).
     """
     refuse_non_finite(cfg)

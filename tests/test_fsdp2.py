@@ -243,3 +243,29 @@ def test_ultra_under_fsdp2_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_pa
     full = load_file(tmp_path / "full" / "qat_converted.safetensors")  # safetensors: nothing is unpickled
     resumed = load_file(tmp_path / "resumed" / "qat_converted.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_a_full_fsdp2_pruning_fit_ends_as_one_process_does(tmp_path):
+    """A whole cubic schedule (steps 2 to 8 of 60): the same global sparsity within one weight per layer,
+    and test accuracy within one test image of the one-process run."""
+    from lightning_quantum.benchmark import evaluate_accuracy
+    from lightning_quantum.data import DigitsDataModule
+    from lightning_quantum.models import DigitsMLP
+
+    for mode in ("fsdp2", "single"):
+        _run(SCRIPT, tmp_path, mode, "60", "--schedule", "cubic", "--tag=-fit")
+    data = DigitsDataModule(batch_size=64)
+    data.setup("test")
+    accuracy, zeros = {}, {}
+    for mode in ("fsdp2", "single"):
+        state = torch.load(tmp_path / f"{mode}-fit-rank0.pt", weights_only=True)
+        net = DigitsMLP(hidden=(64, 64), dropout=0.0)
+        net.load_state_dict({k.removeprefix("weight/net."): v for k, v in state.items() if k.startswith("weight/")})
+        accuracy[mode] = evaluate_accuracy(net, data.test_dataloader())
+        zeros[mode] = {k: int((~v).sum()) for k, v in state.items() if k.startswith("mask/")}
+        assert int(state["bad_zeros"]) == 0
+    assert all(abs(zeros["fsdp2"][k] - zeros["single"][k]) <= 1 for k in zeros["single"]), zeros
+    assert sum(zeros["fsdp2"].values()) == sum(zeros["single"].values())
+    assert abs(accuracy["fsdp2"] - accuracy["single"]) <= 1 / 270 + 1e-9, accuracy

@@ -196,7 +196,10 @@ DISTILL_SCRIPT = Path(__file__).with_name("fsdp2_distill_script.py")
 
 @pytest.mark.parametrize(
     "teacher_sharding",
-    [pytest.param("shard", marks=pytest.mark.parity), pytest.param("replicate", marks=pytest.mark.slow)],
+    [
+        pytest.param("shard", marks=[pytest.mark.slow, pytest.mark.parity]),
+        pytest.param("replicate", marks=pytest.mark.slow),
+    ],
 )
 def test_two_process_fsdp2_distillation_matches_one_process(tmp_path, teacher_sharding):
     """The teacher (sharded, or whole on each rank) is bit-identical after the fit, frozen and in eval

@@ -64,3 +64,31 @@ def run_rank_script(script, out_dir, ranks=(0, 1)):
 def _private_deployment_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own cache of the deployment gate's measurements (never the user's)."""
     monkeypatch.setenv("LIGHTNING_QUANTUM_CACHE", str(tmp_path_factory.mktemp("lq_cache")))
+
+
+def fsdp2_script_parser():
+    """The arguments every FSDP2 test script takes: output folder, `fsdp2` or `single`, steps, accelerator."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("mode", choices=["fsdp2", "single"])
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    return parser
+
+
+def fsdp2_trainer_kwargs(args, **overrides):
+    """``trainer_kwargs`` for an FSDP2 test script: 2 sharded processes, or one with the global batch."""
+    sharded = args.mode == "fsdp2"
+    return trainer_kwargs(
+        args.out,
+        max_steps=args.steps,
+        max_epochs=-1,
+        limit_train_batches=None,
+        accelerator=args.accelerator,
+        devices=2 if sharded else 1,
+        strategy="fsdp2" if sharded else "auto",
+        **overrides,
+    )

@@ -1,9 +1,6 @@
 """Run by tests/test_fsdp2.py: a DistillationModule under FSDP2 (2 CPU processes, gloo), or the same fit in
 one process with the global batch (`single`); rank zero writes the student's and the teacher's weights."""
 
-import argparse
-from pathlib import Path
-
 import lightning.pytorch as pl
 import torch
 from torch.distributed.tensor import DTensor
@@ -11,14 +8,10 @@ from torch.distributed.tensor import DTensor
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.distillation import DistillationModule
 from lightning_quantum.models import DigitsMLP
-from tests.conftest import trainer_kwargs
+from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
 
-parser = argparse.ArgumentParser()
-parser.add_argument("out", type=Path)
-parser.add_argument("mode", choices=["fsdp2", "single"])
-parser.add_argument("steps", type=int)
+parser = fsdp2_script_parser()
 parser.add_argument("--teacher-sharding", default="replicate", choices=["replicate", "shard"])
-parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
 args = parser.parse_args()
 
 
@@ -36,16 +29,7 @@ model = DistillationModule(
     teacher_sharding=args.teacher_sharding,
 )
 sharded = args.mode == "fsdp2"
-kwargs = trainer_kwargs(
-    args.out,
-    max_steps=args.steps,
-    max_epochs=-1,
-    limit_train_batches=None,
-    accelerator=args.accelerator,
-    devices=2 if sharded else 1,
-    strategy="fsdp2" if sharded else "auto",
-)
-trainer = pl.Trainer(**kwargs)
+trainer = pl.Trainer(**fsdp2_trainer_kwargs(args))
 trainer.fit(model, DigitsDataModule(batch_size=32 if sharded else 64))
 teacher_after = {n: full(t) for n, t in model.teacher.state_dict().items()}  # every rank: a gather if sharded
 result = {f"student/{n}": full(p) for n, p in model.student.named_parameters()}

@@ -1,25 +1,19 @@
 """Run by tests/test_fsdp2.py: pruning under FSDP2 (2 CPU processes, gloo, ModelParallelStrategy), or the
 same fit in one process with the global batch (`single`); each rank writes its weights and masks."""
 
-import argparse
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
 from lightning_quantum.callbacks import Pruning
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
-from tests.conftest import trainer_kwargs
+from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
 
-parser = argparse.ArgumentParser()
-parser.add_argument("out", type=Path)
-parser.add_argument("mode", choices=["fsdp2", "single"])
-parser.add_argument("steps", type=int)
-parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+parser = fsdp2_script_parser()
 parser.add_argument("--schedule", default="one_shot")
 parser.add_argument("--save-at", type=int, default=0, help="write a (sharded) checkpoint at this step")
 parser.add_argument("--resume", type=Path, default=None)
@@ -56,17 +50,7 @@ sharded = mode == "fsdp2"
 callbacks = [pruning, zeros]
 if args.save_at:
     callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_at, save_top_k=-1))
-kwargs = trainer_kwargs(
-    out,
-    max_steps=steps,
-    max_epochs=-1,
-    limit_train_batches=None,
-    callbacks=callbacks,
-    enable_checkpointing=bool(args.save_at),
-    accelerator=args.accelerator,
-    devices=2 if sharded else 1,
-    strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
-)
+kwargs = fsdp2_trainer_kwargs(args, callbacks=callbacks, enable_checkpointing=bool(args.save_at))
 trainer = pl.Trainer(**kwargs)
 trainer.fit(model, DigitsDataModule(batch_size=32 if sharded else 64), ckpt_path=args.resume)
 params = dict(model.named_parameters())

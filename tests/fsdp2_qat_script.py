@@ -2,28 +2,21 @@
 with the global batch (`single`); rank zero writes the fake-quantized outputs, or the converted
 model's test accuracy."""
 
-import argparse
-from pathlib import Path
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_quantum.benchmark import evaluate_accuracy
 from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
 from lightning_quantum.quantization import convert_qat, load_safetensors, prepare_qat, set_fake_quant_enabled
-from tests.conftest import trainer_kwargs
+from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
 
-parser = argparse.ArgumentParser()
-parser.add_argument("out", type=Path)
-parser.add_argument("mode", choices=["fsdp2", "single"])
-parser.add_argument("steps", type=int)
-parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+parser = fsdp2_script_parser()
 parser.add_argument("--convert", action="store_true")
 args = parser.parse_args()
+
 
 def outputs(module, x, fake_quant=True):
     """Logits for ``x`` (every rank must call it: FSDP2 gathers each block's weights in forward)."""
@@ -48,17 +41,7 @@ start = AtStart()
 model = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
 qat = QuantizationAwareTraining(start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert)
 sharded = args.mode == "fsdp2"
-kwargs = trainer_kwargs(
-    args.out,
-    max_steps=args.steps,
-    max_epochs=-1,
-    limit_train_batches=None,
-    callbacks=[qat, start],
-    accelerator=args.accelerator,
-    devices=2 if sharded else 1,
-    strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
-)
-trainer = pl.Trainer(**kwargs)
+trainer = pl.Trainer(**fsdp2_trainer_kwargs(args, callbacks=[qat, start]))
 trainer.fit(model, data)
 result = {}
 if args.convert:

@@ -59,6 +59,7 @@ from lightning_quantum._validation import check_finite, check_non_negative, chec
 from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime, to_onnxruntime
+from lightning_quantum.precision import cpuinfo_field
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 from lightning_quantum.quantization.export import export_program, load_program
 from lightning_quantum.quantization.qat import dequantize_linears, is_converted
@@ -610,16 +611,7 @@ def _architecture(model: nn.Module | None) -> Any:
 
 def _machine(device: torch.device) -> dict[str, Any]:
     """The CPU (or GPU), its kernel set and the library versions: a cached ranking holds only for these."""
-    cpu = platform.processor()
-    try:
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor()
     versions: dict[str, str | None] = {}
     for package in ("lightning-quantum", "torch", "torchao", "onnxruntime", "onnx", "onnxscript"):
         try:

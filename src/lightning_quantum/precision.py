@@ -60,16 +60,21 @@ CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _VALID_ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
-@functools.lru_cache(maxsize=1)
-def _read_cpu_flags() -> frozenset[str]:
+@functools.cache
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` line of ``/proc/cpuinfo`` (``flags``, ``model name``), or ``""`` elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _read_cpu_flags() -> frozenset[str]:
+    return frozenset(cpuinfo_field("flags").split())
 
 
 @dataclass(frozen=True)

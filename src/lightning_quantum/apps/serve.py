@@ -37,6 +37,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lightning_quantum import __version__
+from lightning_quantum._validation import check_choice
 from lightning_quantum.apps.serving import (
     JobStore,
     UnsafePathError,
@@ -62,13 +63,7 @@ _UNPROCESSABLE = 422  # Starlette renamed its constant (…_ENTITY to …_CONTEN
 def _one_of(label: str, choices: Sequence[str]) -> Callable[[str], str]:
     """A check that a value is one of ``choices`` (a registry's names); a 422 names the field, the value
     and the choices otherwise."""
-
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"`{label}`={value!r} is not valid. Choose one of: {', '.join(map(repr, choices))}.")
-        return value
-
-    return check
+    return lambda value: check_choice(label, value, choices)
 
 
 # The service's choices, spelled by the library's registries (and listed as an enum in the JSON schema).

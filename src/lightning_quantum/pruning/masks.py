@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -72,6 +72,27 @@ def _grow_mask(scores: Tensor, n_prune: int, previous: Tensor | None) -> Tensor:
     return keep
 
 
+def _ranking(
+    weights: Mapping[str, Tensor],
+) -> tuple[Callable[[Tensor, int, Tensor | None], Tensor], dict[str, Tensor], Callable[[Tensor, Tensor], Tensor]]:
+    """(how to grow a keep-mask, each weight's part on this process, how a part becomes the mask).
+
+    One process ranks whole weights (:func:`_grow_mask`). Under FSDP2 each rank ranks its shards and the
+    ranks agree on the threshold (:func:`~lightning_quantum.pruning.sharded.sharded_keep_mask`); the
+    mask of a shard is placed as its weight is. Counts (``n_prune``) are over whole weights either way.
+    """
+    if not any(is_sharded(w) for w in weights.values()):
+        return _grow_mask, dict(weights), lambda keep, weight: keep
+    if not all(is_sharded(w) for w in weights.values()):
+        raise ValueError("Some of the weights to prune are sharded (FSDP2 DTensors) and some are not: shard them all.")
+    group = next(iter(weights.values())).device_mesh.get_group()  # type: ignore[attr-defined]
+
+    def grow(scores: Tensor, n_prune: int, previous: Tensor | None) -> Tensor:
+        return sharded_keep_mask(scores, n_prune, previous, group)
+
+    return grow, local_parts(weights), shard_like  # type: ignore[return-value]
+
+
 def unstructured_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
@@ -82,63 +103,32 @@ def unstructured_masks(
     """Magnitude masks removing ``sparsity`` of the weights, over all of them or in each layer.
 
     Exactly ``round(sparsity * n)`` weights are removed. With ``previous`` masks, weights already
-    removed stay removed and count toward the target.
+    removed stay removed and count toward the target. FSDP2-sharded weights get sharded masks, the ones
+    a single process would compute.
     """
     check_fraction("sparsity", sparsity)
     check_choice("scope", scope, ("global", "layer"))
-    previous = previous or {}
-    if any(is_sharded(w) for w in weights.values()):
-        return _sharded_unstructured_masks(weights, sparsity, scope, previous)
+    grow, local, as_mask = _ranking(weights)
+    before = local_parts(previous or {})
     if scope == "layer":
         return {
-            name: _grow_mask(w.detach().abs().float(), round(sparsity * w.numel()), previous.get(name))
+            name: as_mask(grow(local[name].detach().abs().float(), round(sparsity * w.numel()), before.get(name)), w)
             for name, w in weights.items()
         }
     names = list(weights)
     # ranked where the weights live (torch.topk on CUDA); layers split over devices meet on the first's
-    device = weights[names[0]].device if names else torch.device("cpu")
-    flat = torch.cat([weights[n].detach().abs().float().flatten().to(device) for n in names])
+    device = local[names[0]].device if names else torch.device("cpu")
+    flat = torch.cat([local[n].detach().abs().float().flatten().to(device) for n in names])
     prev = None
-    if all(n in previous for n in names) and names:
-        prev = torch.cat([previous[n].flatten().to(device) for n in names])
-    keep = _grow_mask(flat, round(sparsity * flat.numel()), prev)
+    if all(n in before for n in names) and names:
+        prev = torch.cat([before[n].flatten().to(device) for n in names])
+    keep = grow(flat, round(sparsity * sum(weights[n].numel() for n in names)), prev)
     masks, offset = {}, 0
     for n in names:
-        w = weights[n]
-        masks[n] = keep[offset : offset + w.numel()].view_as(w).to(w.device)
-        offset += w.numel()
+        part = local[n]
+        masks[n] = as_mask(keep[offset : offset + part.numel()].view_as(part).to(part.device), weights[n])
+        offset += part.numel()
     return masks
-
-
-def _sharded_unstructured_masks(
-    weights: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """:func:`unstructured_masks` of FSDP2-sharded weights: each rank scores and keeps its own shard."""
-    sharded = _all_sharded(weights)
-    group = sharded[0].device_mesh.get_group()
-    local = {n: w.to_local().detach().abs().float() for n, w in weights.items()}  # type: ignore[attr-defined]
-    before = local_parts(previous)
-    if scope == "layer":
-        keep = {
-            n: sharded_keep_mask(local[n], round(sparsity * weights[n].numel()), before.get(n), group) for n in weights
-        }
-    else:
-        names = list(weights)
-        flat = torch.cat([local[n].flatten() for n in names])
-        prev = torch.cat([before[n].flatten() for n in names]) if all(n in before for n in names) else None
-        total = sum(weights[n].numel() for n in names)
-        joined = sharded_keep_mask(flat, round(sparsity * total), prev, group)
-        keep, offset = {}, 0
-        for n in names:
-            keep[n] = joined[offset : offset + local[n].numel()].view_as(local[n])
-            offset += local[n].numel()
-    return {n: shard_like(keep[n], weights[n]) for n in weights}  # type: ignore[arg-type]
-
-
-def _all_sharded(weights: Mapping[str, Tensor]) -> list[Any]:
-    if not all(is_sharded(w) for w in weights.values()):
-        raise ValueError("Some of the weights to prune are sharded (FSDP2 DTensors) and some are not: shard them all.")
-    return list(weights.values())
 
 
 def structured_masks(
@@ -151,40 +141,21 @@ def structured_masks(
     """Masks removing ``sparsity`` of the output channels (dim 0) of each weight, by L1 or L2 norm.
 
     At least one channel of each layer is kept. With ``previous`` masks, channels already removed stay
-    removed.
+    removed. A sharded (FSDP2) weight's rows are whole on the rank that holds them.
     """
     check_fraction("sparsity", sparsity)
     check_choice("norm", norm, (1, 2))
-    previous = previous or {}
-    if any(is_sharded(w) for w in weights.values()):
-        return _sharded_structured_masks(weights, sparsity, norm, previous)
+    grow, local, as_mask = _ranking(weights)
+    before = local_parts(previous or {})
     masks = {}
     for name, w in weights.items():
-        rows = w.detach().float().flatten(1).norm(p=norm, dim=1)
-        prev = previous.get(name)
-        prev_rows = prev.to(rows.device).flatten(1).any(dim=1) if prev is not None else None
-        n_prune = min(round(sparsity * rows.numel()), rows.numel() - 1)
-        keep_rows = _grow_mask(rows, n_prune, prev_rows)
-        masks[name] = keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
-    return masks
-
-
-def _sharded_structured_masks(
-    weights: Mapping[str, Tensor], sparsity: float, norm: int, previous: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """:func:`structured_masks` of FSDP2-sharded weights: rows are whole on the rank that holds them."""
-    sharded = _all_sharded(weights)
-    group = sharded[0].device_mesh.get_group()
-    before = local_parts(previous)
-    masks: dict[str, Tensor] = {}
-    for name, w in weights.items():
-        local = w.to_local().detach().float()  # type: ignore[attr-defined]
-        rows = local.flatten(1).norm(p=norm, dim=1)
+        part = local[name]
+        rows = part.detach().float().flatten(1).norm(p=norm, dim=1)
         prev = before.get(name)
-        prev_rows = prev.flatten(1).any(dim=1) if prev is not None else None
+        prev_rows = prev.to(rows.device).flatten(1).any(dim=1) if prev is not None else None
         n_prune = min(round(sparsity * w.shape[0]), w.shape[0] - 1)
-        keep_rows = sharded_keep_mask(rows, n_prune, prev_rows, group)
-        masks[name] = shard_like(keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(local).clone(), w)  # type: ignore[arg-type]
+        keep_rows = grow(rows, n_prune, prev_rows)
+        masks[name] = as_mask(keep_rows.view(-1, *([1] * (w.dim() - 1))).expand_as(part).clone(), w)
     return masks
 
 
@@ -196,9 +167,10 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
     """
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
         raise ValueError(f"`nm`={n}:{m} is not valid. It needs 0 < N < M, for example 2:4.")
+    _, local, as_mask = _ranking(weights)  # a sharded weight's rows are whole on its rank: N:M is local
     masks = {}
-    for name, weight in weights.items():  # a sharded weight's rows are whole on its rank: N:M is local
-        w = weight.to_local() if is_sharded(weight) else weight  # type: ignore[attr-defined]
+    for name, weight in weights.items():
+        w = local[name]
         rows = w.detach().abs().float().flatten(1)
         if rows.shape[1] % m:
             raise ValueError(
@@ -208,7 +180,7 @@ def nm_masks(weights: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str,
         groups = rows.view(rows.shape[0], -1, m)
         keep_idx = torch.topk(groups, n, dim=-1).indices
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True).view_as(w)
-        masks[name] = shard_like(keep, weight) if is_sharded(weight) else keep  # type: ignore[arg-type]
+        masks[name] = as_mask(keep, weight)
     return masks
 
 

@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_quantum.data import DigitsDataModule  # noqa: E402
+from lightning_quantum.data import DigitsDataModule, EpochSeededSampler  # noqa: E402
 from lightning_quantum.models import Classifier, DigitsMLP  # noqa: E402
 
 
@@ -67,20 +67,25 @@ def _private_deployment_cache(tmp_path_factory, monkeypatch):
 
 
 def fsdp2_script_parser():
-    """The arguments every FSDP2 test script takes: output folder, `fsdp2` or `single`, steps, accelerator."""
+    """The arguments every FSDP2 test script takes: output folder, mode, steps, accelerator.
+
+    The modes: ``fsdp2`` (2 sharded processes of 32 samples a batch), ``single`` (one process with the
+    global batch of 64) and ``accumulated`` (one process that accumulates the gradients of the two
+    ranks' batches, see :class:`RankBatches`: the same sums in the same order as the 2 ranks').
+    """
     import argparse
     from pathlib import Path
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("mode", choices=["fsdp2", "single"])
+    parser.add_argument("mode", choices=["fsdp2", "single", "accumulated"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     return parser
 
 
 def fsdp2_trainer_kwargs(args, **overrides):
-    """``trainer_kwargs`` for an FSDP2 test script: 2 sharded processes, or one with the global batch."""
+    """``trainer_kwargs`` for an FSDP2 test script's mode (see :func:`fsdp2_script_parser`)."""
     sharded = args.mode == "fsdp2"
     return trainer_kwargs(
         args.out,
@@ -90,5 +95,44 @@ def fsdp2_trainer_kwargs(args, **overrides):
         accelerator=args.accelerator,
         devices=2 if sharded else 1,
         strategy="fsdp2" if sharded else "auto",
+        accumulate_grad_batches=2 if args.mode == "accumulated" else 1,
         **overrides,
     )
+
+
+class RankBatches(EpochSeededSampler):
+    """One process's sampler that yields rank 0's batch of an epoch, then rank 1's, and so on.
+
+    With ``accumulate_grad_batches=2`` each optimizer step then sums the gradients of the two batches
+    the 2 ranks of a sharded run see, each computed on the same 32 samples: (g0 + g1) / 2 in either
+    process, so the sharded and the one-process runs differ by nothing that rounds differently.
+    """
+
+    def __init__(self, data, seed, batch_size):
+        super().__init__(data, seed, num_replicas=2)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        shards = [self.epoch_order()[rank::2] for rank in range(2)]
+        for start in range(0, self.num_samples, self.batch_size):
+            for shard in shards:
+                yield from shard[start : start + self.batch_size]
+
+    def __len__(self):
+        return self.total_size
+
+
+class AccumulatedDigits(DigitsDataModule):
+    """Digits whose training batches come from :class:`RankBatches` (the ``accumulated`` mode)."""
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        sampler = RankBatches(loader.dataset, self.seed, self.batch_size)
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def fsdp2_digits(args, **kwargs):
+    """The digits for an FSDP2 test script's mode: 32 samples a rank, 64 in one process, or 2 x 32 accumulated."""
+    if args.mode == "accumulated":
+        return AccumulatedDigits(batch_size=32, **kwargs)
+    return DigitsDataModule(batch_size=32 if args.mode == "fsdp2" else 64, **kwargs)

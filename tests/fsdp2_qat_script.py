@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp2.py: QAT under FSDP2 (2 CPU processes, gloo), or the same fit in one process
-with the global batch (`single`); rank zero writes the fake-quantized outputs, or the converted
+(`single`: the global batch; `accumulated`: the ranks' batches, see tests/conftest.py); rank zero writes the fake-quantized outputs, or the converted
 model's test accuracy."""
 
 import lightning.pytorch as pl
@@ -8,10 +8,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_quantum.benchmark import evaluate_accuracy
 from lightning_quantum.callbacks import QuantizationAwareTraining
-from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
 from lightning_quantum.quantization import convert_qat, load_safetensors, prepare_qat, set_fake_quant_enabled
-from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
+from tests.conftest import fsdp2_digits, fsdp2_script_parser, fsdp2_trainer_kwargs
 
 parser = fsdp2_script_parser()
 parser.add_argument("--convert", action="store_true")
@@ -33,7 +32,7 @@ class AtStart(Callback):
 
 
 torch.manual_seed(0)
-data = DigitsDataModule(batch_size=32 if args.mode == "fsdp2" else 64)
+data = fsdp2_digits(args)
 data.setup("test")
 test_set = data.test_dataloader().dataset
 fixed = torch.stack([test_set[i][0] for i in range(64)])  # the same inputs on every rank and in one process

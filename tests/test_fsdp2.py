@@ -137,16 +137,19 @@ def test_fsdp2_pruning_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_two_process_fsdp2_qat_matches_one_process(tmp_path, accelerator):
     """QAT prepared before FSDP2 shards the model (torchao's order): before any step the fake-quantized
-    outputs are equal; after 2 optimizer steps the float outputs are within 1e-5, and the fake-quantized
-    ones within one int8 step (a weight 1e-8 apart can round to the next int8 value: measured 1.0e-3
-    on 108 of 640 logits, every prediction the same)."""
-    for mode in ("fsdp2", "single"):
+    outputs are equal, and after 2 optimizer steps they are within 1e-5 of one process's that
+    accumulates the gradients of the batches the 2 ranks saw (measured: equal, and the float outputs
+    1.5e-8 apart on one logit). Against one process with the global batch of 64 the gradients are
+    summed in another order, a weight 1e-8 apart can round to the next int8 value, and the
+    fake-quantized logits differ by up to 1.0e-3 (120 of 640): that comparison is the slow test's
+    accuracy after a whole fit."""
+    for mode in ("fsdp2", "accumulated"):
         _run(QAT_SCRIPT, tmp_path, mode, "2", "--accelerator", accelerator)
-    sharded, single = (torch.load(tmp_path / f"qat-{m}.pt", weights_only=True) for m in ("fsdp2", "single"))
+    sharded, single = (torch.load(tmp_path / f"qat-{m}.pt", weights_only=True) for m in ("fsdp2", "accumulated"))
     assert torch.equal(sharded["at_start"], single["at_start"])
+    assert not torch.equal(sharded["at_start"], sharded["fake_quantized"])  # the 2 steps changed the model
     assert torch.allclose(sharded["float"], single["float"], atol=1e-5, rtol=0)
-    assert torch.allclose(sharded["fake_quantized"], single["fake_quantized"], atol=2e-3, rtol=0)
-    assert torch.equal(sharded["fake_quantized"].argmax(1), single["fake_quantized"].argmax(1))
+    assert torch.allclose(sharded["fake_quantized"], single["fake_quantized"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Run by tests/test_fsdp2.py: QAT under FSDP2 (2 CPU processes, gloo), or the same fit in one process
-(`single`: the global batch; `accumulated`: the ranks' batches, see tests/conftest.py); rank zero writes the fake-quantized outputs, or the converted
-model's test accuracy."""
+(`single`: the global batch; `accumulated`: the ranks' batches, see tests/conftest.py); rank zero
+writes the fake-quantized outputs, or the converted model's test accuracy."""
 
 import lightning.pytorch as pl
 import torch

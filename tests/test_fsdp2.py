@@ -1,5 +1,6 @@
 """FSDP2 (Lightning's ModelParallelStrategy with fully_shard): pruning on sharded DTensor weights."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from lightning_quantum.callbacks import Pruning
 from lightning_quantum.pruning import structured_masks, unstructured_masks
 from lightning_quantum.pruning.masks import nm_masks
 from lightning_quantum.pruning.sharded import sharded_keep_mask
+from tests.conftest import trainer_kwargs
 
 SCRIPT = Path(__file__).with_name("fsdp2_pruning_script.py")
 QAT_SCRIPT = Path(__file__).with_name("fsdp2_qat_script.py")
@@ -165,21 +167,79 @@ def test_fsdp2_qat_converts_whole_on_rank_zero(tmp_path):
     assert (tmp_path / "qat_converted.safetensors").is_file()
 
 
-def test_fsdp2_is_a_strategy_name_and_callbacks_that_need_the_whole_model_stop_at_setup():
+def test_fsdp2_is_a_strategy_name_and_another_model_parallel_strategy_stops_the_whole_model_callbacks():
     import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     import lightning_quantum as lq
     from lightning_quantum.callbacks import DeploymentGate, OptimizationReport
-    from lightning_quantum.callbacks._common import refuse_fsdp2
+    from lightning_quantum.callbacks._common import check_whole_model_available
 
     kwargs = lq.recipe("quantum", strategy="fsdp2", devices=2, accelerator="cpu").trainer_kwargs()
     trainer = pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False})
     assert isinstance(trainer.strategy, lq.FSDP2Strategy)
     assert {type(c).__name__ for c in trainer.callbacks} >= {"DeploymentGate", "OptimizationReport", "ModelExport"}
-    with pytest.raises(MisconfigurationException, match=r"DeploymentGate, ModelExport, OptimizationReport need the "):
-        refuse_fsdp2(trainer)
+    check_whole_model_available(trainer)  # FSDP2Strategy gathers the model whole on rank zero
+    other = pl.Trainer(
+        **{**kwargs, "strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "logger": False}
+    )
+    names = r"DeploymentGate, ModelExport, OptimizationReport need .*fsdp2"
+    with pytest.raises(MisconfigurationException, match=names):
+        check_whole_model_available(other)
     plain = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[DeploymentGate(), OptimizationReport()])
-    refuse_fsdp2(plain)  # not FSDP2: nothing to refuse
+    check_whole_model_available(plain)  # not FSDP2: nothing to gather
+
+
+@pytest.fixture
+def restored_environ():
+    """Lightning sets MASTER_PORT and the rank variables of an in-process distributed fit in
+    ``os.environ``; the later tests' processes must not inherit them (the port is taken)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_the_gate_report_and_export_get_the_model_gathered_whole_under_fsdp2(tmp_path, restored_environ):
+    """strategy="fsdp2" on one rank (DTensor weights, the same gathering as on two): at fit end the
+    callbacks that need the whole model share one copy gathered on rank zero; QAT converts it, the
+    gate measures it, the export writes it and the report measures what the gate shipped. The trained
+    module stays sharded, and the gathered float weights compute what the sharded ones do."""
+    import lightning.pytorch as pl
+    from safetensors.torch import load_file
+
+    from lightning_quantum.callbacks import DeploymentGate, ModelExport, OptimizationReport, QuantizationAwareTraining
+    from lightning_quantum.data import DigitsDataModule
+    from lightning_quantum.models import Classifier, DigitsMLP
+    from lightning_quantum.quantization import set_fake_quant_enabled
+
+    torch.manual_seed(0)
+    model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))
+    qat = QuantizationAwareTraining(start_step=0)
+    gate = DeploymentGate(numerics=("float", "int8"), runners=("eager",), repeats=2, rounds=1, max_eval_batches=1)
+    export = ModelExport(formats=["safetensors"])
+    report = OptimizationReport(print_table=False, repeats=2, max_eval_batches=1, compare_train_step=False)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, strategy="fsdp2", max_steps=3, callbacks=[qat, gate, export, report])
+    )
+    try:
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+        assert isinstance(model.net.head.weight, DTensor)  # the trained module stays sharded
+        x = torch.randn(8, 64)
+        set_fake_quant_enabled(model, False)
+        with torch.no_grad():
+            assert torch.equal(qat.float_model(x), model(x))
+    finally:
+        dist.destroy_process_group()
+    assert qat.converted_model is not None and not any(isinstance(p, DTensor) for p in qat.converted_model.parameters())
+    written, converted = load_file(export.paths["safetensors"]), load_file(qat.converted_path)
+    assert written.keys() == converted.keys() and all(torch.equal(written[k], converted[k]) for k in written)
+    assert gate.decision is not None and report.report is not None
+    assert report.report.precision.startswith(gate.decision.form)
+    assert report.report.accuracy_reference == "the float model before int8 conversion"
+    assert report.paths["json"].is_file()
 
 
 def test_lq_train_composes_the_fsdp2_trainer():
@@ -223,7 +283,8 @@ def test_two_process_fsdp2_distillation_matches_one_process(tmp_path, teacher_sh
 @pytest.mark.parity
 def test_ultra_under_fsdp2_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
     """lq-train level=ultra under FSDP2 (distillation, unstructured pruning, QAT), resumed from the
-    distributed checkpoint of epoch 2 of 4, writes the same converted model as the uninterrupted run."""
+    distributed checkpoint of epoch 2 of 4, writes the same converted model as the uninterrupted run;
+    the report, the gate and the export measure and write the model gathered on rank zero."""
     from safetensors.torch import load_file
 
     common = [
@@ -232,9 +293,6 @@ def test_ultra_under_fsdp2_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_pa
         "trainer.max_epochs=4",
         "logger=none",
         "callbacks.rich_progress_bar=null",
-        "callbacks.deployment=null",
-        "callbacks.export=null",
-        "callbacks.report=null",
         "callbacks.pruning.method=l1_unstructured",
         "callbacks.pruning.slim=false",
         "callbacks.model_checkpoint.save_top_k=-1",
@@ -249,6 +307,10 @@ def test_ultra_under_fsdp2_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_pa
     full = load_file(tmp_path / "full" / "qat_converted.safetensors")  # safetensors: nothing is unpickled
     resumed = load_file(tmp_path / "resumed" / "qat_converted.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    report = json.loads((tmp_path / "resumed" / "report.json").read_text())  # measured on the gathered model
+    assert report["accuracy_reference"] == "the teacher" and report["extra"]["teacher"]["accuracy"] > 0.9
+    assert report["optimized_model_size_mb"] < report["original_model_size_mb"]
+    assert (tmp_path / "resumed" / "model.safetensors").is_file() and report["extra"]["deployment"]["form"]
 
 
 @pytest.mark.slow

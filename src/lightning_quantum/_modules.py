@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
+import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["eval_mode", "owner_of", "replace_module", "select_parameters"]
+__all__ = ["eval_mode", "held_modules", "meta_copy", "owner_of", "replace_module", "select_parameters"]
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -24,6 +27,30 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     return old
+
+
+def held_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules ``module`` holds as plain attributes, outside its module tree (a distillation teacher,
+    set with ``object.__setattr__`` so that it stays out of the state dict and the optimizer)."""
+    return {k: v for k, v in vars(module).items() if isinstance(v, nn.Module) and k not in module._modules}
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure whose parameters and buffers (and those of the modules it holds
+    outside its tree, see :func:`held_modules`) are on the meta device: no memory, no values. The
+    ``Trainer`` it may hold stays behind; ``to_empty`` and ``load_state_dict`` make it whole.
+
+    Each tensor is replaced before it is copied, so a large model is never copied in memory.
+    """
+    memo: dict[int, Any] = {}
+    for part in (module, *held_modules(module).values()):
+        for tensor in itertools.chain(part.parameters(), part.buffers()):
+            meta = tensor.detach().to("meta")
+            memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    trainer = module.__dict__.get("_trainer")
+    if trainer is not None:
+        memo[id(trainer)] = None
+    return copy.deepcopy(module, memo)
 
 
 @contextlib.contextmanager

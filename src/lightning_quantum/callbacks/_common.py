@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_quantum.activation_checkpointing import disable_activation_checkpointing
+from lightning_quantum.fsdp import FSDP2Strategy, gather_whole, is_sharded
 from lightning_quantum.quantization.qat import unprepare_qat
 
 #: The DataModule (or LightningModule) loader each ``eval_split`` reads.
@@ -54,19 +56,43 @@ _NEEDS_WHOLE_MODEL = {
 }
 
 
-def refuse_fsdp2(trainer: pl.Trainer) -> None:
-    """Stop at setup, not after the fit, when callbacks that need the whole model on rank zero run
-    under FSDP2 (``ModelParallelStrategy``); the message names all of them and what to do instead."""
-    if not isinstance(trainer.strategy, ModelParallelStrategy):
+def check_whole_model_available(trainer: pl.Trainer) -> None:
+    """Stop at setup, not after the fit, when callbacks that need the whole model on rank zero run under a
+    ``ModelParallelStrategy`` other than :class:`~lightning_quantum.FSDP2Strategy`, the one that keeps the
+    model's structure to gather it whole; the message names all of them and what to do instead."""
+    if not isinstance(trainer.strategy, ModelParallelStrategy) or isinstance(trainer.strategy, FSDP2Strategy):
         return
     found = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ in _NEEDS_WHOLE_MODEL]  # type: ignore[attr-defined]
     settings = " ".join(_NEEDS_WHOLE_MODEL[name] for name in found)
     raise MisconfigurationException(
-        f"{', '.join(found)} need the whole model on rank zero, which FSDP2 (ModelParallelStrategy) does not hold. "
-        f"Leave them out (`{settings}` in lq-train) and measure or export the consolidated model after the fit "
-        "(QuantizationAwareTraining writes qat_converted.safetensors under FSDP2; `lq-optimize` takes a "
-        "checkpoint), or train with DDP."
+        f"{', '.join(found)} need the whole model on rank zero, which {type(trainer.strategy).__name__} does not "
+        'gather. Use `strategy="fsdp2"` (lightning_quantum.FSDP2Strategy: FSDP2 that gathers the model whole '
+        f"on rank zero at fit end), or leave them out (`{settings}` in lq-train)."
     )
+
+
+def whole_module(trainer: pl.Trainer, structure: nn.Module | None = None) -> nn.Module | None:
+    """The LightningModule, whole, on rank zero; every rank must call it.
+
+    Outside FSDP2 it is the module itself (on every rank). Under :class:`~lightning_quantum.FSDP2Strategy`
+    it is the sharded weights gathered into a plain copy on rank zero's CPU (``None`` on the other ranks),
+    one per optimizer step, shared by the callbacks. Under another ``ModelParallelStrategy``, ``structure``
+    (the module on the meta device, taken before it was sharded) is what they are gathered into.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDP2Strategy):
+        return strategy.whole_module()
+    module = trainer.lightning_module
+    if isinstance(strategy, ModelParallelStrategy) and structure is not None and is_sharded(module):
+        return gather_whole(module, structure, trainer.is_global_zero)
+    return module
+
+
+def output_dir(trainer: pl.Trainer, configured: str | Path | None) -> Path:
+    """``configured``, else the Trainer's log directory; every rank must call it (Lightning broadcasts
+    ``log_dir`` from rank zero, a collective under ``ModelParallelStrategy``)."""
+    log_dir = trainer.log_dir
+    return Path(configured) if configured is not None else Path(log_dir or trainer.default_root_dir)
 
 
 def is_sanity_checking(trainer: pl.Trainer) -> bool:

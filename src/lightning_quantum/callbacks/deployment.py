@@ -20,11 +20,13 @@ from lightning_quantum._validation import check_choice, check_finite, check_non_
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
     MeasuresInference,
+    check_whole_model_available,
     eval_loader,
     find_callback,
     inference_copy,
     is_fast_dev_run,
-    refuse_fsdp2,
+    output_dir,
+    whole_module,
 )
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
 from lightning_quantum.deployment import (
@@ -168,11 +170,13 @@ class DeploymentGate(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_fsdp2(trainer)
+        check_whole_model_available(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        out = output_dir(trainer, self.output_dir)  # every rank: collectives under FSDP2
+        whole = whole_module(trainer)  # under FSDP2: gathered whole on rank zero
+        if not trainer.is_global_zero or whole is None:
             return
         precision = str(trainer.precision)
         if precision not in _FLOAT32_WEIGHTS or type(trainer.precision_plugin).__name__ == "BitsandbytesPrecision":
@@ -183,7 +187,7 @@ class DeploymentGate(Callback):
         quick = is_fast_dev_run(trainer)
         batch_size = self.batch_size or self._report_setting(trainer, "batch_size") or 64
         threads = self.num_threads or self._report_setting(trainer, "num_threads")
-        model = inference_copy(pl_module)
+        model = inference_copy(whole)
         forms = [trained_form(model)] if quick else self.forms  # fast_dev_run: no compiling, one form
         self.module, self.decision = choose_deployment(
             model,
@@ -203,11 +207,6 @@ class DeploymentGate(Callback):
         )
         rank_zero_info(f"Deployment: {self.decision.reason}")
         if self.export:
-            out = (
-                Path(self.output_dir)
-                if self.output_dir is not None
-                else Path(trainer.log_dir or trainer.default_root_dir)
-            )
             self.paths = save_deployment(
                 self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem
             )

@@ -16,7 +16,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum._batches import split_batch
-from lightning_quantum.callbacks._common import detached_copy, find_callback, refuse_fsdp2
+from lightning_quantum.callbacks._common import (
+    check_whole_model_available,
+    detached_copy,
+    find_callback,
+    output_dir,
+    whole_module,
+)
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
 from lightning_quantum.report import ReportContext, ReportExtra, keep_existing
@@ -81,16 +87,15 @@ class ModelExport(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_fsdp2(trainer)
+        check_whole_model_available(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        out = output_dir(trainer, self.output_dir)  # every rank: collectives under FSDP2
+        whole = whole_module(trainer)  # under FSDP2: gathered whole on rank zero
+        if not trainer.is_global_zero or whole is None:
             return
-        out = (
-            Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
-        )
-        source = getattr(trainer, "datamodule", None) or pl_module
+        source = getattr(trainer, "datamodule", None) or whole
         inputs, _ = split_batch(next(iter(source.test_dataloader())))
         # Programs are traced on a CPU copy, with CPU inputs (tuples and dicts too): a program traced on
         # a GPU loads only where that GPU is. (torch.export also leaves weak references on the parameters
@@ -101,15 +106,15 @@ class ModelExport(Callback):
             example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
         same_program = _deployed_program_of_this_model(trainer)
         writers = {
-            "safetensors": lambda p: save_safetensors(pl_module, p),  # tensors are written from the CPU
+            "safetensors": lambda p: save_safetensors(whole, p),  # tensors are written from the CPU
             # the DeploymentGate's program, when it shipped this very model: the same export, not done twice
             "pt2": lambda p: (
                 Path(shutil.copyfile(same_program, p))
                 if same_program is not None
-                else export_program(detached_copy(pl_module).cpu(), example, p)
+                else export_program(detached_copy(whole).cpu(), example, p)
             ),
             "torchscript": lambda p: export_torchscript(
-                detached_copy(pl_module).cpu(), _positional(example, "torchscript"), p
+                detached_copy(whole).cpu(), _positional(example, "torchscript"), p
             ),
         }
         for fmt in self.formats:

@@ -13,12 +13,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from typing_extensions import override
 
+from lightning_quantum._modules import meta_copy
 from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
-from lightning_quantum.callbacks._common import detached_copy, find_callback, inference_copy
+from lightning_quantum.callbacks._common import find_callback, inference_copy, output_dir, whole_module
 from lightning_quantum.callbacks.pruning import Pruning
+from lightning_quantum.fsdp import FSDP2Strategy
 from lightning_quantum.quantization.export import save_safetensors
 from lightning_quantum.quantization.qat import (
     convert_qat,
@@ -136,16 +137,19 @@ class QuantizationAwareTraining(Callback):
         #: under FSDP2, where rank zero wrote it (``qat_converted.safetensors``)
         self.converted_path: Path | None = None
         self._skeleton: torch.nn.Module | None = None  # the model's structure on the meta device
+        self._sharded = False  # under a ModelParallelStrategy (FSDP2)
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._prepare(pl_module)
-            if isinstance(trainer.strategy, ModelParallelStrategy):
-                # FSDP2 shards the model after setup (configure_model), so QAT prepares first, as torchao
-                # documents; its structure is kept, without memory, to rebuild it whole at fit end
-                self._skeleton = detached_copy(pl_module).to("meta")
+            # FSDP2 shards the model after setup (configure_model), so QAT prepares first, as torchao
+            # documents. FSDP2Strategy keeps the model's structure to gather it whole at fit end; under
+            # another ModelParallelStrategy this callback keeps it (on the meta device: no memory).
+            self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+            if self._sharded and not isinstance(trainer.strategy, FSDP2Strategy):
+                self._skeleton = meta_copy(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,7 +181,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.convert_on_fit_end and self.phase == "prepared" and self._skeleton is not None:
+        if self.convert_on_fit_end and self.phase == "prepared" and self._sharded:
             self._convert_sharded(trainer, pl_module)
         elif self.convert_on_fit_end and self.phase == "prepared":
             # The float weights before conversion: the DeploymentGate's float form, the report's reference.
@@ -245,17 +249,13 @@ class QuantizationAwareTraining(Callback):
         return int(schedule.end) * per_epoch
 
     def _convert_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """FSDP2: gather the trained weights into one state dict on rank zero (every rank takes part),
-        load them into the model rebuilt from its structure, convert that, and write it as safetensors.
-        The trained module stays sharded and fake-quantized."""
-        assert self._skeleton is not None
+        """FSDP2: the trained weights gathered whole on rank zero (every rank takes part) are converted
+        there and written as safetensors. The trained module stays sharded and fake-quantized; the
+        callbacks after this one (the gate, the report, the export) see the converted whole model."""
         self._set_enabled(pl_module, True)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(pl_module, options=options)
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "qat_converted.safetensors"  # every rank: a broadcast
-        if trainer.is_global_zero:
-            model = self._skeleton.to_empty(device="cpu")
-            model.load_state_dict(state)
+        out = output_dir(trainer, None) / "qat_converted.safetensors"
+        model = whole_module(trainer, self._skeleton)
+        if model is not None:
             set_fake_quant_enabled(model, True)
             self.float_model = inference_copy(model)
             convert_qat(model, self.scheme, group_size=self.group_size)

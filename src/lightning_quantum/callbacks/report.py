@@ -9,7 +9,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -34,12 +34,14 @@ from lightning_quantum.benchmark import (
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
     MeasuresInference,
+    check_whole_model_available,
     detached_copy,
     eval_loader,
     find_callback,
     inference_copy,
     is_fast_dev_run,
-    refuse_fsdp2,
+    output_dir,
+    whole_module,
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
@@ -214,7 +216,7 @@ class OptimizationReport(Callback, MeasuresInference):
     # -- hooks ---------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_fsdp2(trainer)
+        check_whole_model_available(trainer)
         if stage == "fit":
             self._take_baseline_snapshot(pl_module)
 
@@ -245,9 +247,11 @@ class OptimizationReport(Callback, MeasuresInference):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._baseline is None:
             return
-        if not trainer.is_global_zero:
+        out = output_dir(trainer, self.output_dir)  # every rank: collectives under FSDP2
+        module = whole_module(trainer)  # under FSDP2: gathered whole on rank zero
+        if not trainer.is_global_zero or module is None:
             return
-        self._run_report(trainer, pl_module)
+        self._run_report(trainer, cast(pl.LightningModule, module), out)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -332,7 +336,7 @@ class OptimizationReport(Callback, MeasuresInference):
             device=pl_module.device,
         )
 
-    def _run_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> None:
         duration = self._elapsed()
         baseline_metrics, final_metrics = self._benchmark(trainer, pl_module)
         step_times = self._train_step_times(trainer, pl_module)
@@ -377,9 +381,6 @@ class OptimizationReport(Callback, MeasuresInference):
             train_step_time_ms=step_times,
             level=self.level,
             extra=extra,
-        )
-        out = (
-            Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
         )
         self.paths = write_report(self.report, out, stem=self.stem)
         log.info("Optimization report written to %s", self.paths["json"])

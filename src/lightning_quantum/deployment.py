@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
+from lightning_quantum._cache import cache_root
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
@@ -86,7 +87,6 @@ RUNNERS = ("eager", "compiled", "onnxruntime")
 FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
 #: Environment variable: the root of the gate's cache (see :func:`default_cache_dir`).
-CACHE_ENV = "LIGHTNING_QUANTUM_CACHE"
 
 
 class CastInputs(nn.Module):
@@ -582,8 +582,7 @@ def _fastest_eligible(results: dict[str, CandidateResult], built: dict[str, nn.M
 def default_cache_dir() -> Path:
     """Where :class:`~lightning_quantum.callbacks.DeploymentGate` keeps its measurements: ``deployment/``
     under ``$LIGHTNING_QUANTUM_CACHE``, else under ``~/.cache/lightning_quantum``."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "lightning_quantum") / "deployment"
+    return cache_root() / "deployment"
 
 
 def _describe(value: Any) -> Any:

@@ -123,6 +123,9 @@ class ReportExtra(TypedDict, total=False):
     teacher: dict[str, Any]  # OptimizationPerformanceMetrics.to_dict() of the teacher
     student_vs_teacher: StudentVsTeacher
     distillation: DistillationFigures
+    # a CausalLM
+    language_model: list[dict[str, Any]]  # figure, value: perplexity, decode tokens/s, prefill ms
+    samples: list[dict[str, str]]  # prompt, continuation: greedy continuations of held-out prompts
     # the callbacks
     pruning: PruningFigures
     sparsity_table: list[dict[str, Any]]  # per layer, the last row the total
@@ -149,6 +152,7 @@ class ReportContext:
         eval_loader: the loader the report measures accuracy on.
         measure: ``measure(module, precision)`` measures another model (a teacher) with the report's
             settings (batch size, threads, repeats) on ``eval_loader``.
+        eval_split: the split ``eval_loader`` reads (``"test"`` or ``"val"``).
     """
 
     trainer: Any
@@ -156,6 +160,7 @@ class ReportContext:
     optimized: OptimizationPerformanceMetrics
     eval_loader: Any
     measure: Callable[[nn.Module, str], OptimizationPerformanceMetrics]
+    eval_split: str = "test"
 
 
 @runtime_checkable

@@ -362,6 +362,7 @@ class OptimizationReport(Callback, MeasuresInference):
             measure=lambda module, precision: benchmark_model(
                 module, eval_data=loader, precision=precision, **settings
             ),
+            eval_split=self.eval_split,
         )
         # the LightningModule (a DistillationModule measures its teacher), then the callbacks (Pruning adds
         # its per-layer sparsity table, the DeploymentGate its candidates, ...)

@@ -1,5 +1,6 @@
-"""Reference models: the digits nets and a classification LightningModule."""
+"""Reference models: the digits nets, a classification LightningModule and a small causal LM."""
 
+from lightning_quantum.models.causal_lm import CausalLM, evaluate_perplexity
 from lightning_quantum.models.classifier import Classifier
 from lightning_quantum.models.nets import (
     ARCHITECTURES,
@@ -13,6 +14,7 @@ from lightning_quantum.models.nets import (
 
 __all__ = [
     "ARCHITECTURES",
+    "CausalLM",
     "Classifier",
     "DigitsMLP",
     "DigitsCNN",
@@ -20,4 +22,5 @@ __all__ = [
     "ConvBlock",
     "build_architecture",
     "digits_architecture_of",
+    "evaluate_perplexity",
 ]

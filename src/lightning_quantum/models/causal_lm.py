@@ -1,0 +1,291 @@
+"""A small decoder-only language model, built from a ``transformers`` config and trained from scratch."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_quantum._modules import eval_mode
+from lightning_quantum._validation import check_fraction, check_non_negative, check_positive
+from lightning_quantum.report import ReportContext, ReportExtra
+
+# Imported inside the functions that use them: transformers (slow to import).
+
+__all__ = ["CausalLM", "decode_tokens_per_second", "evaluate_perplexity", "prefill_latency_ms"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}`={value!r} is not valid. It must be a positive integer.")
+    return value
+
+
+class CausalLM(pl.LightningModule):
+    """A causal language model (the Llama architecture of ``transformers``, at a small size) with its
+    loss, perplexity and Hugging Face ``generate``.
+
+    The architecture is Llama's rather than GPT-2's because GPT-2's layers are ``transformers``'
+    ``Conv1D`` (a transposed linear), which torchao's quantization and QAT do not take; Llama's are
+    ``nn.Linear``, as in the models torchao's QAT figures are for. The input and output embeddings
+    are not tied, so that each can be quantized in its own way (int8 rows, int4 groups).
+
+    Training batches are ``(batch, context)`` tensors of token ids; the model's labels are the same
+    ids (``transformers`` shifts them). ``val/ppl`` and ``test/ppl`` are ``exp`` of the mean token loss
+    over the whole split (all ranks together), not a mean of per-batch perplexities. The learning
+    rate warms up linearly over ``warmup_fraction`` of the fit, then decays along a cosine to 10%.
+    Only plain hyperparameters are saved, so checkpoints load with ``torch.load(weights_only=True)``.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary (``TextLMDataModule.tokenizer_config()``).
+        hidden_size: width of the residual stream.
+        num_layers: decoder layers.
+        num_heads: attention heads (``hidden_size`` must divide by it).
+        intermediate_size: width of each layer's MLP.
+        context: the longest sequence (positions) the model takes.
+        eos_token_id: the end-of-text token (also padding in ``generate``).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's weight decay.
+        warmup_fraction: share of the fit's steps spent warming the learning rate up.
+        dropout: attention dropout.
+        optimizer: a factory taking the parameters (AdamW with ``lr`` and ``weight_decay`` when ``None``).
+
+    Example:
+        >>> model = CausalLM(vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+        >>> tuple(model(torch.zeros(1, 8, dtype=torch.long)).shape)
+        (1, 8, 512)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        hidden_size: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 4,
+        intermediate_size: int = 1024,
+        context: int = 128,
+        eos_token_id: int = 0,
+        lr: float = 2e-3,
+        weight_decay: float = 0.1,
+        warmup_fraction: float = 0.05,
+        dropout: float = 0.0,
+        optimizer: OptimizerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("context", context),
+        ):
+            _positive_int(name, value)
+        if hidden_size % num_heads:
+            raise ValueError(f"`hidden_size`={hidden_size} must divide by `num_heads`={num_heads}.")
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size:
+            raise ValueError(
+                f"`eos_token_id`={eos_token_id!r} is not valid. It must be a token id in [0, {vocab_size})."
+            )
+        check_positive("lr", lr)
+        check_non_negative("weight_decay", weight_decay)
+        check_fraction("warmup_fraction", warmup_fraction)
+        check_fraction("dropout", dropout)
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=context,
+            attention_dropout=dropout,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id,
+            tie_word_embeddings=False,
+        )
+        self.model = LlamaForCausalLM(config)
+        self.context = context
+        self.eos_token_id = eos_token_id
+        self.optimizer_factory = optimizer
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Next-token logits, ``(batch, sequence, vocab)``."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self._loss(batch), weight=batch.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.test_loss.update(self._loss(batch), weight=batch.numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.log_dict({"test/loss": loss, "test/ppl": loss.exp()}, sync_dist=False)
+        self.test_loss.reset()
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 64, **kwargs: Any) -> Tensor:
+        """Greedy continuation through Hugging Face ``generate``, with the KV cache (``kwargs`` go to it)."""
+        options = {"do_sample": False, "use_cache": True, "pad_token_id": self.eos_token_id, **kwargs}
+        attention_mask = torch.ones_like(input_ids)
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
+        )
+
+    def report_extra(self, context: ReportContext) -> ReportExtra:
+        """For the optimization report: held-out perplexity, decode speed at batch 1 (greedy, 64 new
+        tokens, KV cache), prefill latency at batch 8, and greedy continuations of held-out prompts.
+
+        Measured on the model as trained (``context.pl_module``: eager, in its training numerics);
+        the shipped form's latency is the report's main table."""
+        model = context.pl_module
+        blocks = [b for b, _ in zip(context.eval_loader, range(8))]
+        held_out = torch.cat(blocks)
+        prompts = held_out[:3, :16]
+        figures = [
+            {"figure": "held-out perplexity", "value": evaluate_perplexity(model, context.eval_loader)},
+            {
+                "figure": "decode tokens/s (batch 1, 64 new tokens, KV cache)",
+                "value": decode_tokens_per_second(model, prompts[:1]),
+            },
+            {
+                "figure": f"prefill ms (batch 8, {held_out.shape[1]} tokens)",
+                "value": prefill_latency_ms(model, held_out[:8]),
+            },
+        ]
+        datamodule = getattr(context.trainer, "datamodule", None)
+        if hasattr(datamodule, "unigram_perplexity"):
+            unigram = datamodule.unigram_perplexity(context.eval_split)
+            figures.insert(1, {"figure": "unigram perplexity (token frequencies alone)", "value": unigram})
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        samples = []
+        if tokenizer is not None:
+            out = model.generate(prompts.to(model.device), max_new_tokens=32)
+            for prompt, tokens in zip(prompts, out):
+                samples.append(
+                    {
+                        "prompt": _one_line(tokenizer.decode(prompt)),
+                        "continuation": _one_line(tokenizer.decode(tokens[prompt.shape[0] :])),
+                    }
+                )
+        extra: ReportExtra = {"language_model": figures}
+        if samples:
+            extra["samples"] = samples
+        return extra
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+            no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+            optimizer = torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": self.hparams.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=self.hparams.lr,
+                betas=(0.9, 0.95),
+            )
+        trainer = self._trainer  # None for a detached copy (the report times its training step)
+        total = trainer.estimated_stepping_batches if trainer is not None else math.inf
+        if not math.isfinite(total):
+            return optimizer  # a fit of unknown length: the peak rate throughout
+        warmup = max(1, int(total * self.hparams.warmup_fraction))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: nn.Module, loader: Iterable[Tensor], max_batches: int | None = None) -> float:
+    """``exp`` of the mean next-token loss of ``model`` (any module mapping token ids to logits: the
+    LightningModule, a quantized or compiled form) over the blocks of ``loader``."""
+    total, tokens = 0.0, 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            ids = batch.to(device)
+            logits = model(ids)
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            tokens += ids[:, 1:].numel()
+    if tokens == 0:
+        raise ValueError("`loader` gave no tokens to measure perplexity on.")
+    return math.exp(total / tokens)
+
+
+def _one_line(text: str) -> str:
+    """``text`` fit for a Markdown table cell: one line, no column separators."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model: Any, prompt: Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Greedy decoding speed of ``model`` (anything with :meth:`CausalLM.generate`'s signature): exactly
+    ``new_tokens`` tokens after ``prompt`` (``(1, length)`` token ids), KV cache on; the median of
+    ``repeats`` runs after one warm-up run."""
+    prompt = prompt.to(next(model.parameters()).device)
+    times = []
+    with eval_mode(model):
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            if i:
+                times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
+
+
+@torch.no_grad()
+def prefill_latency_ms(model: nn.Module, blocks: Tensor, repeats: int = 5) -> float:
+    """Median milliseconds of one forward pass of ``model`` over ``blocks`` (``(batch, tokens)`` ids)
+    after one warm-up pass: the prompt-processing (prefill) latency."""
+    blocks = blocks.to(next(model.parameters()).device)
+    times = []
+    with eval_mode(model):
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(blocks)
+            if i:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)

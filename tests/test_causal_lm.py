@@ -1,0 +1,107 @@
+"""The causal LM workload: CPython's text split by document, its BPE tokenizer, the DataModule and CausalLM."""
+
+import math
+import random
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_quantum.data import TextLMDataModule
+from lightning_quantum.data.lm import (
+    END_OF_TEXT,
+    cpython_documents,
+    split_documents,
+    train_tokenizer,
+    unigram_perplexity,
+)
+from lightning_quantum.models import CausalLM, evaluate_perplexity
+from tests.conftest import trainer_kwargs
+
+TOPICS = ("topics",)  # the help topics alone: the tests' corpus (the docstrings take 10 s to read once)
+
+
+def tiny_data(tmp_path, **kwargs):
+    options = {"batch_size": 4, "context": 32, "vocab_size": 512, "sources": TOPICS, "tokenizer_dir": str(tmp_path)}
+    return TextLMDataModule(**{**options, **kwargs})
+
+
+def tiny_lm(data, **kwargs):
+    options = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "context": 32}
+    return CausalLM(**{**data.tokenizer_config(), **options, **kwargs})
+
+
+def test_the_split_is_by_document_disjoint_and_independent_of_order():
+    names = list(cpython_documents(TOPICS))
+    split = split_documents(names, 0.1, 0.1, seed=3)
+    parts = [set(split[s]) for s in ("train", "val", "test")]
+    assert sum(map(len, parts)) == len(names) and set().union(*parts) == set(names)
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1 :])
+    shuffled = names[:]
+    random.Random(0).shuffle(shuffled)
+    assert split_documents(shuffled, 0.1, 0.1, seed=3) == split
+    assert split_documents(names, 0.1, 0.1, seed=4) != split
+
+
+def test_the_tokenizer_is_trained_once_per_corpus_and_settings_and_is_deterministic(tmp_path):
+    texts = [cpython_documents(TOPICS)[n] for n in sorted(cpython_documents(TOPICS))[:20]]
+    first = train_tokenizer(texts, vocab_size=400, cache_dir=tmp_path / "a")
+    (cached,) = (tmp_path / "a").glob("bpe-*.json")
+    stamp = cached.stat().st_mtime_ns
+    again = train_tokenizer(texts, vocab_size=400, cache_dir=tmp_path / "a")  # read back, not trained again
+    assert cached.stat().st_mtime_ns == stamp and again.get_vocab() == first.get_vocab()
+    elsewhere = train_tokenizer(texts, vocab_size=400, cache_dir=tmp_path / "b")  # trained anew: the same
+    assert elsewhere.get_vocab() == first.get_vocab()
+    assert len(list((tmp_path / "a").glob("bpe-*.json"))) == 1
+    train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path / "a")  # other settings: another file
+    assert len(list((tmp_path / "a").glob("bpe-*.json"))) == 2
+    cached.write_text("{not json")  # a damaged file is trained again and replaced
+    assert train_tokenizer(texts, vocab_size=400, cache_dir=tmp_path / "a").get_vocab() == first.get_vocab()
+    assert first.eos_token == END_OF_TEXT and first.decode(first(texts[0][:200])["input_ids"]) == texts[0][:200]
+    with pytest.raises(ValueError, match=r"`vocab_size`=100 is not valid"):
+        train_tokenizer(texts, vocab_size=100)
+
+
+def test_the_datamodule_cuts_each_split_into_blocks_of_its_own_documents(tmp_path):
+    data = tiny_data(tmp_path, val_fraction=0.1, test_fraction=0.1)
+    data.setup()
+    names = [set(data.documents[s]) for s in ("train", "val", "test")]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+    eos = data.tokenizer.eos_token_id
+    for split in ("train", "val", "test"):
+        ids = data.token_ids[split]
+        assert int((ids == eos).sum()) == len(data.documents[split])  # one end-of-text after each document
+        blocks = data.splits[split].blocks
+        assert blocks.shape[1] == 32 and torch.equal(blocks.flatten(), ids[: blocks.numel()])
+    batch = next(iter(data.train_dataloader()))
+    assert batch.shape == (4, 32) and batch.dtype == torch.long
+    held_out = data.unigram_perplexity("test")
+    assert held_out == pytest.approx(unigram_perplexity(data.token_ids["train"], data.token_ids["test"], 512))
+    assert 1 < held_out < 512
+    with pytest.raises(ValueError, match=r"`sources`=\['lyrics'\] is not valid"):
+        TextLMDataModule(sources=["lyrics"])
+    with pytest.raises(ValueError, match=r"`context`=0 is not valid"):
+        TextLMDataModule(context=0)
+
+
+def test_causal_lm_trains_reports_perplexity_over_the_split_and_generates(tmp_path):
+    torch.manual_seed(0)
+    data = tiny_data(tmp_path)
+    model = tiny_lm(data, lr=3e-3)
+    data.setup()
+    before = evaluate_perplexity(model, data.val_dataloader())
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=30, max_epochs=-1, limit_train_batches=None, limit_val_batches=None)
+    )
+    trainer.fit(model, data)
+    (metrics,) = trainer.validate(model, data, verbose=False)
+    after = evaluate_perplexity(model, data.val_dataloader())
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert metrics["val/ppl"] == pytest.approx(after, rel=1e-4)  # exp of the split's mean token loss
+    assert after < 0.75 * before
+    prompt = data.tokenizer("The return value", return_tensors="pt")["input_ids"]
+    out = model.generate(prompt, max_new_tokens=8)
+    assert out.shape == (1, prompt.shape[1] + 8) and torch.equal(out[:, : prompt.shape[1]], prompt)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8), out)  # greedy: the same continuation
+    with pytest.raises(ValueError, match=r"`hidden_size`=30 must divide by `num_heads`=4"):
+        CausalLM(hidden_size=30, num_heads=4)

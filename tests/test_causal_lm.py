@@ -105,3 +105,42 @@ def test_causal_lm_trains_reports_perplexity_over_the_split_and_generates(tmp_pa
     assert torch.equal(model.generate(prompt, max_new_tokens=8), out)  # greedy: the same continuation
     with pytest.raises(ValueError, match=r"`hidden_size`=30 must divide by `num_heads`=4"):
         CausalLM(hidden_size=30, num_heads=4)
+
+
+class _Losses(pl.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _fit_int4_qat(tmp_path, data, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_quantum.callbacks import QuantizationAwareTraining
+
+    torch.manual_seed(0)
+    model = tiny_lm(data)
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=32, embeddings=True, start_step=2, convert_on_fit_end=False
+    )
+    losses = _Losses()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[qat, losses, checkpoints])
+    pl.Trainer(**kwargs).fit(model, data, ckpt_path=ckpt_path, weights_only=True)
+    return model, qat, losses.losses
+
+
+@pytest.mark.parity
+def test_int4_qat_of_the_lm_with_int8_embeddings_resumes_exactly(tmp_path):
+    """Int4 weight-only QAT of every linear and int8 rows of the embedding table (QUANTUM on the LM),
+    resumed from the checkpoint of epoch 1 of 2: the same losses (within 1e-6) and the same weights."""
+    data = tiny_data(tmp_path)
+    full, qat, losses = _fit_int4_qat(tmp_path / "a", data)
+    assert {"model.model.embed_tokens", "model.lm_head", "model.model.layers.0.mlp.down_proj"} <= set(qat.layers)
+    resumed, _, resumed_losses = _fit_int4_qat(tmp_path / "b", data, tmp_path / "a" / "ckpts" / "epoch=0-step=4.ckpt")
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert all(abs(resumed_losses[s] - losses[s]) <= 1e-6 for s in resumed_losses)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -86,7 +86,6 @@ RUNNERS = ("eager", "compiled", "onnxruntime")
 #: kernels are few, and the graph falls back op by op).
 FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
-#: Environment variable: the root of the gate's cache (see :func:`default_cache_dir`).
 
 
 class CastInputs(nn.Module):

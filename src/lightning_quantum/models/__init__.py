@@ -1,6 +1,11 @@
 """Reference models: the digits nets, a classification LightningModule and a small causal LM."""
 
-from lightning_quantum.models.causal_lm import CausalLM, evaluate_perplexity
+from lightning_quantum.models.causal_lm import (
+    CausalLM,
+    decode_tokens_per_second,
+    evaluate_perplexity,
+    prefill_latency_ms,
+)
 from lightning_quantum.models.classifier import Classifier
 from lightning_quantum.models.nets import (
     ARCHITECTURES,
@@ -21,6 +26,8 @@ __all__ = [
     "MLPBlock",
     "ConvBlock",
     "build_architecture",
+    "decode_tokens_per_second",
     "digits_architecture_of",
     "evaluate_perplexity",
+    "prefill_latency_ms",
 ]

@@ -1,0 +1,163 @@
+"""The causal LM on CPython's text: BASIC training, then int4 post-training quantization against int4 QAT.
+
+    python benchmarks/causal_lm.py                  # about 10 minutes here; writes benchmarks/results/causal_lm.json
+    python benchmarks/causal_lm.py --quick          # a smoke run: a tiny model, a few steps
+
+1. **BASIC**: the 6-layer, width-256 ``CausalLM`` (``conf/model/gpt_cpython.yaml``) trained from scratch in
+   fp32 for ``--steps`` steps on the training documents; its held-out (test) perplexity against a unigram
+   model's, and the wall time of the fit.
+2. Two branches continue from the BASIC weights for ``--finetune-steps`` more steps each, so that both
+   have trained equally long:
+   - **float**: plain training; its perplexity is the fp32 figure; then post-training quantization of its
+     weights to int4 (torchao ``IntxWeightOnlyConfig(int4, PerGroup(32))`` on every linear, int8 rows on
+     the embedding table), with torchao's affine ranges (``PTQ int4``) and with HQQ's scale-only ranges
+     (``HQQ int4``, torchao's CPU HQQ);
+   - **QAT**: int4 weight-only fake quantization of the same layers and int8 of the embedding table
+     (``prepare_qat(..., "int4_weight_only", embeddings=True)``), then conversion to the same int4 form.
+3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)``: the share of PTQ's perplexity loss QAT wins
+   back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
+4. Size of each form (serialized bytes) and decode speed at batch 1 (greedy, 64 new tokens, KV cache, Hugging
+   Face ``generate`` in eager mode), and prefill latency at batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import quiet_trainer
+from torch import nn
+
+from lightning_quantum.benchmark import serialized_size_bytes
+from lightning_quantum.data import TextLMDataModule
+from lightning_quantum.models import CausalLM, decode_tokens_per_second, evaluate_perplexity, prefill_latency_ms
+from lightning_quantum.quantization import convert_qat, prepare_qat, set_fake_quant_enabled
+
+RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
+
+
+def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float) -> CausalLM:
+    sizes = (
+        {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+        if args.quick
+        else {"hidden_size": 256, "num_layers": 6, "num_heads": 4, "intermediate_size": 1024}
+    )
+    return CausalLM(**data.tokenizer_config(), context=data.context, lr=lr, **sizes)
+
+
+def _fit(model: CausalLM, data: TextLMDataModule, steps: int) -> float:
+    start = time.perf_counter()
+    quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0).fit(model, data)
+    return time.perf_counter() - start
+
+
+def _ptq_int4(model: nn.Module, algorithm: str) -> nn.Module:
+    """A copy of ``model`` with int4 linears (groups of 32) and int8 embedding rows, by torchao's PTQ."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    out = copy.deepcopy(model).eval()
+    choose = IntxChooseQParamsAlgorithm(algorithm)
+    int4 = torch.int4  # type: ignore[attr-defined]
+    quantize_(
+        out, IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(32), intx_choose_qparams_algorithm=choose)
+    )
+    quantize_(
+        out,
+        IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+        filter_fn=lambda m, _: isinstance(m, nn.Embedding),
+    )
+    return out
+
+
+def _speed(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:
+    blocks = next(iter(data.test_dataloader()))
+    return {
+        "decode_tokens_per_s": decode_tokens_per_second(model, blocks[:1, :16]),
+        "prefill_ms_batch8": prefill_latency_ms(model, blocks[:8]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.finetune_steps = min(args.steps, 20), min(args.finetune_steps, 10)
+    torch.manual_seed(0)
+    data = TextLMDataModule(
+        batch_size=16, context=128, eval_batch_size=32, sources=("topics",) if args.quick else ("topics", "docstrings")
+    )
+    data.setup()
+    test = data.test_dataloader()
+    result: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
+        "settings": vars(args) | {"out": str(args.out)},
+        "corpus": {
+            split: {"documents": len(names), "tokens": int(data.token_ids[split].numel())}
+            for split, names in data.documents.items()
+        },
+        "unigram_ppl": data.unigram_perplexity("test"),
+    }
+
+    basic = _model(data, args, lr=2e-3)
+    result["basic"] = {"fit_seconds": _fit(basic, data, args.steps), "ppl": evaluate_perplexity(basic, test)}
+    result["basic"] |= {"bytes": serialized_size_bytes(basic.model)} | _speed(basic, data)
+    state = copy.deepcopy(basic.state_dict())
+    print(json.dumps(result, indent=1), flush=True)
+
+    floating = _model(data, args, lr=5e-4)
+    floating.load_state_dict(state)
+    result["fp32"] = {
+        "fit_seconds": _fit(floating, data, args.finetune_steps),
+        "ppl": evaluate_perplexity(floating, test),
+    }
+    for name, algorithm in (("ptq_int4", "affine"), ("hqq_int4", "hqq_scale_only")):
+        quantized = _ptq_int4(floating, algorithm)
+        result[name] = {"ppl": evaluate_perplexity(quantized, test), "bytes": serialized_size_bytes(quantized.model)}
+
+    qat = _model(data, args, lr=5e-4)
+    qat.load_state_dict(state)
+    prepare_qat(qat, "int4_weight_only", group_size=32, embeddings=True)
+    set_fake_quant_enabled(qat, True)
+    result["qat_int4"] = {
+        "fit_seconds": _fit(qat, data, args.finetune_steps),
+        "fake_quantized_ppl": evaluate_perplexity(qat, test),
+    }
+    convert_qat(qat, "int4_weight_only", group_size=32)
+    result["qat_int4"] |= {"ppl": evaluate_perplexity(qat, test), "bytes": serialized_size_bytes(qat.model)} | _speed(
+        qat, data
+    )
+
+    fp32, qat_ppl = result["fp32"]["ppl"], result["qat_int4"]["ppl"]
+    for peer in ("ptq_int4", "hqq_int4"):
+        lost = result[peer]["ppl"] - fp32
+        result[peer]["qat_recovery"] = (result[peer]["ppl"] - qat_ppl) / lost if lost > 0 else None
+    result["qat_int4"]["size_vs_basic"] = result["qat_int4"]["bytes"] / result["basic"]["bytes"]
+    result["qat_int4"]["decode_vs_basic"] = (
+        result["qat_int4"]["decode_tokens_per_s"] / result["basic"]["decode_tokens_per_s"]
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

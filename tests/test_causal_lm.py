@@ -144,3 +144,39 @@ def test_int4_qat_of_the_lm_with_int8_embeddings_resumes_exactly(tmp_path):
     assert all(abs(resumed_losses[s] - losses[s]) <= 1e-6 for s in resumed_losses)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_causal_lm_distils_into_fewer_layers_and_reports_as_an_lm(tmp_path):
+    """ULTRA's distillation on the LM: a 2-layer teacher into a 1-layer student with the next-token
+    loss, soft targets per token and a hidden-state pair; the report has the student's LM sections
+    and the teacher beside it; val/lm_loss is the student's perplexity's log."""
+    from lightning_quantum.callbacks import OptimizationReport
+    from lightning_quantum.distillation import DistillationModule
+
+    data = tiny_data(tmp_path)
+    torch.manual_seed(0)
+    teacher = tiny_lm(data, lr=3e-3)
+    fit = trainer_kwargs(tmp_path / "teacher", max_steps=20, max_epochs=-1, limit_train_batches=None)
+    pl.Trainer(**fit).fit(teacher, data)
+    student = tiny_lm(data, num_layers=1, lr=3e-3)
+    module = DistillationModule(
+        student=student,
+        teacher=teacher.eval(),
+        alpha=0.5,
+        beta=0.5,
+        temperature=2.0,
+        feature_pairs={"model.model.layers.0": "model.model.layers.1"},
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+    )
+    report = OptimizationReport(print_table=False, repeats=2, max_eval_batches=2, compare_train_step=False)
+    kwargs = trainer_kwargs(tmp_path, max_steps=20, max_epochs=-1, limit_train_batches=None, limit_val_batches=None)
+    trainer = pl.Trainer(**{**kwargs, "callbacks": [report]})
+    trainer.fit(module, data)
+    (metrics,) = trainer.validate(module, data, verbose=False)
+    assert math.exp(metrics["val/lm_loss"]) == pytest.approx(
+        evaluate_perplexity(student, data.val_dataloader()), rel=1e-4
+    )
+    extra = report.report.extra
+    assert {"teacher", "student_vs_teacher", "language_model", "samples"} <= set(extra)
+    assert extra["student_vs_teacher"]["size_ratio"] < 0.9  # one layer of two; the embeddings stay
+    assert extra["language_model"][0]["figure"] == "held-out perplexity"

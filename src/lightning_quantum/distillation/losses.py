@@ -9,14 +9,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_quantum._validation import check_choice, check_positive
 
-__all__ = ["kd_loss", "feature_loss", "attention_kl"]
+__all__ = ["kd_loss", "feature_loss", "attention_kl", "is_token_batch", "next_token_loss"]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -43,6 +43,25 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     s = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def next_token_loss(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """A causal language model's task loss: cross-entropy of the logits at each position against the
+    next token (``logits`` ``(batch, length, vocab)``, ``token_ids`` ``(batch, length)``)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), token_ids[:, 1:].reshape(-1))
+
+
+def is_token_batch(inputs: Any, outputs: Any) -> bool:
+    """Whether ``inputs`` are token ids ``(batch, length)`` and ``outputs`` a causal LM's logits for them."""
+    return (
+        isinstance(inputs, Tensor)
+        and isinstance(outputs, Tensor)
+        and inputs.dim() == 2
+        and not inputs.is_floating_point()
+        and outputs.dim() == 3
+        and tuple(outputs.shape[:2]) == tuple(inputs.shape)
+    )
 
 
 def feature_loss(student: Tensor, teacher: Tensor, kind: Literal["mse", "cosine"] = "mse") -> Tensor:

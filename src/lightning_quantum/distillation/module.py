@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -24,10 +25,16 @@ from lightning_quantum._batches import batch_indices, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import serialized_size_bytes
-from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd_loss
+from lightning_quantum.distillation.losses import attention_kl, feature_loss, is_token_batch, kd_loss, next_token_loss
 from lightning_quantum.fsdp import shard_blocks
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
-from lightning_quantum.report import DistillationFigures, ReportContext, ReportExtra, StudentVsTeacher
+from lightning_quantum.report import (
+    DistillationFigures,
+    ReportContext,
+    ReportContributor,
+    ReportExtra,
+    StudentVsTeacher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -509,9 +516,12 @@ class DistillationModule(pl.LightningModule):
         self._check_outputs(student_out, teacher_out)
         parts: dict[str, Tensor] = {}
         if self.alpha:
-            if targets is None:
+            if targets is None and is_token_batch(inputs, student_out):  # a causal LM: the next token is the label
+                parts["task_loss"] = next_token_loss(student_out, inputs)
+            elif targets is None:
                 raise RuntimeError("`alpha` > 0 needs labelled batches; set `alpha`=0 to distill unlabeled data.")
-            parts["task_loss"] = F.cross_entropy(student_out.float(), targets)
+            else:
+                parts["task_loss"] = F.cross_entropy(student_out.float(), targets)
         if self.beta:
             if self.output_loss == "kl":
                 parts["kd_loss"] = kd_loss(student_out, teacher_out, self.temperature)
@@ -573,7 +583,11 @@ class DistillationModule(pl.LightningModule):
         loss, _, student_out, teacher_out = self._losses(batch)
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
         self.log(f"{prefix}/agreement", self._agreement(student_out, teacher_out), sync_dist=True)
-        _, targets = split_batch(batch)
+        inputs, targets = split_batch(batch)
+        if targets is None and is_token_batch(inputs, student_out):  # exp of the mean of lm_loss: perplexity
+            self.log(
+                f"{prefix}/lm_loss", next_token_loss(student_out, inputs), prog_bar=prefix == "val", sync_dist=True
+            )
         if targets is not None and self.num_classes:
             self.log(
                 f"{prefix}/acc",
@@ -644,11 +658,14 @@ class DistillationModule(pl.LightningModule):
         # quality without labels: how closely the student follows the teacher
         versus["agreement"] = self.teacher_agreement(context.eval_loader)
         versus["agreement_kind"] = "top-1" if self.output_loss == "kl" else "cosine"
-        return {
+        extra: ReportExtra = {
             "teacher": teacher.to_dict(),
             "student_vs_teacher": versus,
             "distillation": self.distillation_figures(),
         }
+        if isinstance(self.student, ReportContributor):  # a student with sections of its own (a CausalLM's)
+            extra.update(self.student.report_extra(dataclasses.replace(context, pl_module=self.student)))
+        return extra
 
     def distillation_figures(self) -> DistillationFigures:
         """Sizes and parameters of teacher and student, the teacher's share of training step time, the cache."""

@@ -18,6 +18,11 @@
    back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
 4. Size of each form (serialized bytes) and decode speed at batch 1 (greedy, 64 new tokens, KV cache, Hugging
    Face ``generate`` in eager mode), and prefill latency at batch 8.
+5. **ULTRA** (``--ultra-steps``, 0 to skip): the BASIC model (after its float branch) as the teacher of a
+   3-layer student initialised from its embeddings, final norm, output layer and layers 0, 3 and 5;
+   distilled with the next-token loss, per-token soft targets (T=2) and the hidden states of those layers
+   (``DistillationModule``), 2:4 pruning of the MLPs' linears from the first step (``Pruning(method="nm")``),
+   and int4 QAT of every linear (int8 embedding rows) from the second half, then converted.
 """
 
 from __future__ import annotations
@@ -35,20 +40,61 @@ from _common import quiet_trainer
 from torch import nn
 
 from lightning_quantum.benchmark import serialized_size_bytes
+from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
+from lightning_quantum.distillation import DistillationModule
 from lightning_quantum.models import CausalLM, decode_tokens_per_second, evaluate_perplexity, prefill_latency_ms
-from lightning_quantum.quantization import convert_qat, prepare_qat, set_fake_quant_enabled
+from lightning_quantum.quantization import convert_qat, dequantize_linears, prepare_qat, set_fake_quant_enabled
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 
 
-def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float) -> CausalLM:
+def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float, num_layers: int | None = None) -> CausalLM:
     sizes = (
         {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
         if args.quick
         else {"hidden_size": 256, "num_layers": 6, "num_heads": 4, "intermediate_size": 1024}
     )
+    if num_layers is not None:
+        sizes["num_layers"] = num_layers
     return CausalLM(**data.tokenizer_config(), context=data.context, lr=lr, **sizes)
+
+
+def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace) -> dict:
+    """Distil ``teacher`` into 3 layers (or 1 of 2 with ``--quick``) with 2:4 pruning of the MLPs and int4 QAT."""
+    n = teacher.model.config.num_hidden_layers
+    chosen = [0, n // 2, n - 1] if n >= 3 else [n - 1]
+    student = _model(data, args, lr=5e-4, num_layers=len(chosen))
+    for part in ("embed_tokens", "norm"):
+        getattr(student.model.model, part).load_state_dict(getattr(teacher.model.model, part).state_dict())
+    student.model.lm_head.load_state_dict(teacher.model.lm_head.state_dict())
+    for i, t in enumerate(chosen):
+        student.model.model.layers[i].load_state_dict(teacher.model.model.layers[t].state_dict())
+    module = DistillationModule(
+        student=student,
+        teacher=copy.deepcopy(teacher).eval(),
+        alpha=0.5,
+        beta=0.5,
+        temperature=2.0,
+        feature_pairs={f"model.model.layers.{i}": f"model.model.layers.{t}" for i, t in enumerate(chosen)},
+        feature_weight=0.1,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1),
+    )
+    steps = args.ultra_steps
+    pruning = Pruning(method="nm", nm="2:4", names=["*mlp*"], start_step=0, end_step=0, frequency=1)
+    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=steps // 2)
+    start = time.perf_counter()
+    quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0, callbacks=[pruning, qat]).fit(module, data)
+    seconds = time.perf_counter() - start
+    test = data.test_dataloader()
+    out = {"fit_seconds": seconds, "layers_from_teacher": chosen, "ppl": evaluate_perplexity(student, test)}
+    out |= {"bytes": serialized_size_bytes(student.model), "mlp_sparsity": pruning.current_sparsity}
+    out |= {f"int4_{k}": v for k, v in _speed(student, data).items()}
+    dequantize_linears(student)  # the same weights in fp32 (2:4 zeros kept): the student's float form
+    out |= {"float_ppl": evaluate_perplexity(student, test)} | {
+        f"float_{k}": v for k, v in _speed(student, data).items()
+    }
+    return out
 
 
 def _fit(model: CausalLM, data: TextLMDataModule, steps: int) -> float:
@@ -87,42 +133,9 @@ def _speed(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
-    parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.finetune_steps = min(args.steps, 20), min(args.finetune_steps, 10)
-    torch.manual_seed(0)
-    data = TextLMDataModule(
-        batch_size=16, context=128, eval_batch_size=32, sources=("topics",) if args.quick else ("topics", "docstrings")
-    )
-    data.setup()
+def _ptq_against_qat(result: dict, state: dict, data: TextLMDataModule, args: argparse.Namespace) -> None:
+    """The float and QAT branches from the BASIC weights, PTQ of the float one, and QAT's recovery."""
     test = data.test_dataloader()
-    result: dict = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-        },
-        "settings": vars(args) | {"out": str(args.out)},
-        "corpus": {
-            split: {"documents": len(names), "tokens": int(data.token_ids[split].numel())}
-            for split, names in data.documents.items()
-        },
-        "unigram_ppl": data.unigram_perplexity("test"),
-    }
-
-    basic = _model(data, args, lr=2e-3)
-    result["basic"] = {"fit_seconds": _fit(basic, data, args.steps), "ppl": evaluate_perplexity(basic, test)}
-    result["basic"] |= {"bytes": serialized_size_bytes(basic.model)} | _speed(basic, data)
-    state = copy.deepcopy(basic.state_dict())
-    print(json.dumps(result, indent=1), flush=True)
-
     floating = _model(data, args, lr=5e-4)
     floating.load_state_dict(state)
     result["fp32"] = {
@@ -154,6 +167,60 @@ def main() -> None:
     result["qat_int4"]["decode_vs_basic"] = (
         result["qat_int4"]["decode_tokens_per_s"] / result["basic"]["decode_tokens_per_s"]
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
+    parser.add_argument("--ultra-steps", type=int, default=300, help="ULTRA's distillation steps (0: skip ULTRA)")
+    parser.add_argument("--skip-ptq", action="store_true", help="BASIC and ULTRA only")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.finetune_steps, args.ultra_steps = (
+            min(args.steps, 20),
+            min(args.finetune_steps, 10),
+            min(args.ultra_steps, 10),
+        )
+    torch.manual_seed(0)
+    data = TextLMDataModule(
+        batch_size=16, context=128, eval_batch_size=32, sources=("topics",) if args.quick else ("topics", "docstrings")
+    )
+    data.setup()
+    test = data.test_dataloader()
+    result: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
+        "settings": vars(args) | {"out": str(args.out)},
+        "corpus": {
+            split: {"documents": len(names), "tokens": int(data.token_ids[split].numel())}
+            for split, names in data.documents.items()
+        },
+        "unigram_ppl": data.unigram_perplexity("test"),
+    }
+
+    basic = _model(data, args, lr=2e-3)
+    result["basic"] = {"fit_seconds": _fit(basic, data, args.steps), "ppl": evaluate_perplexity(basic, test)}
+    result["basic"] |= {"bytes": serialized_size_bytes(basic.model)} | _speed(basic, data)
+    state = copy.deepcopy(basic.state_dict())
+    print(json.dumps(result, indent=1), flush=True)
+
+    if not args.skip_ptq:
+        _ptq_against_qat(result, state, data, args)
+    if args.ultra_steps:
+        basic.load_state_dict(state)
+        result["ultra"] = _ultra(basic, data, args)
+        result["ultra"]["size_vs_basic"] = result["ultra"]["bytes"] / result["basic"]["bytes"]
+        result["ultra"]["ppl_vs_basic"] = result["ultra"]["ppl"] / result["basic"]["ppl"]
+        for form in ("int4", "float"):
+            speed = result["ultra"][f"{form}_decode_tokens_per_s"] / result["basic"]["decode_tokens_per_s"]
+            result["ultra"][f"{form}_decode_vs_basic"] = speed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -52,7 +52,7 @@ def test_data_dir_without_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": -8}, r"`batch_size`=-8 is not valid. It must be a finite number greater than 0"),
+        ({"batch_size": -8}, r"`batch_size`=-8 is not valid. It must be a positive integer"),
         ({"batch_size": 2.5}, r"`batch_size`=2.5 is not valid. It must be a positive integer"),
         ({"layout": "nchw"}, r"`layout`='nchw' is not valid. Choose one of: 'flat', 'image'"),
         ({"val_fraction": 1.2}, r"`val_fraction`=1.2 is not valid"),

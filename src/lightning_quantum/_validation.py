@@ -15,6 +15,7 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_positive",
+    "check_positive_int",
     "check_non_negative",
     "check_fraction",
     "check_optional_step",
@@ -47,6 +48,13 @@ def check_positive(name: str, value: Any, *, error: type[Exception] = ValueError
     """Return ``value`` when it is a finite number greater than zero."""
     if not _is_finite_number(value) or not value > 0:
         raise error(f"`{name}`={value!r} is not valid. It must be a finite number greater than 0.")
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, error: type[Exception] = ValueError) -> int:
+    """Return ``value`` when it is an integer (not a bool) of 1 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"`{name}`={value!r} is not valid. It must be a positive integer.")
     return value
 
 

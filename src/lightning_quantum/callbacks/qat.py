@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_quantum._modules import meta_copy
-from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step
+from lightning_quantum._validation import check_choice, check_name_lists, check_optional_step, check_positive_int
 from lightning_quantum.callbacks._common import find_callback, inference_copy, output_dir, whole_module
 from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.fsdp import FSDP2Strategy
@@ -101,8 +101,7 @@ class QuantizationAwareTraining(Callback):
         check_choice("scheme", scheme, QAT_SCHEMES, error=err)
         if not isinstance(embeddings, bool):
             raise err(f"`embeddings`={embeddings!r} is not valid. It must be True or False.")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise err(f"`group_size`={group_size!r} is not valid. It must be a positive integer.")
+        check_positive_int("group_size", group_size, error=err)
         for label, value in (
             ("start_step", start_step),
             ("start_epoch", start_epoch),

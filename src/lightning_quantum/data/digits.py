@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
+from lightning_quantum._validation import (
+    check_choice,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
 from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.sampling import EpochSeededSampler
 
@@ -87,9 +93,7 @@ class DigitsDataModule(SeededSplitDataModule):
         return_index: bool = False,
     ) -> None:
         super().__init__()
-        check_positive("batch_size", batch_size)
-        if not isinstance(batch_size, int):
-            raise ValueError(f"`batch_size`={batch_size!r} is not valid. It must be a positive integer.")
+        check_positive_int("batch_size", batch_size)
         if eval_batch_size is not None:
             check_positive("eval_batch_size", eval_batch_size)
         check_fraction("val_fraction", val_fraction)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_quantum._cache import cache_root
-from lightning_quantum._validation import check_fraction, check_positive
+from lightning_quantum._validation import check_fraction, check_positive, check_positive_int
 from lightning_quantum.data._split import SeededSplitDataModule
 
 # Imported inside the functions that use them: tokenizers and transformers (slow to import).
@@ -248,15 +248,12 @@ class TextLMDataModule(SeededSplitDataModule):
             raise ValueError(
                 f"`sources`={list(sources)!r} is not valid. Choose one or more of: {', '.join(map(repr, SOURCES))}."
             )
-        for name, value in (("batch_size", batch_size), ("context", context)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} is not valid. It must be a positive integer.")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("context", context)
         if eval_batch_size is not None:
             check_positive("eval_batch_size", eval_batch_size)
-        if max_documents is not None and (
-            isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1
-        ):
-            raise ValueError(f"`max_documents`={max_documents!r} is not valid. It must be a positive integer or None.")
+        if max_documents is not None:
+            check_positive_int("max_documents", max_documents)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 0.5:

@@ -296,6 +296,18 @@ class DistillationModule(pl.LightningModule):
         model = self.student if role == "s" else self.teacher
         return model.get_submodule(name)._lq_output  # type: ignore[return-value]
 
+    def _release_kept_outputs(self) -> None:
+        """Drop the layer outputs and attention maps the hooks kept for this step's losses: they hold the
+        step's autograd graph (memory until the next step), and a module holding them cannot be copied
+        (``copy.deepcopy`` refuses non-leaf tensors: QAT's float copy at fit end, the report's copies)."""
+        pairs = [*self.feature_pairs.items(), *self.attention_pairs.items()]
+        for s_name, t_name in pairs:
+            for model, name in ((self.student, s_name), (self.teacher, t_name)):
+                module = model.get_submodule(name)
+                for attribute in ("_lq_output", "_lq_attention"):
+                    if getattr(module, attribute, None) is not None:
+                        setattr(module, attribute, None)
+
     @staticmethod
     def _projection_key(student_name: str) -> str:
         return student_name.replace(".", "__")
@@ -546,6 +558,7 @@ class DistillationModule(pl.LightningModule):
                 for s_name, t_name in self.attention_pairs.items()
             ]
             parts["attention_loss"] = torch.stack(maps).sum()
+        self._release_kept_outputs()
         loss = (
             self.alpha * parts.get("task_loss", 0.0)
             + self.beta * parts.get("kd_loss", parts.get("output_loss", 0.0))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_quantum._modules import eval_mode
-from lightning_quantum._validation import check_fraction, check_non_negative, check_positive
+from lightning_quantum._validation import check_fraction, check_non_negative, check_positive, check_positive_int
 from lightning_quantum.report import ReportContext, ReportExtra
 
 # Imported inside the functions that use them: transformers (slow to import).
@@ -22,12 +22,6 @@ from lightning_quantum.report import ReportContext, ReportExtra
 __all__ = ["CausalLM", "decode_tokens_per_second", "evaluate_perplexity", "prefill_latency_ms"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}`={value!r} is not valid. It must be a positive integer.")
-    return value
 
 
 class CausalLM(pl.LightningModule):
@@ -91,7 +85,7 @@ class CausalLM(pl.LightningModule):
             ("intermediate_size", intermediate_size),
             ("context", context),
         ):
-            _positive_int(name, value)
+            check_positive_int(name, value)
         if hidden_size % num_heads:
             raise ValueError(f"`hidden_size`={hidden_size} must divide by `num_heads`={num_heads}.")
         if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quantum._validation import check_positive_int
+
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
 
@@ -62,8 +64,7 @@ def qat_base_config(scheme: str, group_size: int = 32) -> Any:
 
 def check_group_size(scheme: str, group_size: int, linears: dict[str, nn.Linear]) -> None:
     """Raise when a grouped scheme's ``group_size`` does not divide a layer's input features."""
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"`group_size`={group_size!r} is not valid. It must be a positive integer.")
+    check_positive_int("group_size", group_size)
     if not QAT_SCHEMES[scheme][1]:
         return
     bad = {name: m.in_features for name, m in linears.items() if m.in_features % group_size}

@@ -42,7 +42,7 @@ from torch import nn
 from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
-from lightning_quantum.distillation import DistillationModule
+from lightning_quantum.distillation import DistillationModule, causal_lm_student
 from lightning_quantum.models import CausalLM, decode_tokens_per_second, evaluate_perplexity, prefill_latency_ms
 from lightning_quantum.quantization import convert_qat, dequantize_linears, prepare_qat, set_fake_quant_enabled
 
@@ -64,12 +64,7 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace) 
     """Distil ``teacher`` into 3 layers (or 1 of 2 with ``--quick``) with 2:4 pruning of the MLPs and int4 QAT."""
     n = teacher.model.config.num_hidden_layers
     chosen = [0, n // 2, n - 1] if n >= 3 else [n - 1]
-    student = _model(data, args, lr=5e-4, num_layers=len(chosen))
-    for part in ("embed_tokens", "norm"):
-        getattr(student.model.model, part).load_state_dict(getattr(teacher.model.model, part).state_dict())
-    student.model.lm_head.load_state_dict(teacher.model.lm_head.state_dict())
-    for i, t in enumerate(chosen):
-        student.model.model.layers[i].load_state_dict(teacher.model.model.layers[t].state_dict())
+    student = causal_lm_student(teacher, chosen)
     module = DistillationModule(
         student=student,
         teacher=copy.deepcopy(teacher).eval(),

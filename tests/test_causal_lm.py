@@ -180,3 +180,21 @@ def test_a_causal_lm_distils_into_fewer_layers_and_reports_as_an_lm(tmp_path):
     assert {"teacher", "student_vs_teacher", "language_model", "samples"} <= set(extra)
     assert extra["student_vs_teacher"]["size_ratio"] < 0.9  # one layer of two; the embeddings stay
     assert extra["language_model"][0]["figure"] == "held-out perplexity"
+
+
+def test_a_student_from_the_teachers_layers_starts_where_the_teacher_is(tmp_path):
+    from lightning_quantum.distillation import causal_lm_student
+
+    data = tiny_data(tmp_path)
+    torch.manual_seed(0)
+    teacher = tiny_lm(data).eval()
+    ids = torch.randint(1, 300, (2, 16))
+    whole = causal_lm_student(teacher, [0, 1]).eval()  # every layer: the same model
+    with torch.no_grad():
+        assert torch.equal(whole(ids), teacher(ids))
+    one = causal_lm_student(teacher, [1])
+    assert one.hparams["num_layers"] == 1 and one.model.model.layers[0].self_attn.layer_idx == 0
+    assert torch.equal(one.model.model.layers[0].mlp.up_proj.weight, teacher.model.model.layers[1].mlp.up_proj.weight)
+    assert one.generate(ids[:1], max_new_tokens=4).shape == (1, 20)  # its KV cache has one layer
+    with pytest.raises(ValueError, match=r"`layers`=\[1, 0\] is not valid"):
+        causal_lm_student(teacher, [1, 0])

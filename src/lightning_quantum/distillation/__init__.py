@@ -4,6 +4,7 @@ from lightning_quantum.distillation.losses import attention_kl, feature_loss, kd
 from lightning_quantum.distillation.module import DistillationModule
 from lightning_quantum.distillation.students import (
     SentenceEncoder,
+    causal_lm_student,
     layer_map,
     minilm_student,
     student_from_teacher,
@@ -14,6 +15,7 @@ __all__ = [
     "DistillationModule",
     "SentenceEncoder",
     "attention_kl",
+    "causal_lm_student",
     "digits_teacher",
     "feature_loss",
     "kd_loss",

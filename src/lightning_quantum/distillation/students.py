@@ -9,8 +9,9 @@ from typing import Any
 from torch import nn
 
 from lightning_quantum.data.text import load_minilm, mean_pooled_embeddings
+from lightning_quantum.models.causal_lm import CausalLM
 
-__all__ = ["student_from_teacher", "layer_map", "SentenceEncoder", "minilm_student"]
+__all__ = ["student_from_teacher", "causal_lm_student", "layer_map", "SentenceEncoder", "minilm_student"]
 
 
 def student_from_teacher(
@@ -69,6 +70,34 @@ def student_from_teacher(
         if not isinstance(embeddings, nn.Embedding):
             raise ValueError(f"{type(teacher).__name__} has no `embeddings.word_embeddings` table to freeze.")
         embeddings.weight.requires_grad_(False)
+    return student
+
+
+def causal_lm_student(teacher: CausalLM, layers: Sequence[int]) -> CausalLM:
+    """A :class:`~lightning_quantum.models.CausalLM` with ``teacher``'s settings and only ``layers`` of its
+    decoder layers, copied, with its embedding table, final norm and output layer: a student that starts
+    where the teacher is (``teacher`` is not changed).
+
+    The student is built anew with ``num_layers=len(layers)`` (so its checkpoints rebuild it, and each
+    layer's KV-cache index is its own) and the chosen layers' weights are loaded into it.
+
+    Raises:
+        ValueError: for an empty, repeated, unordered or out-of-range layer choice.
+    """
+    count = int(teacher.hparams["num_layers"])
+    chosen = list(layers)
+    if not chosen or chosen != sorted(set(chosen)) or chosen[0] < 0 or chosen[-1] >= count:
+        raise ValueError(
+            f"`layers`={chosen} is not valid. Give increasing, distinct teacher layer indices in [0, {count - 1}]."
+        )
+    hparams = {k: v for k, v in teacher.hparams.items() if k != "optimizer"}
+    student = CausalLM(**{**hparams, "num_layers": len(chosen)})
+    source, target = teacher.model, student.model
+    target.model.embed_tokens.load_state_dict(source.model.embed_tokens.state_dict())
+    target.model.norm.load_state_dict(source.model.norm.state_dict())
+    target.lm_head.load_state_dict(source.lm_head.state_dict())
+    for i, t in enumerate(chosen):
+        target.model.layers[i].load_state_dict(source.model.layers[t].state_dict())
     return student
 
 

@@ -2,6 +2,7 @@
 
 import math
 import random
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,7 +17,7 @@ from lightning_quantum.data.lm import (
     unigram_perplexity,
 )
 from lightning_quantum.models import CausalLM, evaluate_perplexity
-from tests.conftest import trainer_kwargs
+from tests.conftest import run_rank_script, trainer_kwargs
 
 TOPICS = ("topics",)  # the help topics alone: the tests' corpus (the docstrings take 10 s to read once)
 
@@ -198,3 +199,15 @@ def test_a_student_from_the_teachers_layers_starts_where_the_teacher_is(tmp_path
     assert one.generate(ids[:1], max_new_tokens=4).shape == (1, 20)  # its KV cache has one layer
     with pytest.raises(ValueError, match=r"`layers`=\[1, 0\] is not valid"):
         causal_lm_student(teacher, [1, 0])
+
+
+@pytest.mark.slow  # 13 s: two processes start; the default run is at its 7-minute budget
+@pytest.mark.parity
+def test_the_lm_with_int4_qat_trains_under_ddp_with_one_model_and_one_perplexity(tmp_path):
+    """2 CPU processes (gloo): each rank trains the tokenizer (or reads it) without tearing the cached file,
+    the ranks end with the same converted weights, and val/ppl is synced across ranks (exp of val/loss)."""
+    ranks = run_rank_script(Path(__file__).with_name("ddp_lm_script.py"), tmp_path)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["val_ppl"] == ranks[1]["val_ppl"]
+    assert ranks[0]["val_ppl"] == pytest.approx(math.exp(ranks[0]["val_loss"]), rel=1e-5)
+    assert all(r["converted"] == "converted" and r["steps"] == 6 for r in ranks)

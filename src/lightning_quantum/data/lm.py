@@ -13,6 +13,7 @@ import ast
 import hashlib
 import json
 import math
+import os
 import sys
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
@@ -91,7 +92,7 @@ def _stdlib_docstrings() -> dict[str, str]:
         if docs and name:
             documents[f"module:{name}"] = "\n\n".join(docs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: DDP ranks may write at once
     partial.write_text(json.dumps(documents), encoding="utf-8")
     partial.replace(path)
     return documents
@@ -180,7 +181,7 @@ def train_tokenizer(
             texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT], show_progress=False
         )
         folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: DDP ranks may train at once
         bpe.save(str(partial))
         partial.replace(path)  # whole or not at all: another process may read it
         tokenizer = Tokenizer.from_file(str(path))

@@ -180,7 +180,9 @@ def test_a_causal_lm_distils_into_fewer_layers_and_reports_as_an_lm(tmp_path):
     extra = report.report.extra
     assert {"teacher", "student_vs_teacher", "language_model", "samples"} <= set(extra)
     assert extra["student_vs_teacher"]["size_ratio"] < 0.9  # one layer of two; the embeddings stay
-    assert extra["language_model"][0]["figure"] == "held-out perplexity"
+    figures = {row["figure"]: row["value"] for row in extra["language_model"]}
+    assert figures["held-out perplexity"] < figures["held-out perplexity at fit start"]  # before and after
+    assert figures["held-out perplexity"] == pytest.approx(evaluate_perplexity(student, data.test_dataloader()))
 
 
 def test_a_student_from_the_teachers_layers_starts_where_the_teacher_is(tmp_path):

@@ -153,6 +153,9 @@ class ReportContext:
         measure: ``measure(module, precision)`` measures another model (a teacher) with the report's
             settings (batch size, threads, repeats) on ``eval_loader``.
         eval_split: the split ``eval_loader`` reads (``"test"`` or ``"val"``).
+        baseline: the model as the fit found it (the report's baseline), when there is one.
+        float_model: the float weights just before quantization-aware training converted the model,
+            when it did.
     """
 
     trainer: Any
@@ -161,6 +164,8 @@ class ReportContext:
     eval_loader: Any
     measure: Callable[[nn.Module, str], OptimizationPerformanceMetrics]
     eval_split: str = "test"
+    baseline: nn.Module | None = None
+    float_model: nn.Module | None = None
 
 
 @runtime_checkable

@@ -363,6 +363,8 @@ class OptimizationReport(Callback, MeasuresInference):
                 module, eval_data=loader, precision=precision, **settings
             ),
             eval_split=self.eval_split,
+            baseline=self._baseline,
+            float_model=getattr(find_callback(trainer, QuantizationAwareTraining), "float_model", None),
         )
         # the LightningModule (a DistillationModule measures its teacher), then the callbacks (Pruning adds
         # its per-layer sparsity table, the DeploymentGate its candidates, ...)

@@ -156,7 +156,8 @@ class CausalLM(pl.LightningModule):
         )
 
     def report_extra(self, context: ReportContext) -> ReportExtra:
-        """For the optimization report: held-out perplexity, decode speed at batch 1 (greedy, 64 new
+        """For the optimization report: held-out perplexity (as trained, before QAT's conversion when
+        there was one, and at fit start), the unigram model's, decode speed at batch 1 (greedy, 64 new
         tokens, KV cache), prefill latency at batch 8, and greedy continuations of held-out prompts.
 
         Measured on the model as trained (``context.pl_module``: eager, in its training numerics);
@@ -165,8 +166,14 @@ class CausalLM(pl.LightningModule):
         blocks = [b for b, _ in zip(context.eval_loader, range(8))]
         held_out = torch.cat(blocks)
         prompts = held_out[:3, :16]
-        figures = [
-            {"figure": "held-out perplexity", "value": evaluate_perplexity(model, context.eval_loader)},
+        figures = [{"figure": "held-out perplexity", "value": evaluate_perplexity(model, context.eval_loader)}]
+        for label, other in (
+            ("held-out perplexity before int conversion (float weights)", context.float_model),
+            ("held-out perplexity at fit start", context.baseline),
+        ):
+            if other is not None:
+                figures.append({"figure": label, "value": evaluate_perplexity(other, context.eval_loader)})
+        figures += [
             {
                 "figure": "decode tokens/s (batch 1, 64 new tokens, KV cache)",
                 "value": decode_tokens_per_second(model, prompts[:1]),

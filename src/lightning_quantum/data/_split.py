@@ -9,9 +9,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_quantum._validation import check_fraction, check_positive_int
 from lightning_quantum.data.sampling import EpochSeededSampler
 
-__all__ = ["SeededSplitDataModule"]
+__all__ = ["SeededSplitDataModule", "check_split_settings"]
+
+
+def check_split_settings(
+    batch_size: Any, eval_batch_size: Any, val_fraction: Any, test_fraction: Any, *, max_held_out: float
+) -> None:
+    """Check a DataModule's batch sizes (positive integers; ``eval_batch_size`` may be ``None``) and split
+    fractions (each in [0, 1), together under ``max_held_out``), naming the argument that is wrong.
+
+    Raises:
+        ValueError: for a bad batch size or fraction, or held-out fractions that leave too little to train on.
+    """
+    check_positive_int("batch_size", batch_size)
+    if eval_batch_size is not None:
+        check_positive_int("eval_batch_size", eval_batch_size)
+    check_fraction("val_fraction", val_fraction)
+    check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= max_held_out:
+        raise ValueError(
+            f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave under "
+            f"{1 - max_held_out:.0%} for training."
+        )
 
 
 class SeededSplitDataModule(pl.LightningDataModule):

@@ -11,12 +11,9 @@ from torch.utils.data import TensorDataset
 
 from lightning_quantum._validation import (
     check_choice,
-    check_fraction,
     check_non_negative,
-    check_positive,
-    check_positive_int,
 )
-from lightning_quantum.data._split import SeededSplitDataModule
+from lightning_quantum.data._split import SeededSplitDataModule, check_split_settings
 from lightning_quantum.data.sampling import EpochSeededSampler
 
 # Imported inside the functions that use them: sklearn (slow to import, and only to read the digits once).
@@ -93,15 +90,7 @@ class DigitsDataModule(SeededSplitDataModule):
         return_index: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("batch_size", batch_size)
-        if eval_batch_size is not None:
-            check_positive("eval_batch_size", eval_batch_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        if val_fraction + test_fraction >= 0.9:
-            raise ValueError(
-                f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave under 10% for training."
-            )
+        check_split_settings(batch_size, eval_batch_size, val_fraction, test_fraction, max_held_out=0.9)
         check_choice("layout", layout, ("flat", "image"))
         check_non_negative("num_workers", num_workers)
         if data_dir is not None and not Path(data_dir).expanduser().is_dir():

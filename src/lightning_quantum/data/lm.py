@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from lightning_quantum._cache import cache_root
 from lightning_quantum._validation import check_fraction, check_positive, check_positive_int
-from lightning_quantum.data._split import SeededSplitDataModule
+from lightning_quantum.data._split import SeededSplitDataModule, check_split_settings
 
 # Imported inside the functions that use them: tokenizers and transformers (slow to import).
 
@@ -249,18 +249,10 @@ class TextLMDataModule(SeededSplitDataModule):
             raise ValueError(
                 f"`sources`={list(sources)!r} is not valid. Choose one or more of: {', '.join(map(repr, SOURCES))}."
             )
-        check_positive_int("batch_size", batch_size)
+        check_split_settings(batch_size, eval_batch_size, val_fraction, test_fraction, max_held_out=0.5)
         check_positive_int("context", context)
-        if eval_batch_size is not None:
-            check_positive("eval_batch_size", eval_batch_size)
         if max_documents is not None:
             check_positive_int("max_documents", max_documents)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        if val_fraction + test_fraction >= 0.5:
-            raise ValueError(
-                f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave under half for training."
-            )
         self.save_hyperparameters(logger=False)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

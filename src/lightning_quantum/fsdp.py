@@ -112,6 +112,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         assert module is not None
         step = int(module.trainer.global_step)
         if self._whole is None or self._whole[0] != step:
+            whole: nn.Module | None
             if self._structure is None or not is_sharded(module):
                 whole = module if self.is_global_zero else None
             else:

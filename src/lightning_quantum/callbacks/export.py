@@ -95,7 +95,7 @@ class ModelExport(Callback):
         whole = whole_module(trainer)  # under FSDP2: gathered whole on rank zero
         if not trainer.is_global_zero or whole is None:
             return
-        source = getattr(trainer, "datamodule", None) or whole
+        source: Any = getattr(trainer, "datamodule", None) or whole
         inputs, _ = split_batch(next(iter(source.test_dataloader())))
         # Programs are traced on a CPU copy, with CPU inputs (tuples and dicts too): a program traced on
         # a GPU loads only where that GPU is. (torch.export also leaves weak references on the parameters

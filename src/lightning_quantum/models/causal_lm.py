@@ -184,7 +184,7 @@ class CausalLM(pl.LightningModule):
             },
         ]
         datamodule = getattr(context.trainer, "datamodule", None)
-        if hasattr(datamodule, "unigram_perplexity"):
+        if datamodule is not None and hasattr(datamodule, "unigram_perplexity"):
             unigram = datamodule.unigram_perplexity(context.eval_split)
             figures.insert(1, {"figure": "unigram perplexity (token frequencies alone)", "value": unigram})
         tokenizer = getattr(datamodule, "tokenizer", None)
@@ -211,17 +211,17 @@ class CausalLM(pl.LightningModule):
             no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
             optimizer = torch.optim.AdamW(
                 [
-                    {"params": decay, "weight_decay": self.hparams.weight_decay},
+                    {"params": decay, "weight_decay": self.hparams["weight_decay"]},
                     {"params": no_decay, "weight_decay": 0.0},
                 ],
-                lr=self.hparams.lr,
+                lr=self.hparams["lr"],
                 betas=(0.9, 0.95),
             )
         trainer = self._trainer  # None for a detached copy (the report times its training step)
         total = trainer.estimated_stepping_batches if trainer is not None else math.inf
         if not math.isfinite(total):
             return optimizer  # a fit of unknown length: the peak rate throughout
-        warmup = max(1, int(total * self.hparams.warmup_fraction))
+        warmup = max(1, int(total * self.hparams["warmup_fraction"]))
 
         def factor(step: int) -> float:
             if step < warmup:

@@ -213,3 +213,27 @@ def test_the_lm_with_int4_qat_trains_under_ddp_with_one_model_and_one_perplexity
     assert ranks[0]["val_ppl"] == ranks[1]["val_ppl"]
     assert ranks[0]["val_ppl"] == pytest.approx(math.exp(ranks[0]["val_loss"]), rel=1e-5)
     assert all(r["converted"] == "converted" and r["steps"] == 6 for r in ranks)
+
+
+@pytest.mark.gpu
+def test_the_lm_quantum_run_on_a_gpu(tmp_path):
+    """QUANTUM on the LM on one GPU, small: bf16-mixed training with int4 weight-only QAT (groups of 32)
+    and int8 embedding rows, converted at fit end on the GPU; the converted model computes what the
+    fake-quantized one did, and the report's LM section is written."""
+    from lightning_quantum.callbacks import OptimizationReport, QuantizationAwareTraining
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    data = tiny_data(tmp_path)
+    torch.manual_seed(0)
+    model = tiny_lm(data)
+    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=2)
+    report = OptimizationReport(print_table=False, repeats=2, max_eval_batches=2, compare_train_step=False)
+    kwargs = trainer_kwargs(tmp_path, accelerator="cuda", precision="bf16-mixed", max_steps=8, max_epochs=-1)
+    trainer = pl.Trainer(**{**kwargs, "limit_train_batches": None, "callbacks": [qat, report]})
+    trainer.fit(model, data)
+    assert qat.phase == "converted" and model.device.type == "cuda"
+    converted = evaluate_perplexity(model, data.val_dataloader())
+    assert converted == pytest.approx(evaluate_perplexity(qat.float_model, data.val_dataloader()), rel=0.05)
+    figures = {row["figure"] for row in report.report.extra["language_model"]}
+    assert "held-out perplexity before int conversion (float weights)" in figures

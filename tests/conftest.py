@@ -126,9 +126,10 @@ class AccumulatedDigits(DigitsDataModule):
     """Digits whose training batches come from :class:`RankBatches` (the ``accumulated`` mode)."""
 
     def train_dataloader(self):
-        loader = super().train_dataloader()
-        sampler = RankBatches(loader.dataset, self.seed, self.batch_size)
-        return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler)
+        self.setup("fit")
+        dataset = self.splits["train"]
+        sampler = RankBatches(dataset, self.seed, self.batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 def fsdp2_digits(args, **kwargs):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
-from lightning_quantum._cache import cache_root
+from lightning_quantum._cache import cache_root, write_whole
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
@@ -691,10 +691,7 @@ def _write_cache(path: Path, key: dict[str, Any], decision: DeploymentDecision) 
         "p50": {c.form: c.latency_p50_ms for c in decision.candidates},
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
+        write_whole(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     except OSError as error:  # a read-only home is no reason to fail the fit
         log.warning("deployment: could not write the cache file %s (%s)", path, error)
 

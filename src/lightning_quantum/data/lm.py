@@ -13,7 +13,6 @@ import ast
 import hashlib
 import json
 import math
-import os
 import sys
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_quantum._cache import cache_root
+from lightning_quantum._cache import cache_root, write_whole
 from lightning_quantum._validation import check_fraction, check_positive, check_positive_int
 from lightning_quantum.data._split import SeededSplitDataModule, check_split_settings
 
@@ -91,11 +90,16 @@ def _stdlib_docstrings() -> dict[str, str]:
             continue  # a file this Python cannot parse is not part of its corpus
         if docs and name:
             documents[f"module:{name}"] = "\n\n".join(docs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: DDP ranks may write at once
-    partial.write_text(json.dumps(documents), encoding="utf-8")
-    partial.replace(path)
+    write_whole(path, lambda tmp: tmp.write_text(json.dumps(documents), encoding="utf-8"))
     return documents
+
+
+def _check_sources(sources: tuple[str, ...]) -> tuple[str, ...]:
+    if not sources or any(source not in SOURCES for source in sources):
+        raise ValueError(
+            f"`sources`={list(sources)!r} is not valid. Choose one or more of: {', '.join(map(repr, SOURCES))}."
+        )
+    return sources
 
 
 @lru_cache(maxsize=4)
@@ -108,8 +112,7 @@ def cpython_documents(sources: tuple[str, ...] = SOURCES) -> dict[str, str]:
     Raises:
         ValueError: for an empty ``sources`` or an unknown source.
     """
-    if not sources or any(source not in SOURCES for source in sources):
-        raise ValueError(f"`sources`={sources!r} is not valid. Choose one or more of: {', '.join(map(repr, SOURCES))}.")
+    _check_sources(sources)
     documents = {}
     if "topics" in sources:
         documents.update({f"topic:{key}": topics[key].strip() for key in sorted(topics) if topics[key].strip()})
@@ -180,10 +183,7 @@ def train_tokenizer(
         bpe.train_from_iterator(
             texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT], show_progress=False
         )
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")  # one per process: DDP ranks may train at once
-        bpe.save(str(partial))
-        partial.replace(path)  # whole or not at all: another process may read it
+        write_whole(path, lambda tmp: bpe.save(str(tmp)))  # DDP ranks may train it at once
         tokenizer = Tokenizer.from_file(str(path))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
 
@@ -244,11 +244,7 @@ class TextLMDataModule(SeededSplitDataModule):
         sources: Sequence[str] = SOURCES,
     ) -> None:
         super().__init__()
-        self.sources = tuple(sources)
-        if not self.sources or any(source not in SOURCES for source in self.sources):
-            raise ValueError(
-                f"`sources`={list(sources)!r} is not valid. Choose one or more of: {', '.join(map(repr, SOURCES))}."
-            )
+        self.sources = _check_sources(tuple(sources))
         check_split_settings(batch_size, eval_batch_size, val_fraction, test_fraction, max_held_out=0.5)
         check_positive_int("context", context)
         if max_documents is not None:

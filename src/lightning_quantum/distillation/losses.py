@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_quantum._validation import check_choice, check_positive
+from lightning_quantum.models.causal_lm import next_token_loss
 
 __all__ = ["kd_loss", "feature_loss", "attention_kl", "is_token_batch", "next_token_loss"]
 
@@ -43,13 +44,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     s = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
-
-
-def next_token_loss(logits: Tensor, token_ids: Tensor) -> Tensor:
-    """A causal language model's task loss: cross-entropy of the logits at each position against the
-    next token (``logits`` ``(batch, length, vocab)``, ``token_ids`` ``(batch, length)``)."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), token_ids[:, 1:].reshape(-1))
 
 
 def is_token_batch(inputs: Any, outputs: Any) -> bool:

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_fraction, check_non_negative, check_positive, check_positive_int
+from lightning_quantum.benchmark import time_calls_ms
 from lightning_quantum.report import ReportContext, ReportExtra
 
 # Imported inside the functions that use them: transformers (slow to import).
 
-__all__ = ["CausalLM", "decode_tokens_per_second", "evaluate_perplexity", "prefill_latency_ms"]
+__all__ = ["CausalLM", "decode_tokens_per_second", "evaluate_perplexity", "next_token_loss", "prefill_latency_ms"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -233,6 +234,13 @@ class CausalLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def next_token_loss(logits: Tensor, token_ids: Tensor, reduction: str = "mean") -> Tensor:
+    """A causal language model's loss: cross-entropy of the logits at each position against the next
+    token (``logits`` ``(batch, length, vocab)``, ``token_ids`` ``(batch, length)``), in float32."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), token_ids[:, 1:].reshape(-1), reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: nn.Module, loader: Iterable[Tensor], max_batches: int | None = None) -> float:
     """``exp`` of the mean next-token loss of ``model`` (any module mapping token ids to logits: the
@@ -246,10 +254,7 @@ def evaluate_perplexity(model: nn.Module, loader: Iterable[Tensor], max_batches:
             ids = batch.to(device)
             logits = model(ids)
             logits = logits.logits if hasattr(logits, "logits") else logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
+            total += float(next_token_loss(logits, ids, reduction="sum"))
             tokens += ids[:, 1:].numel()
     if tokens == 0:
         raise ValueError("`loader` gave no tokens to measure perplexity on.")
@@ -266,27 +271,23 @@ def decode_tokens_per_second(model: Any, prompt: Tensor, new_tokens: int = 64, r
     """Greedy decoding speed of ``model`` (anything with :meth:`CausalLM.generate`'s signature): exactly
     ``new_tokens`` tokens after ``prompt`` (``(1, length)`` token ids), KV cache on; the median of
     ``repeats`` runs after one warm-up run."""
-    prompt = prompt.to(next(model.parameters()).device)
-    times = []
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
     with eval_mode(model):
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            if i:
-                times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+        times = time_calls_ms(
+            lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+            warmup=1,
+            repeats=repeats,
+            device=device,
+        )
+    return new_tokens / (statistics.median(times) / 1000.0)
 
 
 @torch.no_grad()
 def prefill_latency_ms(model: nn.Module, blocks: Tensor, repeats: int = 5) -> float:
     """Median milliseconds of one forward pass of ``model`` over ``blocks`` (``(batch, tokens)`` ids)
     after one warm-up pass: the prompt-processing (prefill) latency."""
-    blocks = blocks.to(next(model.parameters()).device)
-    times = []
+    device = next(model.parameters()).device
+    blocks = blocks.to(device)
     with eval_mode(model):
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model(blocks)
-            if i:
-                times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+        return statistics.median(time_calls_ms(lambda: model(blocks), warmup=1, repeats=repeats, device=device))

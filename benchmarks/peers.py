@@ -10,7 +10,8 @@ For each workload, BASIC and QUANTUM are trained through the `lq-train` app code
 - `torch.ao.quantization.quantize_dynamic` (qint8 linears; deprecated in torch, here only to compare);
 - torchao `Int8DynamicActivationInt8WeightConfig` via `quantize_`, then `torch.compile` (default mode);
 - bf16 autocast around the float model;
-- ONNX Runtime: the float model exported with `torch.onnx.export(dynamo=True)`, then
+- ONNX Runtime: the float model exported with `lightning_quantum.onnx_runtime.export_onnx` (the
+  TorchScript exporter, checked; the same export the gate's ONNX Runtime forms use), then
   `onnxruntime.quantization.quantize_dynamic` (QInt8 weights) after `quant_pre_process`: per tensor
   (the function's default) and per channel; and the float export itself.
 

@@ -305,6 +305,30 @@ def test_onnxruntime_forms_run_the_float_weights_and_int8_within_a_bound(tmp_pat
         ort_float(y=x)
 
 
+@needs_onnxruntime
+def test_onnx_export_takes_the_torchscript_exporter_and_falls_back_when_its_file_is_wrong(monkeypatch):
+    import lightning_quantum.onnx_runtime as onnx_runtime
+
+    calls = []
+    monkeypatch.setattr(onnx_runtime, "_export_dynamo", lambda *args: calls.append(args) or b"from dynamo")
+    net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    x = torch.rand(8, 64)
+    ort = OnnxRuntimeModule(onnx_runtime.export_onnx(net, x))
+    assert not calls and ort.input_names == ["input"]  # TorchScript, inputs named as forward's parameters
+    y = torch.rand(3, 64)  # every dimension dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(ort(y), net(y), rtol=1e-5, atol=1e-5)
+
+    class BakedBatch(nn.Module):  # the tracer records the batch size as a constant
+        def forward(self, x):
+            return x.reshape(int(x.shape[0]), 2, -1).sum(dim=1)
+
+    assert onnx_runtime.export_onnx(BakedBatch(), x) == b"from dynamo" and len(calls) == 1
+    assert onnx_runtime.export_onnx(net, x, exporter="dynamo") == b"from dynamo"
+    with pytest.raises(ValueError, match=r"`exporter`='jit' is not valid. Choose one of: 'auto', 'torchscript'"):
+        onnx_runtime.export_onnx(net, x, exporter="jit")
+
+
 def test_without_onnxruntime_its_forms_are_listed_as_not_installed(monkeypatch):
     import lightning_quantum.onnx_runtime as onnx_runtime
 

@@ -498,3 +498,51 @@ def test_teacher_time_share_is_measured_in_training_steps(tmp_path):
     _, model = _distill_losses(tmp_path, "off")
     assert 0 < model.teacher_seconds < model.step_seconds
     assert 0 < model.distillation_figures()["teacher_time_share"] < 1
+
+
+def test_ultra_structured_pruning_of_a_bert_student_removes_its_feed_forward_units(tmp_path):
+    """A BERT student declares its feed-forward hidden units (``channel_pruning_layers``): structured
+    pruning with slimming removes half of them, leaves the attention projections whole (their channels
+    are split into heads), and the slimmed student computes what the masked one did."""
+    import copy
+
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_quantum.callbacks import Pruning
+    from lightning_quantum.distillation import SentenceEncoder, student_from_teacher
+    from lightning_quantum.pruning.slimming import declared_channel_layers
+
+    teacher = SentenceEncoder(_tiny_bert(4))
+    student = SentenceEncoder(student_from_teacher(teacher.model, [0, 2], dropout=0.0))
+    model = DistillationModule(student, teacher, alpha=0.0, beta=1.0, output_loss="cosine")
+    assert declared_channel_layers(model) == ["student.model.encoder.layer.*.intermediate.dense"]
+
+    class KeepMasked(Callback):  # the model as masked, before Pruning's on_fit_end slims it
+        def on_train_end(self, trainer, pl_module):
+            self.masked = copy.deepcopy(pl_module.student).eval()
+
+    keep = KeepMasked()
+    pruning = Pruning(method="l2_structured", final_sparsity=0.5, start_step=1, end_step=3, frequency=1, slim=True)
+    torch.manual_seed(1)
+    batches = [
+        {"x": {"input_ids": torch.randint(0, 64, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}}
+        for _ in range(6)
+    ]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[pruning, keep]))
+    trainer.fit(model, loader)
+    assert pruning.removed_channels == {
+        "student.model.encoder.layer.0.intermediate.dense": 16,
+        "student.model.encoder.layer.1.intermediate.dense": 16,
+    }
+    layer = student.model.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 16 and layer.output.dense.in_features == 16
+    assert layer.attention.self.query.out_features == 16 and layer.attention.output.dense.out_features == 16
+    ids = torch.randint(0, 64, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(ids, mask), keep.masked(ids, mask), rtol=1e-5, atol=1e-6)
+    # named layers still win over the declared ones
+    named = Pruning(method="l2_structured", names=["student.model.encoder.layer.0.intermediate.dense"])
+    named.setup(trainer, DistillationModule(copy.deepcopy(student), teacher, alpha=0.0, beta=1.0), "fit")
+    assert named._targets == ["student.model.encoder.layer.0.intermediate.dense.weight"]

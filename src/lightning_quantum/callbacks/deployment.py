@@ -29,6 +29,7 @@ from lightning_quantum.callbacks._common import (
     whole_module,
 )
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
+from lightning_quantum.compiled import probe_cpu_in_background
 from lightning_quantum.deployment import (
     FORMS,
     NUMERICS,
@@ -171,6 +172,14 @@ class DeploymentGate(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_whole_model_available(trainer)
+        if (
+            stage == "fit"
+            and trainer.is_global_zero
+            and "compiled" in self.runners
+            and trainer.strategy.root_device.type == "cpu"
+            and not is_fast_dev_run(trainer)
+        ):
+            probe_cpu_in_background()  # about 1 s of Inductor's first compile, spent while training runs
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

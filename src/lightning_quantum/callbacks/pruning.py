@@ -37,6 +37,7 @@ from lightning_quantum.pruning.sharded import is_sharded, shard_like
 from lightning_quantum.pruning.slimming import (
     build_dependency_graph,
     coupled_channel_masks,
+    declared_channel_layers,
     output_layers,
     record_architecture,
     slim_model,
@@ -94,7 +95,10 @@ class Pruning(Callback):
         unit: ``"step"`` counts optimizer steps, ``"epoch"`` counts epochs (updates at epoch starts).
         nm: the N:M pattern for ``method="nm"``: N kept of every M consecutive weights.
         module_types: class names of the modules whose ``weight`` is pruned.
-        names: ``fnmatch`` patterns of module names to prune; all of ``module_types`` when ``None``.
+        names: ``fnmatch`` patterns of module names to prune. When ``None``: for a structured method, the
+            layers the model declares safe to slim (``channel_pruning_layers``, see
+            :func:`~lightning_quantum.pruning.slimming.declared_channel_layers`: a BERT student's
+            feed-forward hidden units), else every module of ``module_types``.
         ignore: ``fnmatch`` patterns of module names to leave alone.
         slim: structured methods only: remove the pruned channels for real at fit end (Torch-Pruning
             DepGraph), shrinking the coupled layers too.
@@ -184,8 +188,13 @@ class Pruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        names = self.names
+        if names is None and self.method in _STRUCTURED:
+            names = declared_channel_layers(pl_module)  # the model knows which channels can go whole
+            if names is not None:
+                rank_zero_info(f"Structured pruning of the layers {type(pl_module).__name__} declares: {names}.")
         try:
-            modules = select_parameters(pl_module, self.module_types, self.names, self.ignore)
+            modules = select_parameters(pl_module, self.module_types, names, self.ignore)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self._targets = [f"{name}.weight" for name in modules]

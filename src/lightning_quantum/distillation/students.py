@@ -121,7 +121,14 @@ class SentenceEncoder(nn.Module):
     ``forward(input_ids, attention_mask)`` (call it with a tokenizer's output as keywords) gives
     the mask-weighted mean of the last hidden states, as sentence-transformers
     computes all-MiniLM-L6-v2 embeddings.
+
+    Structured pruning (``Pruning(method="l2_structured", slim=True)``, ULTRA's) removes the
+    feed-forward hidden units of a BERT-style encoder (``channel_pruning_layers``): each is one row of
+    ``intermediate.dense`` and one column of ``output.dense``. Attention projections are left whole:
+    their channels are split into heads.
     """
+
+    channel_pruning_layers = ("model.encoder.layer.*.intermediate.dense",)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

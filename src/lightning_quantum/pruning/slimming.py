@@ -31,6 +31,7 @@ __all__ = [
     "rebuild_architecture",
     "pruned_channels",
     "output_layers",
+    "declared_channel_layers",
 ]
 
 _OUT = "prune_out_channels"
@@ -56,6 +57,25 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     finally:
         model.train(was_training)
+
+
+def declared_channel_layers(model: nn.Module) -> list[str] | None:
+    """The layers whose output channels ``model``'s modules declare safe to remove, as module-name patterns.
+
+    A module may set ``channel_pruning_layers``: ``fnmatch`` patterns, relative to itself, of layers whose
+    output channels can be removed whole. DepGraph follows channels through the layers' weights, not
+    through a reshape into attention heads: it couples a BERT layer's query, key and value outputs
+    channel by channel, and removing one channel there would move the others between heads. So a
+    transformer declares its feed-forward hidden units (``SentenceEncoder`` declares
+    ``model.encoder.layer.*.intermediate.dense``), each coupled only to the next layer's input column.
+    ``None`` when no module declares any.
+    """
+    patterns = [
+        f"{name}.{pattern}" if name else pattern
+        for name, module in model.named_modules()
+        for pattern in getattr(module, "channel_pruning_layers", ()) or ()
+    ]
+    return patterns or None
 
 
 def _out_fn(tp: Any, module: nn.Module) -> Any:

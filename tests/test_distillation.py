@@ -546,3 +546,15 @@ def test_ultra_structured_pruning_of_a_bert_student_removes_its_feed_forward_uni
     named = Pruning(method="l2_structured", names=["student.model.encoder.layer.0.intermediate.dense"])
     named.setup(trainer, DistillationModule(copy.deepcopy(student), teacher, alpha=0.0, beta=1.0), "fit")
     assert named._targets == ["student.model.encoder.layer.0.intermediate.dense.weight"]
+
+
+def test_optimize_slims_the_feed_forward_units_a_bert_encoder_declares():
+    from lightning_quantum.distillation import SentenceEncoder
+    from lightning_quantum.optimize import _prune
+
+    encoder = SentenceEncoder(_tiny_bert(2))
+    inputs = {"input_ids": torch.randint(0, 64, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+    detail = _prune(encoder, 0.5, "l2_structured", True, inputs)
+    assert detail["removed_channels"] == {f"model.encoder.layer.{i}.intermediate.dense": 16 for i in (0, 1)}
+    assert encoder.model.encoder.layer[1].attention.self.value.out_features == 16
+    assert encoder(**inputs).shape == (3, 16)

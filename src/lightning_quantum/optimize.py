@@ -39,6 +39,7 @@ from lightning_quantum.pruning.masks import PRUNING_METHODS, make_pruning_perman
 from lightning_quantum.pruning.slimming import (
     build_dependency_graph,
     coupled_channel_masks,
+    declared_channel_layers,
     output_layers,
     rebuild_architecture,
     record_architecture,
@@ -122,8 +123,11 @@ def _first_inputs(data: Iterable[Any]) -> Any:
 
 
 def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inputs: Any) -> dict[str, Any]:
-    """One-shot magnitude pruning in place: unstructured (global), or channels (optionally removed)."""
-    modules = select_parameters(model)
+    """One-shot magnitude pruning in place: unstructured (global), or channels (optionally removed) of the
+    layers the model declares (:func:`~lightning_quantum.pruning.slimming.declared_channel_layers`), else
+    of every layer but the outputs."""
+    structured = method != "l1_unstructured"
+    modules = select_parameters(model, names=declared_channel_layers(model) if structured else None)
     weights: dict[str, Tensor] = {f"{name}.weight": m.weight for name, m in modules.items()}  # type: ignore[misc]
     if method == "l1_unstructured":
         masks = unstructured_masks(weights, amount)

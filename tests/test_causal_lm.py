@@ -237,3 +237,33 @@ def test_the_lm_quantum_run_on_a_gpu(tmp_path):
     assert converted == pytest.approx(evaluate_perplexity(qat.float_model, data.val_dataloader()), rel=0.05)
     figures = {row["figure"] for row in report.report.extra["language_model"]}
     assert "held-out perplexity before int conversion (float weights)" in figures
+
+
+def test_structured_pruning_of_the_lm_removes_mlp_units_and_leaves_attention_whole(tmp_path):
+    """ULTRA's pruning on the LM: the MLP hidden units the model declares go (gate and up rows, down
+    columns), the attention projections stay whole, and the slimmed model computes what the masked one did."""
+    import copy
+
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_quantum.callbacks import Pruning
+
+    torch.manual_seed(0)
+    model = CausalLM(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, context=16)
+
+    class KeepMasked(Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.masked = copy.deepcopy(pl_module).eval()
+
+    keep = KeepMasked()
+    pruning = Pruning(method="l2_structured", final_sparsity=0.5, start_step=1, end_step=3, frequency=1, slim=True)
+    loader = torch.utils.data.DataLoader([torch.randint(0, 64, (4, 16)) for _ in range(6)], batch_size=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[pruning, keep]))
+    trainer.fit(model, loader)
+    assert pruning.removed_channels == {f"model.model.layers.{i}.mlp.gate_proj": 32 for i in (0, 1)}
+    mlp, attention = model.model.model.layers[0].mlp, model.model.model.layers[0].self_attn
+    assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (32, 32, 32)
+    assert attention.q_proj.out_features == 32 and attention.o_proj.in_features == 32
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), keep.masked(ids), rtol=1e-5, atol=1e-5)

@@ -39,6 +39,9 @@ class CausalLM(pl.LightningModule):
     over the whole split (all ranks together), not a mean of per-batch perplexities. The learning
     rate warms up linearly over ``warmup_fraction`` of the fit, then decays along a cosine to 10%.
     Only plain hyperparameters are saved, so checkpoints load with ``torch.load(weights_only=True)``.
+    Structured pruning removes MLP hidden units (``channel_pruning_layers``: a unit is one output row
+    of ``gate_proj`` and ``up_proj`` and one input column of ``down_proj``); the attention projections,
+    split into heads, stay whole.
 
     Args:
         vocab_size: the tokenizer's vocabulary (``TextLMDataModule.tokenizer_config()``).
@@ -59,6 +62,8 @@ class CausalLM(pl.LightningModule):
         >>> tuple(model(torch.zeros(1, 8, dtype=torch.long)).shape)
         (1, 8, 512)
     """
+
+    channel_pruning_layers = ("model.model.layers.*.mlp.gate_proj",)
 
     def __init__(
         self,

@@ -44,7 +44,13 @@ from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.distillation import DistillationModule, causal_lm_student
 from lightning_quantum.models import CausalLM, decode_tokens_per_second, evaluate_perplexity, prefill_latency_ms
-from lightning_quantum.quantization import convert_qat, dequantize_linears, prepare_qat, set_fake_quant_enabled
+from lightning_quantum.quantization import (
+    convert_qat,
+    dequantize_linears,
+    prepare_qat,
+    quantize_weights_int4,
+    set_fake_quant_enabled,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 
@@ -100,24 +106,7 @@ def _fit(model: CausalLM, data: TextLMDataModule, steps: int) -> float:
 
 def _ptq_int4(model: nn.Module, algorithm: str) -> nn.Module:
     """A copy of ``model`` with int4 linears (groups of 32) and int8 embedding rows, by torchao's PTQ."""
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
-        IntxChooseQParamsAlgorithm,
-    )
-
-    out = copy.deepcopy(model).eval()
-    choose = IntxChooseQParamsAlgorithm(algorithm)
-    int4 = torch.int4  # type: ignore[attr-defined]
-    quantize_(
-        out, IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(32), intx_choose_qparams_algorithm=choose)
-    )
-    quantize_(
-        out,
-        IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-        filter_fn=lambda m, _: isinstance(m, nn.Embedding),
-    )
-    return out
+    return quantize_weights_int4(model, group_size=32, algorithm=algorithm)
 
 
 def _speed(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:

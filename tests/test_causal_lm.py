@@ -267,3 +267,87 @@ def test_structured_pruning_of_the_lm_removes_mlp_units_and_leaves_attention_who
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids), keep.masked(ids), rtol=1e-5, atol=1e-5)
+
+
+def _trained_tiny_lm(steps=30):
+    """A tiny LM trained a little on a repeated pattern, so that its perplexity is well below chance."""
+    torch.manual_seed(0)
+    model = CausalLM(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, context=16)
+    pattern = torch.arange(16) % 8
+    blocks = [(pattern.roll(int(torch.randint(0, 8, ()))) + 8 * (i % 3)).repeat(4, 1) for i in range(12)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        ids = blocks[step % len(blocks)]
+        loss = model.model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), torch.utils.data.DataLoader(blocks, batch_size=None)
+
+
+def test_int4_weight_only_ptq_makes_the_lm_smaller_and_keeps_its_perplexity():
+    from lightning_quantum.benchmark import serialized_size_bytes
+    from lightning_quantum.quantization import quantize_weights_int4
+
+    model, loader = _trained_tiny_lm()
+    small = quantize_weights_int4(model, group_size=32)
+    assert type(model.model.lm_head.weight) is torch.nn.Parameter  # the original keeps float weights
+    assert type(small.model.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(small.model.model.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert serialized_size_bytes(small) < 0.35 * serialized_size_bytes(model)
+    before, after = evaluate_perplexity(model, loader), evaluate_perplexity(small, loader)
+    assert before < 8 and abs(after - before) < 0.1 * before
+    with pytest.raises(ValueError, match=r"`group_size`=48 does not divide the 64 input features of 'model.model"):
+        quantize_weights_int4(model, group_size=48)
+    with pytest.raises(ValueError, match=r"`algorithm`='gptq' is not valid. Choose one of: 'affine', 'hqq_scale_only'"):
+        quantize_weights_int4(model, algorithm="gptq")
+
+
+def test_optimize_quantizes_an_lm_to_int4_and_rolls_back_on_perplexity():
+    """``lq.optimize(weights="int4")`` measures each step by the mean token log-likelihood (``exp`` of
+    minus it is the perplexity) and rolls the int4 step back when it costs more than the budget."""
+    import lightning_quantum as lq
+    from lightning_quantum.models import LabelledBlocks, token_log_likelihood
+
+    model, loader = _trained_tiny_lm()
+    data = LabelledBlocks(loader)
+    measure = dict(level="quantum", eval_data=data, metric=token_log_likelihood, weights="int4", deploy=False)
+    result = lq.optimize(model, **measure, repeats=2)
+    (step,) = result.steps
+    assert step.name == "int4" and step.kept and step.detail == {"weights": "int4", "group_size": 32}
+    assert math.isclose(math.exp(-result.before.accuracy), evaluate_perplexity(model, loader), rel_tol=1e-5)
+    assert math.isclose(math.exp(-step.accuracy), evaluate_perplexity(result.model, loader), rel_tol=1e-5)
+    assert result.after.model_size_bytes < 0.35 * result.before.model_size_bytes
+    if step.accuracy_drop > 0:  # int4 raised the perplexity: a budget below that rolls it back
+        tight = lq.optimize(model, **measure, repeats=2, max_accuracy_drop=step.accuracy_drop / 2)
+        assert not tight.steps[0].kept and "rolled back" in tight.steps[0].reason
+        assert tight.after.model_size_bytes == result.before.model_size_bytes
+    else:  # it did not: any budget keeps it
+        assert lq.optimize(model, **measure, repeats=2, max_accuracy_drop=0.0).steps[0].kept
+    with pytest.raises(ValueError, match=r"`weights`='int2' is not valid. Choose one of: 'int8', 'int4'"):
+        lq.optimize(model, **{**measure, "weights": "int2"})
+
+
+def test_hyperparameters_from_a_hydra_config_are_saved_as_plain_values(tmp_path):
+    """Hydra hands list options over as ``ListConfig``; kept as they are, the checkpoint would hold a
+    class that ``torch.load(weights_only=True)`` refuses, and could not be resumed or optimized."""
+    import io
+
+    from omegaconf import DictConfig, ListConfig
+
+    from lightning_quantum._hparams import plain_hyperparameters
+
+    data = tiny_data(tmp_path, sources=ListConfig(["topics"]))
+    assert type(data.hparams["sources"]) is list and data.hparams["sources"] == ["topics"]
+    buffer = io.BytesIO()
+    torch.save({"datamodule_hyper_parameters": dict(data.hparams)}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["datamodule_hyper_parameters"]["sources"] == ["topics"]
+
+    class Owner:
+        _hparams = {"pairs": DictConfig({"a": ListConfig([1, 2]), "b": "x"}), "t": (ListConfig([3]),), "s": "ab"}
+
+    owner = Owner()
+    plain_hyperparameters(owner)
+    assert owner._hparams == {"pairs": {"a": [1, 2], "b": "x"}, "t": ([3],), "s": "ab"}
+    assert type(owner._hparams["pairs"]) is dict and type(owner._hparams["pairs"]["a"]) is list

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._batches import split_batch
-from lightning_quantum._validation import check_choice, check_fraction, check_non_negative, check_positive
+from lightning_quantum._validation import (
+    check_choice,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
     benchmark_model,
@@ -33,6 +39,7 @@ from lightning_quantum.benchmark import (
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.deployment import FORMS, CastInputs, choose_deployment, forms_for, trained_form
 from lightning_quantum.levels import OptimizationLevel, deployment_numerics, level_definition
+from lightning_quantum.models.causal_lm import CausalLM, LabelledBlocks, token_log_likelihood
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime
 from lightning_quantum.pruning import select_parameters, structured_masks, unstructured_masks
 from lightning_quantum.pruning.masks import PRUNING_METHODS, make_pruning_permanent
@@ -49,6 +56,7 @@ from lightning_quantum.quantization import (
     quantize_dynamic_int8,
     quantize_static_int8,
     quantize_weights_bnb,
+    quantize_weights_int4,
 )
 from lightning_quantum.quantization.export import (
     export_program,
@@ -170,7 +178,9 @@ def _bf16(model: nn.Module) -> tuple[nn.Module, dict]:
 
 
 #: The steps that change the numerics (the others, pruning, keep float weights).
-_NUMERICS_STEPS = ("bf16", "int8", "nf4")
+_NUMERICS_STEPS = ("bf16", "int8", "int4", "nf4")
+#: The weights QUANTUM and ULTRA quantize to: int8 (weights and activations), or int4 weight-only.
+WEIGHTS = ("int8", "int4")
 
 
 def optimize(
@@ -191,6 +201,8 @@ def optimize(
     keep_slower: bool = False,
     batch_size: int = 64,
     repeats: int = 30,
+    weights: str = "int8",
+    group_size: int = 32,
 ) -> OptimizationResult:
     """Optimize a trained model for inference at ``level``; ``model`` itself is never modified.
 
@@ -234,12 +246,21 @@ def optimize(
             picks among their forms only.
         batch_size: samples per timed batch when it is assembled from ``eval_data``.
         repeats: timed forward passes per measurement.
+        weights: ``"int8"`` (the default: QUANTUM's and ULTRA's int8 step as above) or ``"int4"``: that
+            step gives the linears int4 weights in groups of ``group_size`` and the embeddings int8 rows,
+            activations staying float (:func:`~lightning_quantum.quantization.quantize_weights_int4`;
+            for language models: pass ``eval_data=LabelledBlocks(loader)`` and
+            ``metric=token_log_likelihood`` from :mod:`lightning_quantum.models`, and the step is rolled
+            back when perplexity rises by more than about ``max_accuracy_drop`` (0.01: 1%)).
+        group_size: ``weights="int4"``: input features per int4 scale.
 
     Raises:
         ValueError: for an invalid argument (named, with its value and the valid choices), for
             ``max_accuracy_drop`` without ``eval_data``, or when there is nothing to time on.
     """
     level = OptimizationLevel.parse(level).value
+    check_choice("weights", weights, WEIGHTS)
+    check_positive_int("group_size", group_size)
     example_inputs = _checked_arguments(
         prune_amount, prune_method, slim, calibration_batches, batch_size, repeats, compile, deploy, keep_slower,
         max_accuracy_drop, eval_data, calibration_data, example_inputs,
@@ -254,12 +275,17 @@ def optimize(
     transforms: dict[str, Callable[[nn.Module], tuple[nn.Module, dict[str, Any]]]] = {
         "bf16": _bf16,
         "int8": lambda m: _int8(m, calibration_data, calibration_batches),
+        "int4": lambda m: (
+            quantize_weights_int4(m, group_size=group_size),
+            {"weights": "int4", "group_size": group_size},
+        ),
         "prune": lambda m: (m, _prune(m, prune_amount, prune_method, slim, example_inputs)),
         "nf4": _nf4,
         "compile": lambda m: (compile_for_inference(m), {}),
     }
     for alternatives in level_definition(level).post_training:
-        next((name for name in alternatives if pipeline.attempt(name, transforms[name])), None)
+        names = [weights if name == "int8" else name for name in alternatives]  # int4 takes int8's place
+        next((name for name in names if pipeline.attempt(name, transforms[name])), None)
     if compile:
         pipeline.attempt("compile", transforms["compile"])
     extra = ReportExtra(steps=[], post_training=True)
@@ -496,10 +522,16 @@ def optimize_and_save(
 
     Static int8 is calibrated on the training split when ``calibrate`` (dynamic int8 otherwise),
     accuracy is measured on the test split, and the first 8 test inputs are the example the
-    artifact is traced with. ``options`` are :func:`optimize`'s keyword arguments.
+    artifact is traced with. A :class:`~lightning_quantum.models.CausalLM` is measured by its mean
+    token log-likelihood on the test blocks (:func:`~lightning_quantum.models.token_log_likelihood`:
+    ``max_accuracy_drop=0.01`` is a perplexity about 1% higher), unless ``options`` give a ``metric``.
+    ``options`` are :func:`optimize`'s keyword arguments.
     """
     datamodule.setup("fit")
-    eval_data = datamodule.test_dataloader()
+    eval_data: Iterable[Any] = datamodule.test_dataloader()
+    if isinstance(model, CausalLM):  # a language model's targets are its own tokens
+        eval_data = LabelledBlocks(eval_data)
+        options.setdefault("metric", token_log_likelihood)
     result = optimize(
         model,
         level,

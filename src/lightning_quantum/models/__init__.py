@@ -2,9 +2,11 @@
 
 from lightning_quantum.models.causal_lm import (
     CausalLM,
+    LabelledBlocks,
     decode_tokens_per_second,
     evaluate_perplexity,
     prefill_latency_ms,
+    token_log_likelihood,
 )
 from lightning_quantum.models.classifier import Classifier
 from lightning_quantum.models.nets import (
@@ -21,6 +23,7 @@ __all__ = [
     "ARCHITECTURES",
     "CausalLM",
     "Classifier",
+    "LabelledBlocks",
     "DigitsMLP",
     "DigitsCNN",
     "MLPBlock",
@@ -30,4 +33,5 @@ __all__ = [
     "digits_architecture_of",
     "evaluate_perplexity",
     "prefill_latency_ms",
+    "token_log_likelihood",
 ]

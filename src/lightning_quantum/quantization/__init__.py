@@ -19,10 +19,12 @@ from lightning_quantum.quantization.qat import (
 )
 from lightning_quantum.quantization.schemes import QAT_SCHEMES, qat_base_config
 from lightning_quantum.quantization.static import quantize_static_int8, unobserved_modules
+from lightning_quantum.quantization.weight_only import INT4_ALGORITHMS, quantize_weights_int4
 from lightning_quantum.quantization.weights4bit import BNB_FORMATS, quantize_weights_bnb
 
 __all__ = [
     "BNB_FORMATS",
+    "INT4_ALGORITHMS",
     "compile_for_inference",
     "QAT_SCHEMES",
     "convert_qat",
@@ -39,6 +41,7 @@ __all__ = [
     "set_fake_quant_enabled",
     "quantize_static_int8",
     "quantize_weights_bnb",
+    "quantize_weights_int4",
     "save_safetensors",
     "sqnr_db",
     "unobserved_modules",

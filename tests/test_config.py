@@ -53,9 +53,46 @@ def test_default_config(tmp_path):
         for o in _options(g)
     ],
 )
-def test_each_group_option_composes_and_instantiates(tmp_path, group, option):
-    cfg = _compose(tmp_path, [f"{group}={option}"])
+def test_each_group_option_composes_and_instantiates(tmp_path, group, option, lm_teacher_checkpoint):
+    needs_teacher = option == "gpt_cpython_ultra"  # a trained teacher is the one thing no config can default
+    extra = [f"model.teacher.checkpoint={lm_teacher_checkpoint}"] if needs_teacher else []
+    cfg = _compose(tmp_path, [f"{group}={option}", *extra])
     _instantiate_all(cfg)
+
+
+@pytest.fixture(scope="module")
+def lm_teacher_checkpoint(tmp_path_factory):
+    """A small 6-layer CausalLM checkpoint, as a fit writes one (sizes in ``hyper_parameters``)."""
+    import torch
+
+    from lightning_quantum.models import CausalLM
+
+    model = CausalLM(vocab_size=4096, hidden_size=32, num_layers=6, num_heads=2, intermediate_size=64)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path
+
+
+def test_the_lm_ultra_teacher_is_loaded_from_its_checkpoint_and_the_student_from_its_layers(
+    tmp_path, lm_teacher_checkpoint
+):
+    import torch
+
+    from lightning_quantum.models import load_causal_lm
+
+    cfg = _compose(tmp_path, ["experiment=gpt_cpython_ultra", f"model.teacher.checkpoint={lm_teacher_checkpoint}"])
+    module = instantiate(cfg.model)
+    teacher = load_causal_lm(lm_teacher_checkpoint)
+    assert module.student.hparams["num_layers"] == 3 and teacher.hparams["num_layers"] == 6
+    for i, t in enumerate([0, 3, 5]):
+        assert torch.equal(
+            module.student.model.model.layers[i].mlp.up_proj.weight, teacher.model.model.layers[t].mlp.up_proj.weight
+        )
+    with pytest.raises(ValueError, match="holds no CausalLM hyperparameters"):
+        torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+        load_causal_lm(tmp_path / "plain.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_causal_lm(tmp_path / "missing.ckpt")
 
 
 def test_ultra_picks_the_distillation_model_unless_the_shell_names_one(tmp_path):

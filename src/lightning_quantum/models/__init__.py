@@ -5,6 +5,7 @@ from lightning_quantum.models.causal_lm import (
     LabelledBlocks,
     decode_tokens_per_second,
     evaluate_perplexity,
+    load_causal_lm,
     prefill_latency_ms,
     token_log_likelihood,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "decode_tokens_per_second",
     "digits_architecture_of",
     "evaluate_perplexity",
+    "load_causal_lm",
     "prefill_latency_ms",
     "token_log_likelihood",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_fraction, check_non_negative, check_positive, check_positive_int
 from lightning_quantum.benchmark import time_calls_ms
 from lightning_quantum.report import ReportContext, ReportExtra
+from lightning_quantum.weights import read_checkpoint, state_mismatch
 
 # Imported inside the functions that use them: transformers (slow to import).
 
@@ -26,6 +28,7 @@ __all__ = [
     "LabelledBlocks",
     "decode_tokens_per_second",
     "evaluate_perplexity",
+    "load_causal_lm",
     "next_token_loss",
     "prefill_latency_ms",
     "token_log_likelihood",
@@ -247,6 +250,31 @@ class CausalLM(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_causal_lm(checkpoint: str | Path) -> CausalLM:
+    """The :class:`CausalLM` a Lightning checkpoint of one holds, rebuilt from its saved hyperparameters
+    and weights (read with ``torch.load(weights_only=True)``), in eval mode: a trained teacher for
+    ULTRA's distillation (``conf/model/gpt_cpython_ultra.yaml``).
+
+    Raises:
+        FileNotFoundError: when ``checkpoint`` is not a file.
+        ValueError: for a file that is not a weights-only checkpoint of a ``CausalLM`` (no saved sizes,
+            or weights that do not fit them).
+    """
+    content = read_checkpoint(checkpoint)
+    hparams = content.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "num_layers" not in hparams:
+        raise ValueError(
+            f"`checkpoint`={str(checkpoint)!r} holds no CausalLM hyperparameters: give a Lightning .ckpt written "
+            "by a CausalLM fit (lq-train experiment=gpt_cpython)."
+        )
+    model = CausalLM(**{k: v for k, v in hparams.items() if k != "optimizer"})
+    mismatch = state_mismatch(model.state_dict(), content["state_dict"])
+    if mismatch is not None:
+        raise ValueError(f"`checkpoint`={str(checkpoint)!r} does not fit the CausalLM it describes: {mismatch}.")
+    model.load_state_dict(content["state_dict"])
+    return model.eval()
 
 
 def next_token_loss(logits: Tensor, token_ids: Tensor, reduction: str = "mean") -> Tensor:

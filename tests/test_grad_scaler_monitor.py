@@ -47,7 +47,7 @@ def _fp16_trainer(tmp_path, steps, monitor):
 
 def test_scaler_counts_skipped_steps_after_injected_inf(tmp_path, digits):
     torch.manual_seed(0)
-    monitor = GradScalerMonitor(min_steps=1, max_skip_rate=0.5)
+    monitor = GradScalerMonitor(min_steps=1, max_skip_rate=0.5, log_every_n_steps=1)
     model = InfGradientClassifier(poison_steps={1, 3})
     before = model.net.head.weight.detach().clone()
     trainer = _fp16_trainer(tmp_path, 6, monitor)
@@ -142,3 +142,14 @@ def test_the_scalers_calibration_skips_are_left_out_of_the_warning_rate(tmp_path
     assert monitor.skip_rate == 0.0 and not monitor.warned
     assert not [w for w in caught if "max_skip_rate" in str(w.message)]
     assert monitor.report_extra(SimpleNamespace(pl_module=model))["grad_scaler"]["calibration_skips"] == 3
+
+
+def test_it_logs_as_often_as_the_trainer_unless_told(tmp_path, digits):
+    """Logging every step cost 1.5 ms a step (29% of a small model's): by default it logs as often as the
+    trainer does; the counting is done every step either way."""
+    for every, steps, logged in ((None, 2, False), (None, 3, True), (1, 2, True)):
+        monitor = GradScalerMonitor(log_every_n_steps=every)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=steps, log_every_n_steps=3, callbacks=[monitor]))
+        trainer.fit(Classifier(DigitsMLP(hidden=(16,))), digits)
+        assert monitor.optimizer_steps == steps
+        assert ("grad_scaler/skip_rate" in trainer.callback_metrics) is logged, (every, steps)

@@ -324,6 +324,17 @@ def test_onnx_export_takes_the_torchscript_exporter_and_falls_back_when_its_file
             return x.reshape(int(x.shape[0]), 2, -1).sum(dim=1)
 
     assert onnx_runtime.export_onnx(BakedBatch(), x) == b"from dynamo" and len(calls) == 1
+
+    class BakedLength(nn.Module):  # token ids: positions from the traced length, a constant in the graph
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(32, 4), nn.Embedding(16, 4)
+
+        def forward(self, ids):
+            return self.tokens(ids) + self.positions(torch.arange(int(ids.shape[1])))
+
+    assert onnx_runtime.export_onnx(BakedLength(), torch.randint(0, 32, (4, 8))) == b"from dynamo"
+    assert len(calls) == 2
     assert onnx_runtime.export_onnx(net, x, exporter="dynamo") == b"from dynamo"
     with pytest.raises(ValueError, match=r"`exporter`='jit' is not valid. Choose one of: 'auto', 'torchscript'"):
         onnx_runtime.export_onnx(net, x, exporter="jit")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["plain_hyperparameters"]
+__all__ = ["plain_hyperparameters", "save_plain_hyperparameters"]
+
+
+def save_plain_hyperparameters(owner: Any, *, ignore: Sequence[str] | None = None) -> None:
+    """``owner.save_hyperparameters(ignore=ignore, logger=False)`` from the ``__init__`` that calls this,
+    then :func:`plain_hyperparameters`: what every LightningModule and DataModule here saves."""
+    caller = inspect.currentframe()
+    frame = caller.f_back if caller is not None else None  # Lightning reads the arguments from that frame
+    owner.save_hyperparameters(ignore=list(ignore) if ignore is not None else None, frame=frame, logger=False)
+    plain_hyperparameters(owner)
 
 
 def plain_hyperparameters(owner: Any) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._validation import (
     check_choice,
     check_non_negative,
@@ -96,8 +96,7 @@ class DigitsDataModule(SeededSplitDataModule):
         check_non_negative("num_workers", num_workers)
         if data_dir is not None and not Path(data_dir).expanduser().is_dir():
             load_digits_arrays(data_dir)  # raises the FileNotFoundError that names `data_dir`
-        self.save_hyperparameters(logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_quantum._cache import cache_root, write_whole
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._validation import check_fraction, check_positive, check_positive_int
 from lightning_quantum.data._split import SeededSplitDataModule, check_split_settings
 
@@ -250,8 +250,7 @@ class TextLMDataModule(SeededSplitDataModule):
         check_positive_int("context", context)
         if max_documents is not None:
             check_positive_int("max_documents", max_documents)
-        self.save_hyperparameters(logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.context = context

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._validation import check_fraction, check_positive
 from lightning_quantum.data._split import SeededSplitDataModule
 from lightning_quantum.data.text import corpus_paragraphs, minilm_path, paragraph_sentences, word_windows
@@ -83,8 +83,7 @@ class SentenceDataModule(SeededSplitDataModule):
         check_positive("max_length", max_length)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
-        self.save_hyperparameters(logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self)
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.eval_batch_size = batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_quantum._batches import batch_indices, split_batch
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import serialized_size_bytes
@@ -252,8 +252,7 @@ class DistillationModule(pl.LightningModule):
         check_choice("teacher_sharding", teacher_sharding, ("replicate", "shard"))
         self.teacher_sharding = teacher_sharding
         check_positive("cache_max_mb", cache_max_mb)
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"], logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self, ignore=["student", "teacher", "optimizer", "scheduler"])
         self.student = student
         self.teacher_precision = teacher_precision
         teacher = _lower_precision(teacher, teacher_precision)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_fraction, check_non_negative, check_positive, check_positive_int
 from lightning_quantum.benchmark import time_calls_ms
@@ -114,8 +114,7 @@ class CausalLM(pl.LightningModule):
         check_non_negative("weight_decay", weight_decay)
         check_fraction("warmup_fraction", warmup_fraction)
         check_fraction("dropout", dropout)
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self, ignore=["optimizer"])
         config = LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=hidden_size,

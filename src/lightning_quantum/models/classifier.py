@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_quantum._batches import split_batch
-from lightning_quantum._hparams import plain_hyperparameters
+from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._validation import check_fraction, check_positive
 from lightning_quantum.fsdp import shard_blocks
 
@@ -58,8 +58,7 @@ class Classifier(pl.LightningModule):
             raise ValueError(f"`net` must be a torch.nn.Module, got {type(net).__name__}.")
         check_positive("num_classes", num_classes)
         check_fraction("label_smoothing", label_smoothing)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
-        plain_hyperparameters(self)  # Hydra's ListConfig/DictConfig: not weights-only loadable
+        save_plain_hyperparameters(self, ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer or _default_optimizer
         self.scheduler_factory = scheduler

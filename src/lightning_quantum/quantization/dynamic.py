@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quantum._modules import select_parameters
+from lightning_quantum.quantization.schemes import embedding_int8_config
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
@@ -57,8 +58,7 @@ def quantize_dynamic_int8(
     Raises:
         ValueError: when nothing matches, with what was searched.
     """
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     types = ["Linear", "Embedding"] if embeddings else ["Linear"]
     chosen = select_parameters(model, module_types=types, names=names, ignore=ignore, purpose="quantize")
@@ -69,7 +69,7 @@ def quantize_dynamic_int8(
     if tables:
         quantize_(
             model,
-            IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+            embedding_int8_config(),
             filter_fn=lambda m, fqn: fqn in tables,
         )
     return sorted(chosen)

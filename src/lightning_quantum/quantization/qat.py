@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_quantum._modules import replace_module, select_parameters
 from lightning_quantum._tensors import is_quantized
-from lightning_quantum.quantization.schemes import check_group_size, qat_base_config
+from lightning_quantum.quantization.schemes import check_group_size, embedding_int8_config, qat_base_config
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
@@ -100,14 +100,6 @@ def _keeping_hooks(model: nn.Module) -> Iterator[None]:
                     setattr(module, attr, getattr(old, attr))
 
 
-def _embedding_base_config() -> Any:
-    """int8 weights, one scale per row: what ``quantize_dynamic_int8(embeddings=True)`` gives a table."""
-    from torchao.quantization import IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis
-
-    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-
-
 def select_linears(
     model: nn.Module, names: Sequence[str] | None = None, ignore: Sequence[str] = (), *, embeddings: bool = False
 ) -> dict[str, nn.Module]:
@@ -171,7 +163,7 @@ def prepare_qat(
         if tables:
             quantize_(
                 model,
-                QATConfig(_embedding_base_config(), step="prepare"),
+                QATConfig(embedding_int8_config(), step="prepare"),
                 filter_fn=lambda m, fqn: fqn in tables and isinstance(m, nn.Embedding),
             )
     return sorted(chosen)
@@ -279,7 +271,7 @@ def convert_qat(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
         if tables:
             quantize_(
                 model,
-                QATConfig(_embedding_base_config(), step="convert"),
+                QATConfig(embedding_int8_config(), step="convert"),
                 filter_fn=lambda m, fqn: isinstance(m, embedding_cls),
             )
         if count and scheme == "int8_dynamic_int8_weight":

@@ -17,7 +17,7 @@ from lightning_quantum._validation import check_positive_int
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
 
-__all__ = ["QAT_SCHEMES", "qat_base_config", "check_group_size"]
+__all__ = ["QAT_SCHEMES", "qat_base_config", "check_group_size", "embedding_int8_config", "int4_weight_only_config"]
 
 
 def _int8_dynamic_int8_weight(group_size: int) -> Any:
@@ -35,19 +35,38 @@ def _int8_dynamic_int4_weight(group_size: int) -> Any:
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group_size))
 
 
-def _int4_weight_only(group_size: int) -> Any:
+def int4_weight_only_config(group_size: int, algorithm: str = "affine") -> Any:
+    """torchao's int4 weight-only config, in groups of ``group_size`` input features: what the
+    ``int4_weight_only`` QAT scheme converts to, and post-training ``quantize_weights_int4``
+    (``algorithm``: how scales are chosen, ``"affine"`` min/max or ``"hqq_scale_only"``)."""
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
 
     int4: Any = torch.int4  # type: ignore[attr-defined]
-    return IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(group_size))
+    return IntxWeightOnlyConfig(
+        weight_dtype=int4,
+        granularity=PerGroup(group_size),
+        intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm(algorithm),
+    )
+
+
+def embedding_int8_config() -> Any:
+    """int8 weights, one scale per row, for ``nn.Embedding`` tables: QAT's embedding scheme, dynamic
+    int8's ``embeddings=True`` and the int4 post-training path's tables."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
 
 
 #: QAT schemes: name -> (builder of the torchao base config, whether weights are grouped).
 QAT_SCHEMES: dict[str, tuple[Callable[[int], Any], bool]] = {
     "int8_dynamic_int8_weight": (_int8_dynamic_int8_weight, False),  # the CPU default
     "int8_dynamic_int4_weight": (_int8_dynamic_int4_weight, True),
-    "int4_weight_only": (_int4_weight_only, True),
+    "int4_weight_only": (int4_weight_only_config, True),
 }
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from lightning_quantum._validation import check_choice, check_positive_int
+from lightning_quantum.quantization.schemes import embedding_int8_config, int4_weight_only_config
 
 # Imported inside the function that uses them: torchao's quantization API (slow to import).
 
@@ -51,24 +51,10 @@ def quantize_weights_int4(
                 f"`group_size`={group_size} does not divide the {linear.in_features} input features of {name!r}. "
                 "Choose a divisor of every linear's input features (32 and 64 are usual)."
             )
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
-        IntxChooseQParamsAlgorithm,
-    )
+    from torchao.quantization import quantize_
 
     out = copy.deepcopy(model).eval()
-    int4 = torch.int4  # type: ignore[attr-defined]
-    choose = IntxChooseQParamsAlgorithm(algorithm)
-    quantize_(
-        out,
-        IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(group_size), intx_choose_qparams_algorithm=choose),
-        filter_fn=lambda m, _: type(m) is nn.Linear,
-    )
+    quantize_(out, int4_weight_only_config(group_size, algorithm), filter_fn=lambda m, _: type(m) is nn.Linear)
     if embeddings:
-        quantize_(
-            out,
-            IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-            filter_fn=lambda m, _: isinstance(m, nn.Embedding),
-        )
+        quantize_(out, embedding_int8_config(), filter_fn=lambda m, _: isinstance(m, nn.Embedding))
     return out

@@ -278,7 +278,9 @@ def load_causal_lm(checkpoint: str | Path) -> CausalLM:
 
 def next_token_loss(logits: Tensor, token_ids: Tensor, reduction: str = "mean") -> Tensor:
     """A causal language model's loss: cross-entropy of the logits at each position against the next
-    token (``logits`` ``(batch, length, vocab)``, ``token_ids`` ``(batch, length)``), in float32."""
+    token (``logits`` ``(batch, length, vocab)``, or a Hugging Face output holding them; ``token_ids``
+    ``(batch, length)``), in float32."""
+    logits = getattr(logits, "logits", logits)
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), token_ids[:, 1:].reshape(-1), reduction=reduction)
 
@@ -290,7 +292,6 @@ def token_log_likelihood(logits: Tensor, token_ids: Tensor) -> float:
     :class:`LabelledBlocks` as their data: a drop of 0.01 is a perplexity about 1% higher, so
     ``max_accuracy_drop=0.01`` rolls back a step that raises perplexity by more than about 1%.
     """
-    logits = logits.logits if hasattr(logits, "logits") else logits
     return -float(next_token_loss(logits, token_ids))
 
 
@@ -321,9 +322,7 @@ def evaluate_perplexity(model: nn.Module, loader: Iterable[Tensor], max_batches:
             if max_batches is not None and i >= max_batches:
                 break
             ids = batch.to(device)
-            logits = model(ids)
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            total += float(next_token_loss(logits, ids, reduction="sum"))
+            total += float(next_token_loss(model(ids), ids, reduction="sum"))
             tokens += ids[:, 1:].numel()
     if tokens == 0:
         raise ValueError("`loader` gave no tokens to measure perplexity on.")

@@ -90,8 +90,7 @@ def causal_lm_student(teacher: CausalLM, layers: Sequence[int]) -> CausalLM:
         raise ValueError(
             f"`layers`={chosen} is not valid. Give increasing, distinct teacher layer indices in [0, {count - 1}]."
         )
-    hparams = {k: v for k, v in teacher.hparams.items() if k != "optimizer"}
-    student = CausalLM(**{**hparams, "num_layers": len(chosen)})
+    student = CausalLM(**{**teacher.hparams, "num_layers": len(chosen)})  # its hparams: sizes and settings
     source, target = teacher.model, student.model
     target.model.embed_tokens.load_state_dict(source.model.embed_tokens.state_dict())
     target.model.norm.load_state_dict(source.model.norm.state_dict())

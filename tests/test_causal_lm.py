@@ -351,3 +351,57 @@ def test_hyperparameters_from_a_hydra_config_are_saved_as_plain_values(tmp_path)
     plain_hyperparameters(owner)
     assert owner._hparams == {"pairs": {"a": [1, 2], "b": "x"}, "t": ([3],), "s": "ab"}
     assert type(owner._hparams["pairs"]) is dict and type(owner._hparams["pairs"]["a"]) is list
+
+
+def _random_lm(**kwargs):
+    torch.manual_seed(0)
+    options = {"vocab_size": 300, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+    return CausalLM(**{**options, "context": 48, **kwargs}).eval()
+
+
+def test_the_static_cache_decoder_gives_the_tokens_of_generate():
+    """The deployable decode loop (a KV cache of fixed size, eager here) continues as Hugging Face's
+    generate does: greedy, min_new_tokens, and rows that reach the end-of-text token."""
+    from lightning_quantum.models import StaticCacheDecoder
+
+    lm = _random_lm()
+    prompts = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    decoder = StaticCacheDecoder(lm, compile=False)
+    assert decoder.max_length == 48 and len(decoder.state_dict()) == len(lm.state_dict())
+    expected = lm.generate(prompts, max_new_tokens=20)
+    assert torch.equal(decoder.generate(prompts, max_new_tokens=20), expected)
+    assert torch.equal(decoder.generate(prompts[1:], max_new_tokens=5), expected[1:, :15])  # the cache is reset
+    # end of text: the token row 0 chooses third ends it, and the row continues with it
+    eos = int(expected[0, 12])
+    stopping = _random_lm(eos_token_id=eos)
+    stopping.load_state_dict(lm.state_dict())
+    expected = stopping.generate(prompts, max_new_tokens=20)
+    assert (expected[0, 12:] == eos).all()
+    assert torch.equal(StaticCacheDecoder(stopping, compile=False).generate(prompts, max_new_tokens=20), expected)
+    forced = stopping.generate(prompts[:1], max_new_tokens=20, min_new_tokens=20)
+    assert torch.equal(
+        StaticCacheDecoder(stopping, compile=False).generate(prompts[:1], max_new_tokens=20, min_new_tokens=20), forced
+    )
+    assert forced.shape == (1, 30) and (forced[0, 10:13] != eos).all()
+    with pytest.raises(ValueError, match=r"exceeds `max_length`=48"):
+        decoder.generate(prompts, max_new_tokens=39)
+    with pytest.raises(ValueError, match=r"`min_new_tokens`=-1 is not valid"):
+        decoder.generate(prompts, min_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"`input_ids` must be a \(batch, length\) tensor"):
+        decoder.generate(prompts[0])
+    with pytest.raises(TypeError, match="`model` must be a CausalLM"):
+        StaticCacheDecoder(lm.model)
+
+
+@pytest.mark.slow
+def test_the_compiled_static_cache_decoder_gives_the_tokens_of_generate_in_float_and_int4():
+    """The compiled decode step (the LM's deployed decode form) on the float model and on its int4 copy."""
+    from lightning_quantum.models import StaticCacheDecoder
+    from lightning_quantum.quantization import quantize_weights_int4
+
+    lm = _random_lm()
+    prompts = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    for model in (lm, quantize_weights_int4(lm, group_size=32)):
+        decoder = StaticCacheDecoder(model)
+        assert torch.equal(decoder.generate(prompts, max_new_tokens=16), model.generate(prompts, max_new_tokens=16))
+        assert torch.equal(decoder.generate(prompts[:1], max_new_tokens=8), model.generate(prompts[:1], max_new_tokens=8))

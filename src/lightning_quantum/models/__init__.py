@@ -3,6 +3,7 @@
 from lightning_quantum.models.causal_lm import (
     CausalLM,
     LabelledBlocks,
+    StaticCacheDecoder,
     decode_tokens_per_second,
     evaluate_perplexity,
     load_causal_lm,
@@ -25,6 +26,7 @@ __all__ = [
     "CausalLM",
     "Classifier",
     "LabelledBlocks",
+    "StaticCacheDecoder",
     "DigitsMLP",
     "DigitsCNN",
     "MLPBlock",

@@ -26,6 +26,7 @@ from lightning_quantum.weights import read_checkpoint, state_mismatch
 __all__ = [
     "CausalLM",
     "LabelledBlocks",
+    "StaticCacheDecoder",
     "decode_tokens_per_second",
     "evaluate_perplexity",
     "load_causal_lm",
@@ -249,6 +250,113 @@ class CausalLM(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _DecodeStep(nn.Module):
+    """One forward pass of a Hugging Face causal LM against a static KV cache: the next-token logits
+    of the last position. The unit :class:`StaticCacheDecoder` compiles (fixed shapes per batch size)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        out = self.model(
+            input_ids=input_ids, position_ids=positions.unsqueeze(0), cache_position=positions, cache=cache, use_cache=True
+        )
+        return out.logits[:, -1].float()
+
+
+class StaticCacheDecoder(nn.Module):
+    """Greedy decoding of a :class:`CausalLM` (or of its quantized copy) with a KV cache of fixed size
+    and, with ``compile``, a compiled one-token step: the decode form to deploy on a CPU.
+
+    Hugging Face's ``generate`` grows its KV cache with every token and runs the model's Python (and
+    its own: logits processors, stopping criteria) for each one; at batch 1 a small model spends most
+    of its decode time there. Here the cache holds ``max_length`` positions from the start, so every
+    decode step has the same shapes and compiles once per batch size (``torch.compile``, no freezing:
+    Inductor's constant folding does not keep the cache's index arithmetic). The prompt is run eagerly,
+    once. Greedy choice, ``min_new_tokens`` and end-of-text handling follow ``CausalLM.generate``
+    (a finished row continues with the end-of-text token, and decoding stops when every row has
+    finished), so the two give the same tokens up to ties in the last bits of the logits.
+
+    Args:
+        model: the language model; its weights are used as they are (float, or quantized by
+            :func:`~lightning_quantum.quantization.quantize_weights_int4`).
+        compile: compile the one-token step (``False``: the same loop, eager).
+        max_length: prompt plus new tokens at most; the model's ``context`` when ``None``.
+    """
+
+    def __init__(self, model: CausalLM, *, compile: bool = True, max_length: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"`model` must be a CausalLM, got {type(model).__name__}.")
+        if not isinstance(compile, bool):
+            raise ValueError(f"`compile`={compile!r} is not valid. Give True or False.")
+        if max_length is not None:
+            check_positive_int("max_length", max_length)
+        self.lm = model
+        self.compile = compile
+        self.max_length = max_length or model.context
+        self.eos_token_id = model.eos_token_id
+        step = _DecodeStep(model.model)
+        if compile:
+            from lightning_quantum.compiled import compile_for_inference
+
+            step = compile_for_inference(step, freezing=False)
+        # not submodules: the weights are the language model's, listed once
+        object.__setattr__(self, "_prompt_step", _DecodeStep(model.model))
+        object.__setattr__(self, "_step", step)
+        object.__setattr__(self, "_caches", {})
+        self.eval()
+
+    def _cache(self, batch: int) -> Any:
+        from transformers import StaticCache
+
+        caches: dict[int, Any] = self._caches  # type: ignore[has-type]
+        if batch not in caches:
+            caches[batch] = StaticCache(config=self.lm.model.config, max_cache_len=self.max_length)
+        else:
+            caches[batch].reset()
+        return caches[batch]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 64, min_new_tokens: int = 0) -> Tensor:
+        """The prompt ``input_ids`` (``(batch, length)``, unpadded) followed by up to ``max_new_tokens``
+        greedy tokens (at least ``min_new_tokens`` before an end-of-text token may be chosen).
+
+        Raises:
+            ValueError: for a prompt that is not a 2-D tensor of token ids, or a length beyond ``max_length``.
+        """
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"`input_ids` must be a (batch, length) tensor of token ids, got {shape}.")
+        check_positive_int("max_new_tokens", max_new_tokens)
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise ValueError(f"`min_new_tokens`={min_new_tokens!r} is not valid. Give a non-negative integer.")
+        batch, length = input_ids.shape
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"A prompt of {length} tokens plus `max_new_tokens`={max_new_tokens} exceeds `max_length`="
+                f"{self.max_length} of this decoder: shorten the prompt or build it with a larger max_length."
+            )
+        device = next(self.lm.parameters()).device
+        input_ids = input_ids.to(device)
+        cache = self._cache(batch)
+        logits = self._prompt_step(input_ids, torch.arange(length, device=device), cache)
+        tokens = [input_ids]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            if i < min_new_tokens:
+                logits[:, self.eos_token_id] = -math.inf
+            token = logits.argmax(-1).masked_fill(finished, self.eos_token_id)
+            tokens.append(token.unsqueeze(1))
+            finished |= token == self.eos_token_id
+            if i + 1 == max_new_tokens or bool(finished.all()):
+                break
+            position = torch.tensor([length + i], device=device)
+            logits = self._step(token.unsqueeze(1), position, cache)  # type: ignore[operator]
+        return torch.cat(tokens, dim=1)
 
 
 def load_causal_lm(checkpoint: str | Path) -> CausalLM:

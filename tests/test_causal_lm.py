@@ -404,4 +404,5 @@ def test_the_compiled_static_cache_decoder_gives_the_tokens_of_generate_in_float
     for model in (lm, quantize_weights_int4(lm, group_size=32)):
         decoder = StaticCacheDecoder(model)
         assert torch.equal(decoder.generate(prompts, max_new_tokens=16), model.generate(prompts, max_new_tokens=16))
-        assert torch.equal(decoder.generate(prompts[:1], max_new_tokens=8), model.generate(prompts[:1], max_new_tokens=8))
+        one = prompts[:1]
+        assert torch.equal(decoder.generate(one, max_new_tokens=8), model.generate(one, max_new_tokens=8))

@@ -262,7 +262,11 @@ class _DecodeStep(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: Any) -> Tensor:
         out = self.model(
-            input_ids=input_ids, position_ids=positions.unsqueeze(0), cache_position=positions, cache=cache, use_cache=True
+            input_ids=input_ids,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            cache=cache,
+            use_cache=True,
         )
         return out.logits[:, -1].float()
 

@@ -406,3 +406,69 @@ def test_the_compiled_static_cache_decoder_gives_the_tokens_of_generate_in_float
         assert torch.equal(decoder.generate(prompts, max_new_tokens=16), model.generate(prompts, max_new_tokens=16))
         one = prompts[:1]
         assert torch.equal(decoder.generate(one, max_new_tokens=8), model.generate(one, max_new_tokens=8))
+
+
+def test_the_decode_gate_keeps_the_perplexity_budget_and_ships_a_decoder_that_reloads(tmp_path):
+    """The decode gate (here the generate loop alone: nothing to compile) judges each set of weights by
+    held-out log-likelihood; its winner is written with the weights, int4 included, and reloads."""
+    from lightning_quantum.models.decoding import choose_decoder, decode_table, load_decoder, save_decoder
+    from lightning_quantum.quantization import quantize_weights_int4
+
+    lm = _random_lm()
+    blocks = [torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    worse = _random_lm()
+    with torch.no_grad():
+        for p in worse.parameters():
+            p.mul_(4.0)  # far from the model as trained: over any budget
+    int4 = quantize_weights_int4(lm, group_size=32)
+    decoder, decision = choose_decoder(
+        int4, blocks, float_model=worse, forms=["generate"], prompt_tokens=8, new_tokens=8, repeats=1, rounds=1
+    )
+    assert decoder is int4 and (decision.weights, decision.form) == ("as trained", "generate")
+    trained, floating = decision.candidates
+    assert trained.eligible and not floating.eligible and "over budget" in floating.note
+    assert floating.perplexity > trained.perplexity and trained.tokens_per_second > 0
+    assert trained.size_bytes < floating.size_bytes / 2  # int4 linears, int8 embedding rows
+    rows = decode_table(decision)
+    assert rows[0]["verdict"].startswith("SHIPPED") and not rows[1]["verdict"].startswith("SHIPPED")
+    paths = save_decoder(decoder, decision, tmp_path)
+    assert {p.name for p in paths.values()} == {"decoder.pt", "decoder.json"}
+    back = load_decoder(tmp_path)
+    prompt = blocks[0][:1, :8]
+    assert torch.equal(back(blocks[0]), int4(blocks[0]))
+    assert torch.equal(back.generate(prompt, max_new_tokens=8), int4.generate(prompt, max_new_tokens=8))
+    with pytest.raises(ValueError, match=r"`prompt_tokens`=40 plus `new_tokens`=64 exceeds the model's context of 48"):
+        choose_decoder(lm, blocks, prompt_tokens=40)
+    with pytest.raises(ValueError, match=r"`forms`=\['beam'\] is not valid"):
+        choose_decoder(lm, blocks, forms=["beam"])
+    with pytest.raises(TypeError, match="`float_model` must be a CausalLM"):
+        choose_decoder(lm, blocks, float_model=lm.model)
+    (tmp_path / "decoder.json").write_text('{"form": "static compiled", "weights_file": "../elsewhere.pt"}')
+    with pytest.raises(ValueError, match="must name a .pt file in"):
+        load_decoder(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_deployment_gate_of_an_int4_lm_runs_the_decode_gate(tmp_path):
+    """QUANTUM on the LM: after int4 QAT's conversion, the DeploymentGate also chooses the decode form
+    among generate and the compiled static-cache loop, with the int4 and the float weights."""
+    from lightning_quantum.callbacks import DeploymentGate, QuantizationAwareTraining
+    from lightning_quantum.models.decoding import load_decoder
+
+    data = tiny_data(tmp_path)
+    torch.manual_seed(0)
+    model = tiny_lm(data)
+    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=2)
+    gate = DeploymentGate(numerics=["float"], runners=["eager"], decode_prompt_tokens=8, decode_new_tokens=8)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, max_epochs=-1, callbacks=[qat, gate])).fit(model, data)
+    decision = gate.decode_decision
+    assert decision is not None and decision.new_tokens == 8
+    assert [(c.weights, c.form) for c in decision.candidates] == [
+        ("as trained", "generate"),
+        ("as trained", "static compiled"),
+        ("float", "generate"),
+        ("float", "static compiled"),
+    ]
+    assert all(c.tokens_per_second > 0 for c in decision.candidates)
+    assert gate.paths["decoder"].is_file() and gate.paths["record"].is_file()
+    assert type(load_decoder(gate.paths["record"].parent)).__name__ in ("CausalLM", "StaticCacheDecoder")

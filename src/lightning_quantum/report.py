@@ -135,6 +135,7 @@ class ReportExtra(TypedDict, total=False):
     grad_scaler: GradScalerFigures
     loss_scale_curve: list[list[float]]  # [step, scale]
     deployment: dict[str, Any]  # DeploymentDecision.to_dict(), with the files written
+    decoding: list[dict[str, Any]]  # a language model's decode gate: one row per decode form
     exported: dict[str, ExportedFile]  # by format
     # lq.optimize
     steps: list[dict[str, Any]]

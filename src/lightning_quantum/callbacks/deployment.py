@@ -15,8 +15,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quantum._batches import _gather_inputs
-from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
+from lightning_quantum._batches import _gather_inputs, split_batch
+from lightning_quantum._validation import (
+    check_choice,
+    check_finite,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
 from lightning_quantum.callbacks._common import (
     EVAL_LOADERS,
     MeasuresInference,
@@ -40,6 +46,8 @@ from lightning_quantum.deployment import (
     save_deployment,
     trained_form,
 )
+from lightning_quantum.models.causal_lm import CausalLM
+from lightning_quantum.models.decoding import DecodeDecision, choose_decoder, decode_table, save_decoder
 from lightning_quantum.report import ReportContext, ReportExtra
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,14 @@ class DeploymentGate(Callback):
     ``deployment.json`` (reload with :func:`~lightning_quantum.deployment.load_deployment`), and the
     :class:`~lightning_quantum.callbacks.OptimizationReport` measures it as the optimized model.
     Put it after the callbacks that change the model and before ``ModelExport`` and the report.
+
+    For a :class:`~lightning_quantum.models.CausalLM` it also runs the decode gate
+    (:func:`~lightning_quantum.models.decoding.choose_decoder`): greedy decoding at batch 1 through
+    Hugging Face ``generate`` and through :class:`~lightning_quantum.models.StaticCacheDecoder`
+    (compiled), with the weights as trained and, after QAT, the float weights before conversion; the
+    fastest within ``max_accuracy_drop`` of held-out log-likelihood is written as ``decoder.pt`` and
+    ``decoder.json`` (reload with :func:`~lightning_quantum.models.decoding.load_decoder`) and listed
+    in the report's ``decoding`` table.
 
     Args:
         numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` on a float
@@ -90,6 +106,9 @@ class DeploymentGate(Callback):
             See :func:`~lightning_quantum.deployment.choose_deployment`. ``False`` measures every form.
         cache_dir: where; :func:`~lightning_quantum.deployment.default_cache_dir` when ``None``
             (``$LIGHTNING_QUANTUM_CACHE/deployment``, else ``~/.cache/lightning_quantum/deployment``).
+        decode_prompt_tokens: a language model's decode gate: the prompt, held-out tokens.
+        decode_new_tokens: the tokens it generates per timed call (fewer when the model's context is
+            shorter than prompt plus new tokens).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate()])  # doctest: +SKIP
@@ -113,6 +132,8 @@ class DeploymentGate(Callback):
         stem: str = "deployed",
         cache: bool = True,
         cache_dir: str | Path | None = None,
+        decode_prompt_tokens: int = 16,
+        decode_new_tokens: int = 64,
     ) -> None:
         err = MisconfigurationException
         for label, values, choices in (("numerics", numerics, NUMERICS), ("runners", runners, RUNNERS)):
@@ -151,6 +172,11 @@ class DeploymentGate(Callback):
             raise err(f"`cache`={cache!r} is not valid. Give True or False.")
         self.cache = cache
         self.cache_dir = cache_dir
+        check_positive_int("decode_prompt_tokens", decode_prompt_tokens, error=err)
+        check_positive_int("decode_new_tokens", decode_new_tokens, error=err)
+        self.decode_prompt_tokens = decode_prompt_tokens
+        self.decode_new_tokens = decode_new_tokens
+        self.decode_decision: DecodeDecision | None = None
         self.module: nn.Module | None = None
         self.decision: DeploymentDecision | None = None
         self.paths: dict[str, Path] = {}
@@ -219,10 +245,41 @@ class DeploymentGate(Callback):
             self.paths = save_deployment(
                 self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem
             )
+        if isinstance(model, CausalLM) and not quick:
+            self._choose_decoder(trainer, model, loader, threads, out)
+
+    def _choose_decoder(
+        self, trainer: pl.Trainer, model: CausalLM, loader: Any, threads: int | None, out: Path
+    ) -> None:
+        """The decode gate of a language model (see the class's description)."""
+        float_model = self._float_model(trainer)
+        new_tokens = min(self.decode_new_tokens, model.context - self.decode_prompt_tokens)
+        if new_tokens < 1:
+            rank_zero_info(
+                f"Deployment: no decode gate: `decode_prompt_tokens`={self.decode_prompt_tokens} leaves no room in "
+                f"the model's context of {model.context} tokens."
+            )
+            return
+        decoder, self.decode_decision = choose_decoder(
+            model,
+            (split_batch(b)[0] for b in loader),
+            float_model=float_model if isinstance(float_model, CausalLM) else None,
+            prompt_tokens=self.decode_prompt_tokens,
+            new_tokens=new_tokens,
+            max_accuracy_drop=self.max_accuracy_drop,
+            max_eval_batches=self.max_eval_batches or 8,
+            num_threads=threads,
+        )
+        rank_zero_info(f"Decoding: {self.decode_decision.reason}")
+        if self.export:
+            self.paths.update(save_decoder(decoder, self.decode_decision, out))
 
     def report_extra(self, context: ReportContext) -> ReportExtra:
         if self.decision is None:
             return {}
         record = self.decision.to_dict()
         record["files"] = {name: str(path) for name, path in self.paths.items()}
-        return {"deployment": record}
+        extra: ReportExtra = {"deployment": record}
+        if self.decode_decision is not None:
+            extra["decoding"] = decode_table(self.decode_decision)
+        return extra

@@ -16,8 +16,15 @@
      (``prepare_qat(..., "int4_weight_only", embeddings=True)``), then conversion to the same int4 form.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)``: the share of PTQ's perplexity loss QAT wins
    back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
-4. Size of each form (serialized bytes) and decode speed at batch 1 (greedy, 64 new tokens, KV cache, Hugging
-   Face ``generate`` in eager mode), and prefill latency at batch 8.
+4. Size of each form (serialized bytes), decode speed at batch 1 (greedy, 64 new tokens, KV cache) two ways:
+   Hugging Face ``generate`` in eager mode (``decode_tokens_per_s``) and the deployed decode loop,
+   ``StaticCacheDecoder`` (a fixed-size KV cache, compiled one-token step: ``static_decode_tokens_per_s``,
+   and the same with one thread: ``static_1t_decode_tokens_per_s``; each with its range over the rounds),
+   and prefill latency at batch 8. The decode forms of every model are timed together at the end, each
+   once per round over ``--decode-rounds`` alternating rounds (medians), so that the ratios compare
+   forms measured side by side. The ``*_vs_basic`` ratios compare each form's deployed loop with BASIC's
+   fp32 model through ``generate`` (``static_decode_vs_basic``) and through the same loop
+   (``static_decode_vs_basic_static``).
 5. **ULTRA** (``--ultra-steps``, 0 to skip): the BASIC model (after its float branch) as the teacher of a
    3-layer student initialised from its embeddings, final norm, output layer and layers 0, 3 and 5;
    distilled with the next-token loss, per-token soft targets (T=2) and the hidden states of those layers
@@ -31,6 +38,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,11 +47,16 @@ import torch
 from _common import quiet_trainer
 from torch import nn
 
-from lightning_quantum.benchmark import serialized_size_bytes
+from lightning_quantum.benchmark import serialized_size_bytes, time_calls_ms
 from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.distillation import DistillationModule, causal_lm_student
-from lightning_quantum.models import CausalLM, decode_tokens_per_second, evaluate_perplexity, prefill_latency_ms
+from lightning_quantum.models import (
+    CausalLM,
+    StaticCacheDecoder,
+    evaluate_perplexity,
+    prefill_latency_ms,
+)
 from lightning_quantum.quantization import (
     convert_qat,
     dequantize_linears,
@@ -66,7 +79,7 @@ def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float, num_laye
     return CausalLM(**data.tokenizer_config(), context=data.context, lr=lr, **sizes)
 
 
-def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace) -> dict:
+def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, decoders: dict) -> dict:
     """Distil ``teacher`` into 3 layers (or 1 of 2 with ``--quick``) with 2:4 pruning of the MLPs and int4 QAT."""
     n = teacher.model.config.num_hidden_layers
     chosen = [0, n // 2, n - 1] if n >= 3 else [n - 1]
@@ -90,11 +103,13 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace) 
     test = data.test_dataloader()
     out = {"fit_seconds": seconds, "layers_from_teacher": chosen, "ppl": evaluate_perplexity(student, test)}
     out |= {"bytes": serialized_size_bytes(student.model), "mlp_sparsity": pruning.current_sparsity}
-    out |= {f"int4_{k}": v for k, v in _speed(student, data).items()}
+    out |= {f"int4_{k}": v for k, v in _prefill(student, data).items()}
+    decoders["ultra int4"] = copy.deepcopy(student)
     dequantize_linears(student)  # the same weights in fp32 (2:4 zeros kept): the student's float form
     out |= {"float_ppl": evaluate_perplexity(student, test)} | {
-        f"float_{k}": v for k, v in _speed(student, data).items()
+        f"float_{k}": v for k, v in _prefill(student, data).items()
     }
+    decoders["ultra float"] = student
     return out
 
 
@@ -109,15 +124,56 @@ def _ptq_int4(model: nn.Module, algorithm: str) -> nn.Module:
     return quantize_weights_int4(model, group_size=32, algorithm=algorithm)
 
 
-def _speed(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:
-    blocks = next(iter(data.test_dataloader()))
-    return {
-        "decode_tokens_per_s": decode_tokens_per_second(model, blocks[:1, :16]),
-        "prefill_ms_batch8": prefill_latency_ms(model, blocks[:8]),
+def _prefill(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:
+    return {"prefill_ms_batch8": prefill_latency_ms(model, next(iter(data.test_dataloader()))[:8])}
+
+
+def _decode_speeds(models: dict[str, CausalLM], prompt: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
+    """Greedy decode tokens/s of every model through ``generate`` and through the deployed loop
+    (``StaticCacheDecoder``, compiled), measured side by side: each decode form once per round, the
+    forms alternating over ``rounds`` rounds after one untimed call each, so that a slow spell of
+    the shared machine hits them alike; the median per form."""
+    loops = {"generate": None, "static": None, "static_1t": 1}  # StaticCacheDecoder's num_threads
+    forms = {(name, loop): model if loop == "generate" else StaticCacheDecoder(model, num_threads=threads)
+             for name, model in models.items() for loop, threads in loops.items()}  # fmt: skip
+    compile_seconds = {}
+    for key, decoder in forms.items():
+        start = time.perf_counter()
+        decoder.generate(prompt, max_new_tokens=64, min_new_tokens=64)
+        compile_seconds[key] = time.perf_counter() - start
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in forms}
+    for _ in range(rounds):
+        for key, decoder in forms.items():
+            times[key].extend(
+                time_calls_ms(
+                    lambda d=decoder: d.generate(prompt, max_new_tokens=64, min_new_tokens=64), warmup=0, repeats=1
+                )
+            )
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for (name, loop), calls in times.items():
+        prefix = "" if loop == "generate" else f"{loop}_"
+        out[name][f"{prefix}decode_tokens_per_s"] = 64 / (statistics.median(calls) / 1000.0)
+        out[name][f"{prefix}decode_tokens_per_s_range"] = [64 / (max(calls) / 1000.0), 64 / (min(calls) / 1000.0)]
+        if loop != "generate":
+            out[name][f"{prefix}decode_first_call_seconds"] = compile_seconds[(name, loop)]
+    return out
+
+
+def _decode_ratios(figures: dict, prefix: str, basic: dict) -> dict[str, float]:
+    """The deployed decode loop's tokens/s against BASIC's fp32 model through generate and through the same loop."""
+    ratios = {
+        f"{prefix}generate_vs_basic_generate": figures[f"{prefix}decode_tokens_per_s"] / basic["decode_tokens_per_s"]
     }
+    for loop in ("static", "static_1t"):
+        speed = figures[f"{prefix}{loop}_decode_tokens_per_s"]
+        ratios[f"{prefix}{loop}_decode_vs_basic"] = speed / basic["decode_tokens_per_s"]
+        ratios[f"{prefix}{loop}_decode_vs_basic_{loop}"] = speed / basic[f"{loop}_decode_tokens_per_s"]
+    return ratios
 
 
-def _ptq_against_qat(result: dict, state: dict, data: TextLMDataModule, args: argparse.Namespace) -> None:
+def _ptq_against_qat(
+    result: dict, state: dict, data: TextLMDataModule, args: argparse.Namespace, decoders: dict
+) -> None:
     """The float and QAT branches from the BASIC weights, PTQ of the float one, and QAT's recovery."""
     test = data.test_dataloader()
     floating = _model(data, args, lr=5e-4)
@@ -139,18 +195,15 @@ def _ptq_against_qat(result: dict, state: dict, data: TextLMDataModule, args: ar
         "fake_quantized_ppl": evaluate_perplexity(qat, test),
     }
     convert_qat(qat, "int4_weight_only", group_size=32)
-    result["qat_int4"] |= {"ppl": evaluate_perplexity(qat, test), "bytes": serialized_size_bytes(qat.model)} | _speed(
-        qat, data
-    )
+    result["qat_int4"] |= {"ppl": evaluate_perplexity(qat, test), "bytes": serialized_size_bytes(qat.model)}
+    result["qat_int4"] |= _prefill(qat, data)
+    decoders["qat_int4"] = qat
 
     fp32, qat_ppl = result["fp32"]["ppl"], result["qat_int4"]["ppl"]
     for peer in ("ptq_int4", "hqq_int4"):
         lost = result[peer]["ppl"] - fp32
         result[peer]["qat_recovery"] = (result[peer]["ppl"] - qat_ppl) / lost if lost > 0 else None
     result["qat_int4"]["size_vs_basic"] = result["qat_int4"]["bytes"] / result["basic"]["bytes"]
-    result["qat_int4"]["decode_vs_basic"] = (
-        result["qat_int4"]["decode_tokens_per_s"] / result["basic"]["decode_tokens_per_s"]
-    )
 
 
 def main() -> None:
@@ -159,6 +212,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
     parser.add_argument("--ultra-steps", type=int, default=300, help="ULTRA's distillation steps (0: skip ULTRA)")
     parser.add_argument("--skip-ptq", action="store_true", help="BASIC and ULTRA only")
+    parser.add_argument("--decode-rounds", type=int, default=7, help="alternating rounds of the decode timing")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -191,20 +245,26 @@ def main() -> None:
 
     basic = _model(data, args, lr=2e-3)
     result["basic"] = {"fit_seconds": _fit(basic, data, args.steps), "ppl": evaluate_perplexity(basic, test)}
-    result["basic"] |= {"bytes": serialized_size_bytes(basic.model)} | _speed(basic, data)
+    result["basic"] |= {"bytes": serialized_size_bytes(basic.model)} | _prefill(basic, data)
+    decoders: dict[str, CausalLM] = {"basic": copy.deepcopy(basic)}
     state = copy.deepcopy(basic.state_dict())
     print(json.dumps(result, indent=1), flush=True)
 
     if not args.skip_ptq:
-        _ptq_against_qat(result, state, data, args)
+        _ptq_against_qat(result, state, data, args, decoders)
     if args.ultra_steps:
         basic.load_state_dict(state)
-        result["ultra"] = _ultra(basic, data, args)
+        result["ultra"] = _ultra(basic, data, args, decoders)
         result["ultra"]["size_vs_basic"] = result["ultra"]["bytes"] / result["basic"]["bytes"]
         result["ultra"]["ppl_vs_basic"] = result["ultra"]["ppl"] / result["basic"]["ppl"]
-        for form in ("int4", "float"):
-            speed = result["ultra"][f"{form}_decode_tokens_per_s"] / result["basic"]["decode_tokens_per_s"]
-            result["ultra"][f"{form}_decode_vs_basic"] = speed
+    speeds = _decode_speeds(decoders, next(iter(test))[:1, :16], rounds=args.decode_rounds)
+    result["basic"] |= speeds["basic"]
+    if "qat_int4" in speeds:
+        result["qat_int4"] |= speeds["qat_int4"]
+        result["qat_int4"] |= _decode_ratios(result["qat_int4"], "", result["basic"])
+    for form in ("int4", "float") if "ultra" in result else ():
+        result["ultra"] |= {f"{form}_{k}": v for k, v in speeds[f"ultra {form}"].items()}
+        result["ultra"] |= _decode_ratios(result["ultra"], f"{form}_", result["basic"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

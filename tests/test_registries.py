@@ -12,9 +12,11 @@ from fastapi import FastAPI
 import lightning_quantum as lq
 from lightning_quantum.apps import optimize as optimize_app
 from lightning_quantum.apps.serve import ServiceSettings, create_app
+from lightning_quantum.apps.serving import DATASETS, LANGUAGE_MODEL
 from lightning_quantum.callbacks import Pruning
 from lightning_quantum.levels import LEVELS, OptimizationLevel
 from lightning_quantum.models import ARCHITECTURES
+from lightning_quantum.models.decoding import DECODE_FORMS
 from lightning_quantum.optimize import OPTIMIZE_LEVELS, PRUNE_METHODS
 from lightning_quantum.pruning.masks import PRUNING_METHODS
 
@@ -57,7 +59,11 @@ def test_the_pruning_methods_are_spelled_by_the_registry(schema):
 
 def test_the_architectures_are_spelled_by_the_registry(schema):
     _, schemas = schema
-    assert schemas["ModelRegistration"]["properties"]["architecture"]["enum"] == list(ARCHITECTURES)
+    # the service takes the digits architectures and a causal LM checkpoint (its sizes read from the file)
+    assert schemas["ModelRegistration"]["properties"]["architecture"]["enum"] == [*ARCHITECTURES, LANGUAGE_MODEL]
+    assert set(DATASETS) == {*ARCHITECTURES, LANGUAGE_MODEL}
+    decode = schemas["ProfileRequest"]["properties"]["decode"]["anyOf"][0]["enum"]
+    assert tuple(decode) == DECODE_FORMS
     assert set(optimize_app._MODEL_OVERRIDES) == set(ARCHITECTURES)
     assert all((ROOT / "conf" / "model" / f"{name}.yaml").is_file() for name in ARCHITECTURES)
 

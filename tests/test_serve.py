@@ -412,3 +412,46 @@ def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(model_root, tmp_
         assert _wait(client, second)["status"] == "succeeded"  # a new worker took the queue on
         assert app.state.workers["jobs"][0].pids() != [pid]
         assert client.post("/models", json={**MODEL, "name": "again"}).status_code == 201
+
+
+def test_a_causal_lm_is_registered_and_profiled_with_its_decode_speed(model_root, tmp_path):
+    """A CausalLM checkpoint of an lq-train run: registered (its sizes and data settings read from the
+    file), profiled (prefill at the batch size, decode at batch 1, held-out perplexity); the pairings
+    and the jobs it does not take are 422 naming why."""
+    import lightning.pytorch as pl
+
+    from lightning_quantum.data import TextLMDataModule
+    from lightning_quantum.models import CausalLM
+    from tests.conftest import trainer_kwargs
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "digits.safetensors").write_bytes((model_root / "digits.safetensors").read_bytes())
+    data = TextLMDataModule(batch_size=4, context=32, vocab_size=512, sources=["topics"])
+    sizes = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "context": 32}
+    torch.manual_seed(0)
+    model = CausalLM(**data.tokenizer_config(), **sizes)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, max_epochs=-1))
+    trainer.fit(model, data)
+    trainer.save_checkpoint(root / "lm.ckpt")
+    lm = {"name": "lm", "path": "lm.ckpt", "architecture": "causal_lm"}
+    with _client(root, tmp_path / "service") as client:
+        registered = client.post("/models", json=lm)
+        assert registered.status_code == 201 and registered.json()["dataset"] == "cpython_text", registered.text
+        profile = client.post("/performance/profile", json={"model": "lm", "batch_size": 4, "repeats": 2})
+        body = profile.json()
+        assert profile.status_code == 200, body
+        assert body["decode"] == "generate" and body["decode_tokens_per_s"] > 0 and body["decode_new_tokens"] == 16
+        assert 1.0 < body["perplexity"] < 512 and body["latency_ms_p50"] > 0 and body["size_mb"] > 0
+        refused = {
+            "dataset": client.post("/models", json={**lm, "name": "lm2", "dataset": "digits"}),
+            "options": client.post("/models", json={**lm, "name": "lm3", "options": {"hidden": [8]}}),
+            "job": client.post("/optimize/model", json={"model": "lm"}),
+        }
+        assert all(r.status_code == 422 for r in refused.values()), {k: r.text for k, r in refused.items()}
+        assert "does not fit `architecture`='causal_lm'" in refused["dataset"].text
+        assert "sizes are read from the checkpoint" in refused["options"].text
+        assert "optimization jobs take the digits models" in refused["job"].text
+        assert client.post("/models", json=MODEL).status_code == 201
+        digits_decode = client.post("/performance/profile", json={"model": "digits", "decode": "generate"})
+        assert digits_decode.status_code == 422 and "is for a causal_lm" in digits_decode.text

@@ -34,11 +34,15 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from lightning_quantum import __version__
 from lightning_quantum._validation import check_choice
 from lightning_quantum.apps.serving import (
+    DATASETS,
+    DECODE_LOOPS,
+    LANGUAGE_MODEL,
+    SERVED_ARCHITECTURES,
     JobStore,
     UnsafePathError,
     exit_with_parent,
@@ -49,7 +53,6 @@ from lightning_quantum.apps.serving import (
 )
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.levels import OptimizationLevel
-from lightning_quantum.models import ARCHITECTURES
 from lightning_quantum.optimize import PRUNE_METHODS
 from lightning_quantum.weights import WEIGHT_SUFFIXES
 
@@ -69,8 +72,11 @@ def _one_of(label: str, choices: Sequence[str]) -> Callable[[str], str]:
 # The service's choices, spelled by the library's registries (and listed as an enum in the JSON schema).
 Architecture = Annotated[
     str,
-    AfterValidator(_one_of("architecture", tuple(ARCHITECTURES))),
-    Field(json_schema_extra={"enum": list(ARCHITECTURES)}),
+    AfterValidator(_one_of("architecture", SERVED_ARCHITECTURES)),
+    Field(json_schema_extra={"enum": list(SERVED_ARCHITECTURES)}),
+]
+DecodeLoop = Annotated[
+    str, AfterValidator(_one_of("decode", DECODE_LOOPS)), Field(json_schema_extra={"enum": list(DECODE_LOOPS)})
 ]
 PruneMethod = Annotated[
     str, AfterValidator(_one_of("prune_method", PRUNE_METHODS)), Field(json_schema_extra={"enum": list(PRUNE_METHODS)})
@@ -99,7 +105,25 @@ class _ModelFields(_Strict):
     path: str = Field(min_length=1, max_length=512, description="a file inside the model root")
     architecture: Architecture
     options: ArchitectureOptions = ArchitectureOptions()
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "cpython_text"] | None = Field(
+        None, description="digits for digits_mlp and digits_cnn, cpython_text for causal_lm; null: that one"
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_architecture(self) -> _ModelFields:
+        expected = DATASETS[self.architecture]
+        if self.dataset is None:
+            self.dataset = expected
+        elif self.dataset != expected:
+            raise ValueError(
+                f"`dataset`={self.dataset!r} does not fit `architecture`={self.architecture!r}: it is measured on "
+                f"{expected!r}."
+            )
+        if self.architecture == LANGUAGE_MODEL and self.options != ArchitectureOptions():
+            raise ValueError(
+                "`options` must be empty for causal_lm: its sizes are read from the checkpoint's hyperparameters."
+            )
+        return self
 
 
 class ModelRegistration(_ModelFields):
@@ -181,6 +205,11 @@ class ProfileRequest(_Strict):
     job_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="profile this job's optimized model")
     batch_size: int = Field(64, ge=1, le=1024)
     repeats: int = Field(20, ge=1, le=200)
+    decode: DecodeLoop | None = Field(
+        None,
+        description="causal_lm only: time decoding through Hugging Face generate (null: this one) or the "
+        "compiled static-cache loop the decode gate ships",
+    )
 
 
 class ProfileResponse(BaseModel):
@@ -193,6 +222,10 @@ class ProfileResponse(BaseModel):
     memory_mb: float
     size_mb: float
     device: str
+    decode: str | None = Field(None, description="causal_lm: the decode loop timed")
+    decode_tokens_per_s: float | None = Field(None, description="causal_lm: greedy tokens/s at batch 1")
+    decode_new_tokens: int | None = None
+    perplexity: float | None = Field(None, description="causal_lm: held-out perplexity (up to 8 test batches)")
 
 
 @dataclass
@@ -506,6 +539,12 @@ async def list_models(service: Service) -> list[dict[str, Any]]:
 async def optimize_model(request: ModelOptimizationRequest, service: Service) -> dict[str, Any]:
     """Queue an optimization job; poll ``GET /optimize/jobs/{id}`` for its status and result."""
     record = service.known_model(request.model)
+    if record["architecture"] == LANGUAGE_MODEL:
+        raise HTTPException(
+            _UNPROCESSABLE,
+            f"{request.model!r} is a causal_lm: optimization jobs take the digits models. Optimize a language model "
+            "with `lq-optimize data=cpython_text model=gpt_cpython checkpoint=<its .ckpt> options.weights=int4`.",
+        )
     options = request.options.model_dump()
     level = request.level.value
     job_id = service.store.create_job(request.model, level, options)
@@ -528,6 +567,11 @@ async def optimization_stats(service: Service) -> dict[str, Any]:
 async def profile(request: ProfileRequest, service: Service) -> dict[str, Any]:
     """Latency, throughput and memory of a registered model, or of a finished job's optimized model."""
     record = service.known_model(request.model)
+    if request.decode is not None and record["architecture"] != LANGUAGE_MODEL:
+        raise HTTPException(
+            _UNPROCESSABLE,
+            f"`decode`={request.decode!r} is for a causal_lm; {request.model!r} is a {record['architecture']}.",
+        )
     if request.job_id is not None:
         job = service.store.job(request.job_id)
         if job is None or job["model"] != request.model:
@@ -543,6 +587,7 @@ async def profile(request: ProfileRequest, service: Service) -> dict[str, Any]:
             request.job_id,
             request.batch_size,
             request.repeats,
+            request.decode,
         )
     except (ValueError, FileNotFoundError) as error:
         raise HTTPException(_UNPROCESSABLE, str(error)) from None

@@ -20,12 +20,18 @@ import torch
 
 from lightning_quantum._batches import split_batch
 from lightning_quantum.benchmark import benchmark_model
-from lightning_quantum.data import DigitsDataModule
-from lightning_quantum.models.nets import build_architecture, digits_architecture_of
+from lightning_quantum.data import DigitsDataModule, TextLMDataModule
+from lightning_quantum.models.causal_lm import StaticCacheDecoder, decode_tokens_per_second, load_causal_lm
+from lightning_quantum.models.decoding import DECODE_FORMS
+from lightning_quantum.models.nets import ARCHITECTURES, build_architecture, digits_architecture_of
 from lightning_quantum.optimize import load_optimized, optimize_and_save
 from lightning_quantum.weights import read_checkpoint, state_mismatch
 
 __all__ = [
+    "DATASETS",
+    "DECODE_LOOPS",
+    "LANGUAGE_MODEL",
+    "SERVED_ARCHITECTURES",
     "JobStore",
     "UnsafePathError",
     "load_registered_model",
@@ -84,6 +90,27 @@ def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+#: The language model the service takes: a Lightning checkpoint of a ``CausalLM`` (its sizes are saved in it).
+LANGUAGE_MODEL = "causal_lm"
+SERVED_ARCHITECTURES = (*ARCHITECTURES, LANGUAGE_MODEL)
+#: The dataset each architecture is measured on.
+DATASETS = {**dict.fromkeys(ARCHITECTURES, "digits"), LANGUAGE_MODEL: "cpython_text"}
+#: How a language model's decode speed is profiled: the decode gate's forms (Hugging Face ``generate``,
+#: or the compiled static-cache loop, ``StaticCacheDecoder``).
+DECODE_LOOPS = DECODE_FORMS
+#: The settings of a language model's DataModule read from its checkpoint: plain values only, each
+#: checked by ``TextLMDataModule``; anything else in the file (a tokenizer directory, say) is ignored.
+_LM_DATA_SETTINGS = {
+    "context": int,
+    "vocab_size": int,
+    "val_fraction": float,
+    "test_fraction": float,
+    "seed": int,
+    "max_documents": (int, type(None)),
+    "sources": (list, tuple),
+}
+
+
 def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any:
     """Build the model a record names and load its weights: safetensors, or ``torch.load(weights_only=True)``.
 
@@ -93,6 +120,8 @@ def load_registered_model(model_root: str | Path, record: dict[str, Any]) -> Any
             that do not fit the architecture.
     """
     path = resolve_inside(model_root, record["path"])
+    if record["architecture"] == LANGUAGE_MODEL:
+        return load_causal_lm(path, shown=record["path"])
     checkpoint = read_checkpoint(path, argument="path", shown=record["path"])
     model = build_architecture(record["architecture"], record.get("options") or {})
     state = checkpoint["state_dict"]
@@ -114,10 +143,41 @@ def _digits_data(record: dict[str, Any], batch_size: int = 64) -> DigitsDataModu
     return DigitsDataModule(batch_size=batch_size, layout="image" if record["architecture"] == "digits_cnn" else "flat")
 
 
+def lm_data(model_root: str | Path, record: dict[str, Any], batch_size: int) -> TextLMDataModule:
+    """The CPython text a registered language model was trained on, cut as its checkpoint says (the
+    whitelisted plain settings of ``datamodule_hyper_parameters``; the package's own tokenizer cache).
+
+    Raises:
+        ValueError: for a checkpoint without those settings, or with a value of the wrong type (named).
+    """
+    path = resolve_inside(model_root, record["path"])
+    saved = read_checkpoint(path, argument="path", shown=record["path"]).get("datamodule_hyper_parameters")
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{record['path']!r} holds no DataModule settings: give the checkpoint of an lq-train run of "
+            "experiment=gpt_cpython (its TextLMDataModule's settings are saved in it)."
+        )
+    settings: dict[str, Any] = {}
+    for key, kinds in _LM_DATA_SETTINGS.items():
+        if key not in saved:
+            continue
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{record['path']!r}: the saved DataModule setting `{key}`={value!r} is not valid.")
+        settings[key] = list(value) if key == "sources" else value
+    return TextLMDataModule(batch_size=batch_size, **settings)
+
+
 def run_optimization_job(
     model_root: str, artifacts_dir: str, job_id: str, record: dict[str, Any], level: str, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """Optimize a registered model (in a worker process) and write its artifact; return the response data."""
+    """Optimize a registered model (in a worker process) and write its artifact; return the response data.
+
+    Raises:
+        ValueError: for a language model (``lq-optimize`` optimizes one).
+    """
+    if record["architecture"] == LANGUAGE_MODEL:
+        raise ValueError(f"{record['name']!r} is a causal_lm: optimization jobs take the digits models.")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_registered_model(model_root, record)
     data = _digits_data(record, int(options.get("batch_size", 64)))
@@ -153,9 +213,22 @@ def run_optimization_job(
 
 
 def run_profile(
-    model_root: str, artifacts_dir: str, record: dict[str, Any], job_id: str | None, batch_size: int, repeats: int
+    model_root: str,
+    artifacts_dir: str,
+    record: dict[str, Any],
+    job_id: str | None,
+    batch_size: int,
+    repeats: int,
+    decode: str | None = None,
 ) -> dict[str, Any]:
-    """Benchmark a registered model, or the optimized artifact of one of its finished jobs (worker process)."""
+    """Benchmark a registered model, or the optimized artifact of one of its finished jobs (worker process).
+
+    For a language model: the forward pass over ``batch_size`` held-out blocks (prefill), and the
+    decode speed at batch 1 through ``decode`` (greedy, 64 new tokens after a 16-token held-out prompt,
+    fewer when the context is shorter), with its held-out perplexity over up to 8 batches.
+    """
+    if record["architecture"] == LANGUAGE_MODEL:
+        return _profile_lm(model_root, record, batch_size, repeats, decode or "generate")
     model = load_registered_model(model_root, record)
     if job_id is not None:
         model = load_optimized(model, resolve_inside(artifacts_dir, job_id))
@@ -175,6 +248,38 @@ def run_profile(
         "memory_mb": metrics.memory_consumption_mb,
         "size_mb": metrics.model_size_mb,
         "device": metrics.device,
+    }
+
+
+def _profile_lm(model_root: str, record: dict[str, Any], batch_size: int, repeats: int, decode: str) -> dict[str, Any]:
+    from lightning_quantum.models.causal_lm import evaluate_perplexity
+
+    if decode not in DECODE_LOOPS:
+        raise ValueError(f"`decode`={decode!r} is not valid. Choose one of: {', '.join(map(repr, DECODE_LOOPS))}.")
+    model = load_registered_model(model_root, record)
+    data = lm_data(model_root, record, batch_size)
+    data.setup("test")
+    blocks = next(iter(data.test_dataloader()))
+    while blocks.shape[0] < batch_size:  # the timed batch has exactly batch_size blocks
+        blocks = torch.cat([blocks, blocks])
+    metrics = benchmark_model(model, blocks[:batch_size], repeats=repeats, warmup=3)
+    prompt_length = min(16, model.context // 2)
+    new_tokens = min(64, model.context - prompt_length)
+    decoder = StaticCacheDecoder(model) if decode == "static compiled" else model
+    return {
+        "model": record["name"],
+        "job_id": None,
+        "batch_size": batch_size,
+        "latency_ms_p50": metrics.inference_latency_ms,
+        "latency_ms_p95": metrics.inference_latency_p95_ms,
+        "throughput_per_s": metrics.requests_per_second,
+        "memory_mb": metrics.memory_consumption_mb,
+        "size_mb": metrics.model_size_mb,
+        "device": metrics.device,
+        "decode": decode,
+        "decode_tokens_per_s": decode_tokens_per_second(decoder, blocks[:1, :prompt_length], new_tokens=new_tokens),
+        "decode_new_tokens": new_tokens,
+        "perplexity": evaluate_perplexity(model, data.test_dataloader(), max_batches=8),
     }
 
 

@@ -73,7 +73,8 @@ class DeploymentGate(Callback):
     :class:`~lightning_quantum.callbacks.OptimizationReport` measures it as the optimized model.
     Put it after the callbacks that change the model and before ``ModelExport`` and the report.
 
-    For a :class:`~lightning_quantum.models.CausalLM` it also runs the decode gate
+    For a :class:`~lightning_quantum.models.CausalLM` (or a distillation into one: its student) it
+    also runs the decode gate
     (:func:`~lightning_quantum.models.decoding.choose_decoder`): greedy decoding at batch 1 through
     Hugging Face ``generate`` and through :class:`~lightning_quantum.models.StaticCacheDecoder`
     (compiled), with the weights as trained and, after QAT, the float weights before conversion; the
@@ -245,14 +246,15 @@ class DeploymentGate(Callback):
             self.paths = save_deployment(
                 self.module, self.decision, _gather_inputs(loader, batch_size), out, stem=self.stem
             )
-        if isinstance(model, CausalLM) and not quick:
-            self._choose_decoder(trainer, model, loader, threads, out)
+        language_model = _language_model(model)
+        if language_model is not None and not quick:
+            self._choose_decoder(trainer, language_model, loader, threads, out)
 
     def _choose_decoder(
         self, trainer: pl.Trainer, model: CausalLM, loader: Any, threads: int | None, out: Path
     ) -> None:
         """The decode gate of a language model (see the class's description)."""
-        float_model = self._float_model(trainer)
+        float_model = _language_model(self._float_model(trainer))
         new_tokens = min(self.decode_new_tokens, model.context - self.decode_prompt_tokens)
         if new_tokens < 1:
             rank_zero_info(
@@ -263,7 +265,7 @@ class DeploymentGate(Callback):
         decoder, self.decode_decision = choose_decoder(
             model,
             (split_batch(b)[0] for b in loader),
-            float_model=float_model if isinstance(float_model, CausalLM) else None,
+            float_model=float_model,
             prompt_tokens=self.decode_prompt_tokens,
             new_tokens=new_tokens,
             max_accuracy_drop=self.max_accuracy_drop,
@@ -283,3 +285,11 @@ class DeploymentGate(Callback):
         if self.decode_decision is not None:
             extra["decoding"] = decode_table(self.decode_decision)
         return extra
+
+
+def _language_model(module: nn.Module | None) -> CausalLM | None:
+    """The causal LM that ``module`` is or distils into (a ``DistillationModule``'s student), else ``None``."""
+    for candidate in (module, getattr(module, "student", None)):
+        if isinstance(candidate, CausalLM):
+            return candidate
+    return None

@@ -289,9 +289,15 @@ class StaticCacheDecoder(nn.Module):
             :func:`~lightning_quantum.quantization.quantize_weights_int4`).
         compile: compile the one-token step (``False``: the same loop, eager).
         max_length: prompt plus new tokens at most; the model's ``context`` when ``None``.
+        num_threads: torch threads while decoding (restored after); the process's setting when
+            ``None``. At batch 1 a step is many small kernels: on this project's 2-core machine one
+            thread decoded int4 as fast as two, and a busy second core slowed the two-thread int4
+            kernels about 2.5x (see ``docs/causal_lm.md``).
     """
 
-    def __init__(self, model: CausalLM, *, compile: bool = True, max_length: int | None = None) -> None:
+    def __init__(
+        self, model: CausalLM, *, compile: bool = True, max_length: int | None = None, num_threads: int | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(model, CausalLM):
             raise TypeError(f"`model` must be a CausalLM, got {type(model).__name__}.")
@@ -299,6 +305,9 @@ class StaticCacheDecoder(nn.Module):
             raise ValueError(f"`compile`={compile!r} is not valid. Give True or False.")
         if max_length is not None:
             check_positive_int("max_length", max_length)
+        if num_threads is not None:
+            check_positive_int("num_threads", num_threads)
+        self.num_threads = num_threads
         self.lm = model
         self.compile = compile
         self.max_length = max_length or model.context
@@ -344,6 +353,16 @@ class StaticCacheDecoder(nn.Module):
                 f"A prompt of {length} tokens plus `max_new_tokens`={max_new_tokens} exceeds `max_length`="
                 f"{self.max_length} of this decoder: shorten the prompt or build it with a larger max_length."
             )
+        previous = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        try:
+            return self._generate(input_ids, max_new_tokens, min_new_tokens)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _generate(self, input_ids: Tensor, max_new_tokens: int, min_new_tokens: int) -> Tensor:
+        batch, length = input_ids.shape
         device = next(self.lm.parameters()).device
         input_ids = input_ids.to(device)
         cache = self._cache(batch)
@@ -363,27 +382,30 @@ class StaticCacheDecoder(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
-def load_causal_lm(checkpoint: str | Path) -> CausalLM:
+def load_causal_lm(checkpoint: str | Path, *, shown: str | None = None) -> CausalLM:
     """The :class:`CausalLM` a Lightning checkpoint of one holds, rebuilt from its saved hyperparameters
     and weights (read with ``torch.load(weights_only=True)``), in eval mode: a trained teacher for
     ULTRA's distillation (``conf/model/gpt_cpython_ultra.yaml``).
+
+    ``shown``: how the errors name the file (a path relative to a served root, say); ``checkpoint`` if ``None``.
 
     Raises:
         FileNotFoundError: when ``checkpoint`` is not a file.
         ValueError: for a file that is not a weights-only checkpoint of a ``CausalLM`` (no saved sizes,
             or weights that do not fit them).
     """
-    content = read_checkpoint(checkpoint)
+    content = read_checkpoint(checkpoint, shown=shown)
+    label = f"`checkpoint`={shown if shown is not None else str(checkpoint)!r}"
     hparams = content.get("hyper_parameters")
     if not isinstance(hparams, dict) or "num_layers" not in hparams:
         raise ValueError(
-            f"`checkpoint`={str(checkpoint)!r} holds no CausalLM hyperparameters: give a Lightning .ckpt written "
+            f"{label} holds no CausalLM hyperparameters: give a Lightning .ckpt written "
             "by a CausalLM fit (lq-train experiment=gpt_cpython)."
         )
     model = CausalLM(**{k: v for k, v in hparams.items() if k != "optimizer"})
     mismatch = state_mismatch(model.state_dict(), content["state_dict"])
     if mismatch is not None:
-        raise ValueError(f"`checkpoint`={str(checkpoint)!r} does not fit the CausalLM it describes: {mismatch}.")
+        raise ValueError(f"{label} does not fit the CausalLM it describes: {mismatch}.")
     model.load_state_dict(content["state_dict"])
     return model.eval()
 

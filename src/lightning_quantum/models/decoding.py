@@ -38,9 +38,10 @@ __all__ = [
     "save_decoder",
 ]
 
-#: The decode loops a gate compares: Hugging Face ``generate`` (a KV cache that grows, eager) and
-#: :class:`StaticCacheDecoder` (a fixed-size cache, compiled one-token step).
-DECODE_FORMS = ("generate", "static compiled")
+#: The decode loops a gate compares: Hugging Face ``generate`` (a KV cache that grows, eager), and
+#: :class:`StaticCacheDecoder` (a fixed-size cache, compiled one-token step) with the process's threads
+#: and with one thread.
+DECODE_FORMS = ("generate", "static compiled", "static compiled 1 thread")
 WEIGHTS = ("as trained", "float")
 DECODER_FILE = "decoder.json"
 
@@ -170,7 +171,7 @@ def choose_decoder(
                     if name == "as trained"
                     else f"log-likelihood drop {drop:+.4f}, {'within' if candidate.eligible else 'over'} budget"
                 )
-                decoder = lm if form == "generate" else StaticCacheDecoder(lm, max_length=lm.context)
+                decoder = _decoder(lm, form)
                 build = time.perf_counter()
                 try:
                     with eval_mode(decoder):
@@ -215,6 +216,13 @@ def choose_decoder(
         gate_seconds=time.perf_counter() - started,
     )
     return decoders[winner_index], decision
+
+
+def _decoder(lm: CausalLM, form: str) -> nn.Module:
+    """``lm`` in the decode form ``form`` (one of :data:`DECODE_FORMS`)."""
+    if form == "generate":
+        return lm
+    return StaticCacheDecoder(lm, num_threads=1 if form.endswith("1 thread") else None)
 
 
 def _reason(winner: DecodeCandidate, reference: DecodeCandidate, count: int) -> str:
@@ -307,11 +315,12 @@ def load_decoder(directory: str | Path) -> nn.Module:
             f"{record_path}: `weights_file`={record.get('weights_file')!r} must name a .pt file in {root}."
         )
     content = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or not isinstance(content.get("hyper_parameters"), dict):
+        raise ValueError(f"{weights} holds no decoder: save it with save_decoder.")
     lm = CausalLM(**{k: v for k, v in content["hyper_parameters"].items() if k != "optimizer"})
     if content.get("int4") is not None:
         from lightning_quantum.quantization import quantize_weights_int4
 
         lm = quantize_weights_int4(lm, **content["int4"])
     lm.load_state_dict(content["state_dict"], assign=True)
-    lm.eval()
-    return StaticCacheDecoder(lm) if form == "static compiled" else lm
+    return _decoder(lm.eval(), form)

@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
     parser.add_argument("--ultra-steps", type=int, default=300, help="ULTRA's distillation steps (0: skip ULTRA)")
     parser.add_argument("--skip-ptq", action="store_true", help="BASIC and ULTRA only")
-    parser.add_argument("--decode-rounds", type=int, default=7, help="alternating rounds of the decode timing")
+    parser.add_argument("--decode-rounds", type=int, default=15, help="alternating rounds of the decode timing")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

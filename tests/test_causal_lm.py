@@ -468,5 +468,5 @@ def test_the_deployment_gate_of_an_int4_lm_runs_the_decode_gate(tmp_path):
         (w, f) for w in ("as trained", "float") for f in forms
     ]
     assert all(c.tokens_per_second > 0 for c in decision.candidates)
-    assert gate.paths["decoder"].is_file() and gate.paths["record"].is_file()
-    assert type(load_decoder(gate.paths["record"].parent)).__name__ in ("CausalLM", "StaticCacheDecoder")
+    assert gate.paths["decoder"].is_file() and gate.paths["decoder_record"].is_file()
+    assert type(load_decoder(gate.paths["decoder_record"].parent)).__name__ in ("CausalLM", "StaticCacheDecoder")

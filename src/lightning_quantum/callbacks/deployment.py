@@ -77,7 +77,8 @@ class DeploymentGate(Callback):
     also runs the decode gate
     (:func:`~lightning_quantum.models.decoding.choose_decoder`): greedy decoding at batch 1 through
     Hugging Face ``generate`` and through :class:`~lightning_quantum.models.StaticCacheDecoder`
-    (compiled), with the weights as trained and, after QAT, the float weights before conversion; the
+    (compiled; with the process's threads and with one), with the weights as trained and, after QAT,
+    the float weights before conversion; the
     fastest within ``max_accuracy_drop`` of held-out log-likelihood is written as ``decoder.pt`` and
     ``decoder.json`` (reload with :func:`~lightning_quantum.models.decoding.load_decoder`) and listed
     in the report's ``decoding`` table.

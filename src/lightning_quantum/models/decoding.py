@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_non_negative, check_positive_int
 from lightning_quantum.benchmark import _threads, serialized_size_bytes, time_calls_ms
-from lightning_quantum.models.causal_lm import CausalLM, StaticCacheDecoder, next_token_loss
+from lightning_quantum.models.causal_lm import CausalLM, StaticCacheDecoder, evaluate_perplexity
 from lightning_quantum.report import keep_existing
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
 #: :class:`StaticCacheDecoder` (a fixed-size cache, compiled one-token step) with the process's threads
 #: and with one thread.
 DECODE_FORMS = ("generate", "static compiled", "static compiled 1 thread")
-WEIGHTS = ("as trained", "float")
 DECODER_FILE = "decoder.json"
 
 
@@ -74,33 +73,8 @@ class DecodeDecision:
     num_threads: int
     gate_seconds: float
 
-    @property
-    def name(self) -> str:
-        return f"{self.weights} weights, {self.form}"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _log_likelihood(model: nn.Module, blocks: Sequence[Tensor]) -> float:
-    """The mean next-token log-likelihood of ``model`` over ``blocks``, weighted by tokens."""
-    total, tokens = 0.0, 0
-    with torch.no_grad(), eval_mode(model):
-        for ids in blocks:
-            total -= float(next_token_loss(model(ids), ids, reduction="sum"))
-            tokens += ids[:, 1:].numel()
-    return total / tokens
-
-
-def _validate(prompt_tokens: int, new_tokens: int, repeats: int, rounds: int, max_accuracy_drop: float) -> None:
-    for name, value in (
-        ("prompt_tokens", prompt_tokens),
-        ("new_tokens", new_tokens),
-        ("repeats", repeats),
-        ("rounds", rounds),
-    ):
-        check_positive_int(name, value)
-    check_non_negative("max_accuracy_drop", max_accuracy_drop)
 
 
 def choose_decoder(
@@ -141,7 +115,14 @@ def choose_decoder(
             raise TypeError(f"`{name}` must be a CausalLM, got {type(value).__name__}.")
     if isinstance(forms, str) or not forms or any(f not in DECODE_FORMS for f in forms):
         raise ValueError(f"`forms`={forms!r} is not valid. Give a list of: {', '.join(map(repr, DECODE_FORMS))}.")
-    _validate(prompt_tokens, new_tokens, repeats, rounds, max_accuracy_drop)
+    for name, number in (
+        ("prompt_tokens", prompt_tokens),
+        ("new_tokens", new_tokens),
+        ("repeats", repeats),
+        ("rounds", rounds),
+    ):
+        check_positive_int(name, number)
+    check_non_negative("max_accuracy_drop", max_accuracy_drop)
     if prompt_tokens + new_tokens > model.context:
         raise ValueError(
             f"`prompt_tokens`={prompt_tokens} plus `new_tokens`={new_tokens} exceeds the model's context of "
@@ -158,7 +139,8 @@ def choose_decoder(
     candidates: list[DecodeCandidate] = []
     decoders: dict[int, Any] = {}
     with _threads(threads):
-        quality = {name: _log_likelihood(m, blocks) for name, m in weights.items()}
+        # the mean token log-likelihood: minus the log of the perplexity
+        quality = {name: -math.log(evaluate_perplexity(m, blocks)) for name, m in weights.items()}
         for name, lm in weights.items():
             drop = quality["as trained"] - quality[name]
             for form in forms:
@@ -274,7 +256,7 @@ def save_decoder(
         {"hyper_parameters": dict(lm.hparams), "int4": _int4_settings(lm), "state_dict": lm.state_dict()}, weights
     )
     record.write_text(json.dumps({"weights_file": weights.name, **decision.to_dict()}, indent=2) + "\n")
-    return {"decoder": weights, "record": record}
+    return {"decoder": weights, "decoder_record": record}
 
 
 def _int4_settings(lm: CausalLM) -> dict[str, Any] | None:

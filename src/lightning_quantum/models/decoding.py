@@ -10,12 +10,13 @@ step, the bytes of weights read per token), so it gets a gate of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,91 @@ class DecodeDecision:
         return dataclasses.asdict(self)
 
 
+def _check_arguments(
+    model: Any,
+    float_model: Any,
+    forms: Sequence[str],
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    rounds: int,
+    max_accuracy_drop: float,
+) -> None:
+    for name, value in (("model", model), ("float_model", float_model)):
+        if value is not None and not isinstance(value, CausalLM):
+            raise TypeError(f"`{name}` must be a CausalLM, got {type(value).__name__}.")
+    if isinstance(forms, str) or not forms or any(f not in DECODE_FORMS for f in forms):
+        raise ValueError(f"`forms`={forms!r} is not valid. Give a list of: {', '.join(map(repr, DECODE_FORMS))}.")
+    for name, number in (
+        ("prompt_tokens", prompt_tokens),
+        ("new_tokens", new_tokens),
+        ("repeats", repeats),
+        ("rounds", rounds),
+    ):
+        check_positive_int(name, number)
+    check_non_negative("max_accuracy_drop", max_accuracy_drop)
+    if prompt_tokens + new_tokens > model.context:
+        raise ValueError(
+            f"`prompt_tokens`={prompt_tokens} plus `new_tokens`={new_tokens} exceeds the model's context of "
+            f"{model.context} tokens."
+        )
+
+
+def _generate(decoder: Any, *, prompt: Tensor, new_tokens: int) -> Tensor:
+    with eval_mode(decoder):
+        return decoder.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+
+def _build(
+    weights: dict[str, CausalLM],
+    blocks: Sequence[Tensor],
+    forms: Sequence[str],
+    max_accuracy_drop: float,
+    generate: Callable[[Any], Tensor],
+) -> tuple[list[DecodeCandidate], list[Any]]:
+    """Every (weights, form) candidate judged by its weights' held-out log-likelihood, built and called
+    once (``build_seconds``: compiling, for a compiled form); one that fails is listed, not chosen."""
+    # the mean token log-likelihood: minus the log of the perplexity
+    quality = {name: -math.log(evaluate_perplexity(m, blocks)) for name, m in weights.items()}
+    candidates: list[DecodeCandidate] = []
+    decoders: list[Any] = []
+    for name, lm in weights.items():
+        drop = quality["as trained"] - quality[name]
+        for form in forms:
+            candidate = DecodeCandidate(
+                form, name, perplexity=math.exp(-quality[name]), size_bytes=serialized_size_bytes(lm)
+            )
+            candidate.eligible = drop <= max_accuracy_drop
+            candidate.note = (
+                "as trained (the reference)"
+                if name == "as trained"
+                else f"log-likelihood drop {drop:+.4f}, {'within' if candidate.eligible else 'over'} budget"
+            )
+            decoder = _decoder(lm, form)
+            build = time.perf_counter()
+            try:
+                generate(decoder)
+            except Exception as error:  # noqa: BLE001 - a form that cannot run is listed, not chosen
+                candidate.eligible = False
+                candidate.note = f"failed: {type(error).__name__}: {error}"[:300]
+            candidate.build_seconds = time.perf_counter() - build
+            decoders.append(decoder)
+            candidates.append(candidate)
+    return candidates, decoders
+
+
+def _time_rounds(
+    decoders: list[Any], generate: Callable[[Any], Tensor], repeats: int, rounds: int, device: torch.device
+) -> list[list[float]]:
+    """Per decoder, the median ms of ``repeats`` calls in each of ``rounds`` rounds, the decoders alternating."""
+    times: list[list[float]] = [[] for _ in decoders]
+    for _ in range(rounds):
+        for i, decoder in enumerate(decoders):
+            calls = time_calls_ms(functools.partial(generate, decoder), warmup=0, repeats=repeats, device=device)
+            times[i].append(statistics.median(calls))
+    return times
+
+
 def choose_decoder(
     model: CausalLM,
     eval_blocks: Iterable[Tensor],
@@ -110,24 +196,7 @@ def choose_decoder(
             or held-out blocks shorter than the prompt.
         TypeError: for a ``model`` or ``float_model`` that is not a :class:`CausalLM`.
     """
-    for name, value in (("model", model), ("float_model", float_model)):
-        if value is not None and not isinstance(value, CausalLM):
-            raise TypeError(f"`{name}` must be a CausalLM, got {type(value).__name__}.")
-    if isinstance(forms, str) or not forms or any(f not in DECODE_FORMS for f in forms):
-        raise ValueError(f"`forms`={forms!r} is not valid. Give a list of: {', '.join(map(repr, DECODE_FORMS))}.")
-    for name, number in (
-        ("prompt_tokens", prompt_tokens),
-        ("new_tokens", new_tokens),
-        ("repeats", repeats),
-        ("rounds", rounds),
-    ):
-        check_positive_int(name, number)
-    check_non_negative("max_accuracy_drop", max_accuracy_drop)
-    if prompt_tokens + new_tokens > model.context:
-        raise ValueError(
-            f"`prompt_tokens`={prompt_tokens} plus `new_tokens`={new_tokens} exceeds the model's context of "
-            f"{model.context} tokens."
-        )
+    _check_arguments(model, float_model, forms, prompt_tokens, new_tokens, repeats, rounds, max_accuracy_drop)
     started = time.perf_counter()
     device = next(model.parameters()).device
     blocks = [b.to(device) for b in itertools.islice(eval_blocks, max_eval_batches)]
@@ -136,47 +205,12 @@ def choose_decoder(
     prompt = blocks[0][:1, :prompt_tokens]
     threads = num_threads or torch.get_num_threads()
     weights = {"as trained": model, **({"float": float_model} if float_model is not None else {})}
-    candidates: list[DecodeCandidate] = []
-    decoders: dict[int, Any] = {}
+    generate = functools.partial(_generate, prompt=prompt, new_tokens=new_tokens)
     with _threads(threads):
-        # the mean token log-likelihood: minus the log of the perplexity
-        quality = {name: -math.log(evaluate_perplexity(m, blocks)) for name, m in weights.items()}
-        for name, lm in weights.items():
-            drop = quality["as trained"] - quality[name]
-            for form in forms:
-                candidate = DecodeCandidate(
-                    form, name, perplexity=math.exp(-quality[name]), size_bytes=serialized_size_bytes(lm)
-                )
-                candidate.eligible = drop <= max_accuracy_drop
-                candidate.note = (
-                    "as trained (the reference)"
-                    if name == "as trained"
-                    else f"log-likelihood drop {drop:+.4f}, {'within' if candidate.eligible else 'over'} budget"
-                )
-                decoder = _decoder(lm, form)
-                build = time.perf_counter()
-                try:
-                    with eval_mode(decoder):
-                        decoder.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-                except Exception as error:  # noqa: BLE001 - a form that cannot run is listed, not chosen
-                    candidate.eligible = False
-                    candidate.note = f"failed: {type(error).__name__}: {error}"[:300]
-                candidate.build_seconds = time.perf_counter() - build
-                decoders[len(candidates)] = decoder
-                candidates.append(candidate)
-        times: dict[int, list[float]] = {i: [] for i, c in enumerate(candidates) if not c.note.startswith("failed")}
-        for _ in range(rounds):
-            for i in times:
-                decoder = decoders[i]
-                with eval_mode(decoder):
-                    calls = time_calls_ms(
-                        lambda d=decoder: d.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
-                        warmup=0,
-                        repeats=repeats,
-                        device=device,
-                    )
-                times[i].append(statistics.median(calls))
-    for i, per_round in times.items():
+        candidates, decoders = _build(weights, blocks, forms, max_accuracy_drop, generate)
+        ok = [i for i, c in enumerate(candidates) if not c.note.startswith("failed")]
+        times = _time_rounds([decoders[i] for i in ok], generate, repeats, rounds, device)
+    for i, per_round in zip(ok, times):
         candidates[i].tokens_per_second = new_tokens / (statistics.median(per_round) / 1000.0)
     reference = candidates[0]  # the model as trained, in the first form
     eligible = [i for i, c in enumerate(candidates) if c.eligible and c.tokens_per_second is not None]

@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
 from fastapi.encoders import jsonable_encoder
@@ -82,6 +82,7 @@ PruneMethod = Annotated[
     str, AfterValidator(_one_of("prune_method", PRUNE_METHODS)), Field(json_schema_extra={"enum": list(PRUNE_METHODS)})
 ]
 
+Dataset = Literal["digits", "cpython_text"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="letters, digits, _ . -")]
 
 
@@ -105,7 +106,7 @@ class _ModelFields(_Strict):
     path: str = Field(min_length=1, max_length=512, description="a file inside the model root")
     architecture: Architecture
     options: ArchitectureOptions = ArchitectureOptions()
-    dataset: Literal["digits", "cpython_text"] | None = Field(
+    dataset: Dataset | None = Field(
         None, description="digits for digits_mlp and digits_cnn, cpython_text for causal_lm; null: that one"
     )
 
@@ -113,7 +114,7 @@ class _ModelFields(_Strict):
     def _fits_the_architecture(self) -> _ModelFields:
         expected = DATASETS[self.architecture]
         if self.dataset is None:
-            self.dataset = expected
+            self.dataset = cast(Dataset, expected)
         elif self.dataset != expected:
             raise ValueError(
                 f"`dataset`={self.dataset!r} does not fit `architecture`={self.architecture!r}: it is measured on "

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -100,7 +100,7 @@ DATASETS = {**dict.fromkeys(ARCHITECTURES, "digits"), LANGUAGE_MODEL: "cpython_t
 DECODE_LOOPS = DECODE_FORMS
 #: The settings of a language model's DataModule read from its checkpoint: plain values only, each
 #: checked by ``TextLMDataModule``; anything else in the file (a tokenizer directory, say) is ignored.
-_LM_DATA_SETTINGS = {
+_LM_DATA_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "context": int,
     "vocab_size": int,
     "val_fraction": float,
@@ -161,10 +161,10 @@ def lm_data(model_root: str | Path, record: dict[str, Any], batch_size: int) -> 
     for key, kinds in _LM_DATA_SETTINGS.items():
         if key not in saved:
             continue
-        value = saved[key]
+        value: Any = saved[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ValueError(f"{record['path']!r}: the saved DataModule setting `{key}`={value!r} is not valid.")
-        settings[key] = list(value) if key == "sources" else value
+        settings[key] = list(cast(list[str], value)) if key == "sources" else value
     return TextLMDataModule(batch_size=batch_size, **settings)
 
 

@@ -295,6 +295,10 @@ class StaticCacheDecoder(nn.Module):
             kernels about 2.5x (see ``docs/causal_lm.md``).
     """
 
+    _prompt_step: _DecodeStep
+    _step: nn.Module
+    _caches: dict[int, Any]
+
     def __init__(
         self, model: CausalLM, *, compile: bool = True, max_length: int | None = None, num_threads: int | None = None
     ) -> None:
@@ -309,10 +313,10 @@ class StaticCacheDecoder(nn.Module):
             check_positive_int("num_threads", num_threads)
         self.num_threads = num_threads
         self.lm = model
-        self.compile = compile
+        self.compiled = compile  # (``compile`` is nn.Module's method)
         self.max_length = max_length or model.context
         self.eos_token_id = model.eos_token_id
-        step = _DecodeStep(model.model)
+        step: nn.Module = _DecodeStep(model.model)
         if compile:
             from lightning_quantum.compiled import compile_for_inference
 
@@ -326,7 +330,7 @@ class StaticCacheDecoder(nn.Module):
     def _cache(self, batch: int) -> Any:
         from transformers import StaticCache
 
-        caches: dict[int, Any] = self._caches  # type: ignore[has-type]
+        caches = self._caches
         if batch not in caches:
             caches[batch] = StaticCache(config=self.lm.model.config, max_cache_len=self.max_length)
         else:
@@ -378,7 +382,7 @@ class StaticCacheDecoder(nn.Module):
             if i + 1 == max_new_tokens or bool(finished.all()):
                 break
             position = torch.tensor([length + i], device=device)
-            logits = self._step(token.unsqueeze(1), position, cache)  # type: ignore[operator]
+            logits = self._step(token.unsqueeze(1), position, cache)
         return torch.cat(tokens, dim=1)
 
 

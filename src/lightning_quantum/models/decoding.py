@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -337,6 +337,6 @@ def load_decoder(directory: str | Path) -> nn.Module:
     if content.get("int4") is not None:
         from lightning_quantum.quantization import quantize_weights_int4
 
-        lm = quantize_weights_int4(lm, **content["int4"])
+        lm = cast(CausalLM, quantize_weights_int4(lm, **content["int4"]))
     lm.load_state_dict(content["state_dict"], assign=True)
     return _decoder(lm.eval(), form)

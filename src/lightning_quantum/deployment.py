@@ -774,6 +774,26 @@ def save_deployment(
     return {"program": program, "deployment": record}
 
 
+def read_form_record(root: Path, filename: str, saver: str, forms: Sequence[str]) -> tuple[Path, dict[str, Any], str]:
+    """``(path, record, form)`` of the JSON record ``filename`` in ``root`` that ``saver`` wrote.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        ValueError: for a file that is not valid JSON, or a ``form`` not among ``forms``.
+    """
+    record_path = root / filename
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} does not exist: save it with {saver} first.")
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{record_path} is not valid JSON: {error}") from error
+    form = record.get("form") if isinstance(record, dict) else None
+    if not isinstance(form, str) or form not in forms:
+        raise ValueError(f"{record_path}: `form`={form!r} is not valid. Choose one of: {', '.join(map(repr, forms))}.")
+    return record_path, record, form
+
+
 def load_deployment(directory: str | Path) -> nn.Module:
     """Load what :func:`save_deployment` wrote, in the chosen form (compiled again when it was compiled).
 
@@ -783,16 +803,7 @@ def load_deployment(directory: str | Path) -> nn.Module:
         ImportError: for an ONNX Runtime form without the ``onnx`` extra installed.
     """
     root = Path(directory)
-    record_path = root / DEPLOYMENT_FILE
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} does not exist: save the deployment with save_deployment first.")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{record_path} is not valid JSON: {error}") from error
-    form = record.get("form")
-    if form not in FORMS:
-        raise ValueError(f"{record_path}: `form`={form!r} is not valid. Choose one of: {', '.join(map(repr, FORMS))}.")
+    record_path, record, form = read_form_record(root, DEPLOYMENT_FILE, "save_deployment", FORMS)
     suffix = ".onnx" if form.endswith("onnxruntime") else ".pt2"
     program = (root / str(record.get("program", ""))).resolve()
     if program.parent != root.resolve() or program.suffix != suffix:

@@ -21,8 +21,8 @@ import torch
 from lightning_quantum._batches import split_batch
 from lightning_quantum.benchmark import benchmark_model
 from lightning_quantum.data import DigitsDataModule, TextLMDataModule
-from lightning_quantum.models.causal_lm import StaticCacheDecoder, decode_tokens_per_second, load_causal_lm
-from lightning_quantum.models.decoding import DECODE_FORMS
+from lightning_quantum.models.causal_lm import decode_tokens_per_second, evaluate_perplexity, load_causal_lm
+from lightning_quantum.models.decoding import DECODE_FORMS, decoder_form
 from lightning_quantum.models.nets import ARCHITECTURES, build_architecture, digits_architecture_of
 from lightning_quantum.optimize import load_optimized, optimize_and_save
 from lightning_quantum.weights import read_checkpoint, state_mismatch
@@ -237,7 +237,13 @@ def run_profile(
     inputs = split_batch(next(iter(data.test_dataloader())))[0]
     while inputs.shape[0] < batch_size:  # the timed batch has exactly batch_size samples
         inputs = torch.cat([inputs, inputs])
-    metrics = benchmark_model(model, inputs[:batch_size], repeats=repeats, warmup=3)
+    return _profile_figures(record, job_id, batch_size, model, inputs[:batch_size], repeats)
+
+
+def _profile_figures(
+    record: dict[str, Any], job_id: str | None, batch_size: int, model: Any, inputs: Any, repeats: int
+) -> dict[str, Any]:
+    metrics = benchmark_model(model, inputs, repeats=repeats, warmup=3)
     return {
         "model": record["name"],
         "job_id": job_id,
@@ -252,8 +258,6 @@ def run_profile(
 
 
 def _profile_lm(model_root: str, record: dict[str, Any], batch_size: int, repeats: int, decode: str) -> dict[str, Any]:
-    from lightning_quantum.models.causal_lm import evaluate_perplexity
-
     if decode not in DECODE_LOOPS:
         raise ValueError(f"`decode`={decode!r} is not valid. Choose one of: {', '.join(map(repr, DECODE_LOOPS))}.")
     model = load_registered_model(model_root, record)
@@ -262,20 +266,11 @@ def _profile_lm(model_root: str, record: dict[str, Any], batch_size: int, repeat
     blocks = next(iter(data.test_dataloader()))
     while blocks.shape[0] < batch_size:  # the timed batch has exactly batch_size blocks
         blocks = torch.cat([blocks, blocks])
-    metrics = benchmark_model(model, blocks[:batch_size], repeats=repeats, warmup=3)
     prompt_length = min(16, model.context // 2)
     new_tokens = min(64, model.context - prompt_length)
-    decoder = StaticCacheDecoder(model) if decode == "static compiled" else model
+    decoder = decoder_form(model, decode)
     return {
-        "model": record["name"],
-        "job_id": None,
-        "batch_size": batch_size,
-        "latency_ms_p50": metrics.inference_latency_ms,
-        "latency_ms_p95": metrics.inference_latency_p95_ms,
-        "throughput_per_s": metrics.requests_per_second,
-        "memory_mb": metrics.memory_consumption_mb,
-        "size_mb": metrics.model_size_mb,
-        "device": metrics.device,
+        **_profile_figures(record, None, batch_size, model, blocks[:batch_size], repeats),
         "decode": decode,
         "decode_tokens_per_s": decode_tokens_per_second(decoder, blocks[:1, :prompt_length], new_tokens=new_tokens),
         "decode_new_tokens": new_tokens,

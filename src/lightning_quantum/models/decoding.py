@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_non_negative, check_positive_int
 from lightning_quantum.benchmark import _threads, serialized_size_bytes, time_calls_ms
+from lightning_quantum.deployment import read_form_record
 from lightning_quantum.models.causal_lm import CausalLM, StaticCacheDecoder, evaluate_perplexity
 from lightning_quantum.report import keep_existing
 
@@ -35,6 +36,7 @@ __all__ = [
     "DecodeDecision",
     "choose_decoder",
     "decode_table",
+    "decoder_form",
     "load_decoder",
     "save_decoder",
 ]
@@ -138,7 +140,7 @@ def _build(
                 if name == "as trained"
                 else f"log-likelihood drop {drop:+.4f}, {'within' if candidate.eligible else 'over'} budget"
             )
-            decoder = _decoder(lm, form)
+            decoder = decoder_form(lm, form)
             build = time.perf_counter()
             try:
                 generate(decoder)
@@ -234,7 +236,7 @@ def choose_decoder(
     return decoders[winner_index], decision
 
 
-def _decoder(lm: CausalLM, form: str) -> nn.Module:
+def decoder_form(lm: CausalLM, form: str) -> nn.Module:
     """``lm`` in the decode form ``form`` (one of :data:`DECODE_FORMS`)."""
     if form == "generate":
         return lm
@@ -313,18 +315,7 @@ def load_decoder(directory: str | Path) -> nn.Module:
             the directory.
     """
     root = Path(directory)
-    record_path = root / DECODER_FILE
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} does not exist: save the decode form with save_decoder first.")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{record_path} is not valid JSON: {error}") from error
-    form = record.get("form")
-    if form not in DECODE_FORMS:
-        raise ValueError(
-            f"{record_path}: `form`={form!r} is not valid. Choose one of: {', '.join(map(repr, DECODE_FORMS))}."
-        )
+    record_path, record, form = read_form_record(root, DECODER_FILE, "save_decoder", DECODE_FORMS)
     weights = (root / str(record.get("weights_file", ""))).resolve()
     if weights.parent != root.resolve() or weights.suffix != ".pt" or not weights.is_file():
         raise ValueError(
@@ -339,4 +330,4 @@ def load_decoder(directory: str | Path) -> nn.Module:
 
         lm = cast(CausalLM, quantize_weights_int4(lm, **content["int4"]))
     lm.load_state_dict(content["state_dict"], assign=True)
-    return _decoder(lm.eval(), form)
+    return decoder_form(lm.eval(), form)

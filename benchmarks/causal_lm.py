@@ -47,16 +47,12 @@ import torch
 from _common import quiet_trainer
 from torch import nn
 
-from lightning_quantum.benchmark import serialized_size_bytes, time_calls_ms
+from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.distillation import DistillationModule, causal_lm_student
-from lightning_quantum.models import (
-    CausalLM,
-    StaticCacheDecoder,
-    evaluate_perplexity,
-    prefill_latency_ms,
-)
+from lightning_quantum.models import CausalLM, evaluate_perplexity, prefill_latency_ms
+from lightning_quantum.models.decoding import decoder_form, generate_exactly, time_decoding
 from lightning_quantum.quantization import (
     convert_qat,
     dequantize_linears,
@@ -133,22 +129,15 @@ def _decode_speeds(models: dict[str, CausalLM], prompt: torch.Tensor, rounds: in
     (``StaticCacheDecoder``, compiled), measured side by side: each decode form once per round, the
     forms alternating over ``rounds`` rounds after one untimed call each, so that a slow spell of
     the shared machine hits them alike; the median per form."""
-    loops = {"generate": None, "static": None, "static_1t": 1}  # StaticCacheDecoder's num_threads
-    forms = {(name, loop): model if loop == "generate" else StaticCacheDecoder(model, num_threads=threads)
-             for name, model in models.items() for loop, threads in loops.items()}  # fmt: skip
+    loops = {"generate": "generate", "static": "static compiled", "static_1t": "static compiled 1 thread"}
+    forms = {(name, loop): decoder_form(model, form) for name, model in models.items() for loop, form in loops.items()}
     compile_seconds = {}
     for key, decoder in forms.items():
         start = time.perf_counter()
-        decoder.generate(prompt, max_new_tokens=64, min_new_tokens=64)
+        generate_exactly(decoder, prompt, 64)
         compile_seconds[key] = time.perf_counter() - start
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in forms}
-    for _ in range(rounds):
-        for key, decoder in forms.items():
-            times[key].extend(
-                time_calls_ms(
-                    lambda d=decoder: d.generate(prompt, max_new_tokens=64, min_new_tokens=64), warmup=0, repeats=1
-                )
-            )
+    per_round = time_decoding(list(forms.values()), prompt, 64, repeats=1, rounds=rounds, device=prompt.device)
+    times = dict(zip(forms, per_round))
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for (name, loop), calls in times.items():
         prefix = "" if loop == "generate" else f"{loop}_"

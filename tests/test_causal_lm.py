@@ -359,6 +359,27 @@ def _random_lm(**kwargs):
     return CausalLM(**{**options, "context": 48, **kwargs}).eval()
 
 
+def _assert_same_greedy_tokens(model, tokens, expected, prompt_length=10, tie=1e-4):
+    """``tokens`` continue as ``expected`` (both greedy decodes of ``model``, by different loops), or
+    part from it only at a tie: where the two tokens' logits lie within ``tie`` under ``model``. The
+    two loops compute the same logits by different kernels (a cache of fixed size, masked, against one
+    that grows), so they agree to the last bits, which may order a tie either way on another CPU."""
+    if torch.equal(tokens, expected):
+        return
+    assert tokens.shape[0] == expected.shape[0]
+    for row, (ours, theirs) in enumerate(zip(tokens, expected)):
+        length = min(len(ours), len(theirs))
+        differ = (ours[:length] != theirs[:length]).nonzero()
+        if len(differ) == 0:
+            assert len(ours) == len(theirs), row
+            continue
+        i = int(differ[0])
+        assert i >= prompt_length, row
+        with torch.no_grad():
+            logits = model(ours[None, :i])[0, -1].float()
+        assert abs(float(logits[ours[i]] - logits[theirs[i]])) <= tie, (row, i)
+
+
 def test_the_static_cache_decoder_gives_the_tokens_of_generate():
     """The deployable decode loop (a KV cache of fixed size, eager here) continues as Hugging Face's
     generate does: greedy, min_new_tokens, and rows that reach the end-of-text token."""
@@ -369,19 +390,20 @@ def test_the_static_cache_decoder_gives_the_tokens_of_generate():
     decoder = StaticCacheDecoder(lm, compile=False)
     assert decoder.max_length == 48 and len(decoder.state_dict()) == len(lm.state_dict())
     expected = lm.generate(prompts, max_new_tokens=20)
-    assert torch.equal(decoder.generate(prompts, max_new_tokens=20), expected)
-    assert torch.equal(decoder.generate(prompts[1:], max_new_tokens=5), expected[1:, :15])  # the cache is reset
+    _assert_same_greedy_tokens(lm, decoder.generate(prompts, max_new_tokens=20), expected)
+    _assert_same_greedy_tokens(lm, decoder.generate(prompts[1:], max_new_tokens=5), expected[1:, :15])  # cache reset
     # end of text: the token row 0 chooses third ends it, and the row continues with it
     eos = int(expected[0, 12])
     stopping = _random_lm(eos_token_id=eos)
     stopping.load_state_dict(lm.state_dict())
     expected = stopping.generate(prompts, max_new_tokens=20)
     assert (expected[0, 12:] == eos).all()
-    assert torch.equal(StaticCacheDecoder(stopping, compile=False).generate(prompts, max_new_tokens=20), expected)
-    forced = stopping.generate(prompts[:1], max_new_tokens=20, min_new_tokens=20)
-    assert torch.equal(
-        StaticCacheDecoder(stopping, compile=False).generate(prompts[:1], max_new_tokens=20, min_new_tokens=20), forced
+    _assert_same_greedy_tokens(
+        stopping, StaticCacheDecoder(stopping, compile=False).generate(prompts, max_new_tokens=20), expected
     )
+    forced = stopping.generate(prompts[:1], max_new_tokens=20, min_new_tokens=20)
+    ours = StaticCacheDecoder(stopping, compile=False).generate(prompts[:1], max_new_tokens=20, min_new_tokens=20)
+    _assert_same_greedy_tokens(stopping, ours, forced)
     assert forced.shape == (1, 30) and (forced[0, 10:13] != eos).all()
     with pytest.raises(ValueError, match=r"exceeds `max_length`=48"):
         decoder.generate(prompts, max_new_tokens=39)
@@ -403,9 +425,9 @@ def test_the_compiled_static_cache_decoder_gives_the_tokens_of_generate_in_float
     prompts = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(1))
     for model in (lm, quantize_weights_int4(lm, group_size=32)):
         decoder = StaticCacheDecoder(model)
-        assert torch.equal(decoder.generate(prompts, max_new_tokens=16), model.generate(prompts, max_new_tokens=16))
-        one = prompts[:1]
-        assert torch.equal(decoder.generate(one, max_new_tokens=8), model.generate(one, max_new_tokens=8))
+        for batch, new in ((prompts, 16), (prompts[:1], 8)):
+            expected = model.generate(batch, max_new_tokens=new)
+            _assert_same_greedy_tokens(model, decoder.generate(batch, max_new_tokens=new), expected)
 
 
 def test_the_decode_gate_keeps_the_perplexity_budget_and_ships_a_decoder_that_reloads(tmp_path):

@@ -40,7 +40,6 @@ from lightning_quantum import __version__
 from lightning_quantum._validation import check_choice
 from lightning_quantum.apps.serving import (
     DATASETS,
-    DECODE_LOOPS,
     LANGUAGE_MODEL,
     SERVED_ARCHITECTURES,
     JobStore,
@@ -53,6 +52,7 @@ from lightning_quantum.apps.serving import (
 )
 from lightning_quantum.gpu import gpu_status
 from lightning_quantum.levels import OptimizationLevel
+from lightning_quantum.models.decoding import DECODE_FORMS
 from lightning_quantum.optimize import PRUNE_METHODS
 from lightning_quantum.weights import WEIGHT_SUFFIXES
 
@@ -76,7 +76,7 @@ Architecture = Annotated[
     Field(json_schema_extra={"enum": list(SERVED_ARCHITECTURES)}),
 ]
 DecodeLoop = Annotated[
-    str, AfterValidator(_one_of("decode", DECODE_LOOPS)), Field(json_schema_extra={"enum": list(DECODE_LOOPS)})
+    str, AfterValidator(_one_of("decode", DECODE_FORMS)), Field(json_schema_extra={"enum": list(DECODE_FORMS)})
 ]
 PruneMethod = Annotated[
     str, AfterValidator(_one_of("prune_method", PRUNE_METHODS)), Field(json_schema_extra={"enum": list(PRUNE_METHODS)})

@@ -29,7 +29,6 @@ from lightning_quantum.weights import read_checkpoint, state_mismatch
 
 __all__ = [
     "DATASETS",
-    "DECODE_LOOPS",
     "LANGUAGE_MODEL",
     "SERVED_ARCHITECTURES",
     "JobStore",
@@ -95,9 +94,6 @@ LANGUAGE_MODEL = "causal_lm"
 SERVED_ARCHITECTURES = (*ARCHITECTURES, LANGUAGE_MODEL)
 #: The dataset each architecture is measured on.
 DATASETS = {**dict.fromkeys(ARCHITECTURES, "digits"), LANGUAGE_MODEL: "cpython_text"}
-#: How a language model's decode speed is profiled: the decode gate's forms (Hugging Face ``generate``,
-#: or the compiled static-cache loop, ``StaticCacheDecoder``).
-DECODE_LOOPS = DECODE_FORMS
 #: The settings of a language model's DataModule read from its checkpoint: plain values only, each
 #: checked by ``TextLMDataModule``; anything else in the file (a tokenizer directory, say) is ignored.
 _LM_DATA_SETTINGS: dict[str, type | tuple[type, ...]] = {
@@ -258,8 +254,8 @@ def _profile_figures(
 
 
 def _profile_lm(model_root: str, record: dict[str, Any], batch_size: int, repeats: int, decode: str) -> dict[str, Any]:
-    if decode not in DECODE_LOOPS:
-        raise ValueError(f"`decode`={decode!r} is not valid. Choose one of: {', '.join(map(repr, DECODE_LOOPS))}.")
+    if decode not in DECODE_FORMS:
+        raise ValueError(f"`decode`={decode!r} is not valid. Choose one of: {', '.join(map(repr, DECODE_FORMS))}.")
     model = load_registered_model(model_root, record)
     data = lm_data(model_root, record, batch_size)
     data.setup("test")

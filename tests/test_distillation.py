@@ -1,3 +1,4 @@
+import copy
 import math
 
 import lightning.pytorch as pl
@@ -454,6 +455,34 @@ def test_the_teacher_follows_every_move_of_its_module(precision):
     assert copy.teacher is not model.teacher and not copy.teacher.training
     model.to("meta")  # a device move: followed whatever the teacher's precision
     assert model.teacher.head.weight.device.type == "meta"
+
+
+@pytest.mark.gpu_stand_in
+def test_a_copy_of_the_module_reads_its_pending_cuda_timings():
+    """A stand-in for CUDA events (which cannot be pickled, like a lock): the fit-end callbacks deep-copy
+    the module, and on the first GPU run that copy failed with "cannot pickle 'Event' object"."""
+    import threading
+
+    from lightning_quantum.distillation.module import _Stopwatch
+
+    class Event:
+        def __init__(self, ms):
+            self.ms, self.lock = ms, threading.Lock()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    model = DistillationModule(DigitsMLP(hidden=(8,)), DigitsMLP(hidden=(16,)))
+    stopwatch = _Stopwatch()
+    stopwatch._done = 1.0
+    stopwatch._pending.append((Event(0.0), Event(250.0)))
+    model._teacher_time = stopwatch
+    copied = copy.deepcopy(model)
+    assert copied._teacher_time.seconds == pytest.approx(1.25) and not copied._teacher_time._pending
+    assert model._teacher_time.seconds == pytest.approx(1.25)  # read, not lost
 
 
 class _DictNet(nn.Module):

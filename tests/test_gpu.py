@@ -136,6 +136,8 @@ def test_qlora_experiment_has_trainable_weights_and_the_right_dtypes(tmp_path, m
     plugin = instantiate(cfg.trainer.plugins[0])
     fabric_bnb = _cpu_4bit(monkeypatch)
     model = instantiate(cfg.model)
+    with plugin.module_init_context():  # Lightning enters it around configure_model (ours shards under FSDP2)
+        model.configure_model()
     match_bitsandbytes_dtype(model, [plugin])
     model = plugin.convert_module(model)
     for layer in model.modules():

@@ -125,6 +125,37 @@ def test_bf16_true_run_reports_and_times_training_steps(tmp_path, tiny_classifie
     assert report.report.precision == "bf16-true" and report.report.train_step_time_ms["optimized"] > 0
 
 
+@pytest.mark.gpu_stand_in
+def test_a_model_cast_before_fit_has_its_baseline_measured_in_its_dtype(tmp_path, tiny_classifier, digits):
+    """The qlora_gpu experiment casts the model to bf16 before fit (bitsandbytes computes in it): its
+    fit-start baseline has bf16 weights and is fed bf16 inputs. On the first GPU run it got float32 ones
+    ("mat1 and mat2 must have the same dtype")."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_quantum.callbacks import OptimizationReport
+    from lightning_quantum.callbacks.report import weights_precision
+    from tests.conftest import trainer_kwargs
+
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, compare_train_step=False, print_table=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-true", callbacks=[report]))
+    trainer.fit(tiny_classifier.to(torch.bfloat16), digits)
+    assert weights_precision(report._baseline) == "bf16-true" and report.report.accuracy is not None
+    assert weights_precision(torch.nn.Linear(2, 2)) == weights_precision(torch.nn.ReLU()) == "32-true"
+
+
+def test_the_report_names_the_training_device_when_it_measured_on_another():
+    """A GPU fit is measured on the CPU (Lightning moves the model there before on_fit_end): the
+    report's device line says both."""
+    from lightning_quantum.report import measured_on, render_html
+
+    report = build_report(_metrics(), _metrics(), optimization_duration_seconds=1.0, extra={"training_device": "cuda"})
+    assert measured_on(report) == "cpu (trained on cuda)"
+    assert "Device: cpu (trained on cuda)." in render_markdown(report) and "trained on cuda" in render_html(report)
+    same = build_report(_metrics(), _metrics(), optimization_duration_seconds=1.0, extra={"training_device": "cpu"})
+    assert measured_on(same) == "cpu"
+
+
 def test_a_slower_or_larger_model_is_never_called_faster_or_smaller():
     """0.32x as fast reads "3.12x slower" (1 / 0.32), never "0.32x faster"."""
     from lightning_quantum.report import ratio_words

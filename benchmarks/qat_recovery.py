@@ -3,8 +3,8 @@
     python benchmarks/qat_recovery.py               # about 25 minutes here; writes benchmarks/results/qat_recovery.json
     python benchmarks/qat_recovery.py --quick       # a smoke run: a tiny model, a few steps
 
-``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, fake quantization from the first
-fine-tuning step, one order of the training batches. This one asks how far that figure is from noise:
+``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, one order of the training batches.
+This one asks how far such a figure is from noise:
 
 1. BASIC as in ``causal_lm.py`` (the 6-layer, width-256 ``CausalLM``, ``--steps`` fp32 steps).
 2. For each shuffle seed (``--seeds``; the split stays, only the order of the training batches changes),
@@ -12,7 +12,8 @@ fine-tuning step, one order of the training batches. This one asks how far that 
    (torchao ``IntxWeightOnlyConfig(int4, PerGroup(g))``, int8 embedding rows), and QAT branches of the
    same length from the same weights (``QuantizationAwareTraining``: int4 weight-only fake quantization
    with int8 embedding rows from ``start_step``, converted at fit end): groups of 32 from step 0 (what
-   ``causal_lm.py`` runs), and each group size in ``--groups`` from half-way (``start_step`` = half).
+   ``causal_lm.py`` ran before it started QAT half-way too), and each group size in ``--groups`` from
+   half-way (``start_step`` = half).
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles.
 """

@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from _common import quiet_trainer
 from torch import nn
@@ -91,9 +92,7 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, 
     steps = args.ultra_steps
     pruning = Pruning(method="nm", nm="2:4", names=["*mlp*"], start_step=0, end_step=0, frequency=1)
     qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=steps // 2)
-    start = time.perf_counter()
-    quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0, callbacks=[pruning, qat]).fit(module, data)
-    seconds = time.perf_counter() - start
+    seconds = _fit(module, data, steps, [pruning, qat])
     test = data.test_dataloader()
     out = {"fit_seconds": seconds, "layers_from_teacher": chosen, "ppl": evaluate_perplexity(student, test)}
     out |= {"bytes": serialized_size_bytes(student.model), "mlp_sparsity": pruning.current_sparsity}
@@ -107,9 +106,10 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, 
     return out
 
 
-def _fit(model: CausalLM, data: TextLMDataModule, steps: int) -> float:
+def _fit(model: pl.LightningModule, data: TextLMDataModule, steps: int, callbacks: list | None = None) -> float:
+    """Train ``model`` for ``steps`` steps (no validation) with ``callbacks``; the wall time in seconds."""
     start = time.perf_counter()
-    quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0).fit(model, data)
+    quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0, callbacks=callbacks or []).fit(model, data)
     return time.perf_counter() - start
 
 
@@ -177,11 +177,8 @@ def _ptq_against_qat(
     qat.load_state_dict(state)
     # fake quantization from half-way, as `lq-train level=quantum` starts it (start_step=None); converted at fit end
     callback = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=None)
-    start = time.perf_counter()
-    trainer = quiet_trainer(max_epochs=-1, max_steps=args.finetune_steps, limit_val_batches=0, callbacks=[callback])
-    trainer.fit(qat, data)
     result["qat_int4"] = {
-        "fit_seconds": time.perf_counter() - start,
+        "fit_seconds": _fit(qat, data, args.finetune_steps, [callback]),
         "float_weights_ppl": evaluate_perplexity(callback.float_model, test),
         "ppl": evaluate_perplexity(qat, test),
         "bytes": serialized_size_bytes(qat.model),

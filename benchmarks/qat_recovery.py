@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from _common import quiet_trainer
 from causal_lm import _fit, _model
 
 from lightning_quantum.callbacks import QuantizationAwareTraining
@@ -43,7 +42,7 @@ def _qat_branch(state: dict, data: TextLMDataModule, args: argparse.Namespace, g
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
     qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start)
-    quiet_trainer(max_epochs=-1, max_steps=args.finetune_steps, limit_val_batches=0, callbacks=[qat]).fit(model, data)
+    _fit(model, data, args.finetune_steps, [qat])
     return evaluate_perplexity(model, data.test_dataloader())
 
 

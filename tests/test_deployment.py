@@ -83,6 +83,29 @@ def test_forms_and_what_the_trained_model_is():
         build_form("int4 eager", net)
 
 
+def test_int8_forms_of_an_int4_model_are_dynamic_int8_of_its_float_weights():
+    torch.manual_seed(0)
+    float_net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
+    net = copy.deepcopy(float_net)
+    prepare_qat(net, "int4_weight_only", group_size=32)
+    set_fake_quant_enabled(net, True)
+    convert_qat(net, "int4_weight_only", group_size=32)
+    assert trained_form(net) == "trained eager"
+    x = torch.rand(8, 64)
+    for source in (float_net, None):  # QAT's float weights, else the int4 weights dequantized
+        built = build_form("int8 eager", net, source)
+        assert type(built.head.weight).__name__ == "Int8Tensor"
+        expected = build_form("int8 eager", source if source is not None else build_form("float eager", net))
+        with torch.no_grad():
+            torch.testing.assert_close(built(x), expected(x))
+    assert type(net.head.weight).__name__ != "Int8Tensor" and type(float_net.head.weight) is nn.Parameter
+    _, decision = choose_deployment(
+        net, _loader(), float_model=float_net, forms=["float eager", "int8 eager"], repeats=2, rounds=1
+    )
+    assert [c.form for c in decision.candidates] == ["trained eager", "float eager", "int8 eager"]
+    assert all(c.latency_p50_ms is not None and not c.note.startswith("could not run") for c in decision.candidates)
+
+
 def test_gate_picks_the_float_form_when_a_forced_slow_int8_candidate_loses(monkeypatch):
     net, float_net = _int8_mlp()
     real_build = deployment.build_form

@@ -9,9 +9,25 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["eval_mode", "held_modules", "meta_copy", "owner_of", "replace_module", "select_parameters"]
+__all__ = [
+    "eval_mode",
+    "held_modules",
+    "meta_copy",
+    "module_device",
+    "owner_of",
+    "replace_module",
+    "select_parameters",
+]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (or buffers) live; the CPU for a module without tensors."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -41,7 +41,7 @@ from lightning_quantum._batches import (
     batch_indices,
     split_batch,
 )
-from lightning_quantum._modules import eval_mode
+from lightning_quantum._modules import eval_mode, module_device
 from lightning_quantum._tensors import dense_values, plain_tensors
 from lightning_quantum._validation import check_non_negative, check_positive
 from lightning_quantum.compiled import FrozenInference
@@ -190,11 +190,6 @@ def _resident_bytes(module: nn.Module) -> int:
     return total
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    first = next(itertools.chain(module.parameters(), module.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -255,7 +250,7 @@ def measure_latency_ms(
     precision: str = "32-true",
 ) -> list[float]:
     """Latency of each of ``repeats`` forward passes on ``inputs`` in eval mode, in ms."""
-    device = _module_device(model)
+    device = module_device(model)
     inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
     with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
         return time_calls_ms(lambda: _call(model, inputs), warmup=warmup, repeats=repeats, device=device)
@@ -319,7 +314,7 @@ def measure_peak_memory_mb(model: nn.Module, inputs: Any, *, precision: str = "3
     On CUDA the working memory is ``torch.cuda.max_memory_allocated`` above the allocation before
     the pass; on CPU it is the peak RSS increase of the process.
     """
-    device = _module_device(model)
+    device = module_device(model)
     inputs = _to_device(inputs, device, _TRUE_DTYPES.get(precision))
     with eval_mode(model), torch.inference_mode(), _forward_context(precision, device):
         working = peak_increase_bytes(lambda: _call(model, inputs), device)
@@ -353,7 +348,7 @@ def measure_training_peak_memory_mb(model: nn.Module, inputs: Any) -> float:
     process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc's default moving threshold keeps
     freed blocks resident, which hides memory that was in fact released.
     """
-    device = _module_device(model)
+    device = module_device(model)
     inputs = _to_device(inputs, device)
     model.train()
     return peak_increase_bytes(lambda: _call(model, inputs).float().sum().backward(), device) / _MB
@@ -382,7 +377,7 @@ def evaluate_accuracy(
     Raises:
         ValueError: when ``data`` is empty or its batches carry no targets.
     """
-    device = _module_device(model)
+    device = module_device(model)
     total = 0
     score = 0.0
     batches: Iterator[tuple[Any, Tensor | None, int]] = _labelled_batches(data, max_batches)
@@ -462,7 +457,7 @@ def benchmark_model(
     inputs = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
     timed_batch = _leading_dim(inputs)
     threads = num_threads or torch.get_num_threads()
-    device = _module_device(model)
+    device = module_device(model)
     with _threads(threads):
         times = measure_latency_ms(model, inputs, warmup=warmup, repeats=repeats, precision=precision)
         memory = measure_peak_memory_mb(model, inputs, precision=precision)

@@ -55,9 +55,9 @@ from torch import Tensor, nn
 
 from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
 from lightning_quantum._cache import cache_root, write_whole
-from lightning_quantum._modules import eval_mode
+from lightning_quantum._modules import eval_mode, module_device
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
-from lightning_quantum.benchmark import _module_device, _sync, _threads, percentile, serialized_size_bytes
+from lightning_quantum.benchmark import _sync, _threads, percentile, serialized_size_bytes
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime, to_onnxruntime
 from lightning_quantum.precision import cpuinfo_field
@@ -178,11 +178,10 @@ def _float_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Modul
 
 
 def _int8_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module:
+    """The model's own int8 linears (after int8 QAT), else torchao dynamic int8 of its float form: of a float
+    model, of QAT's float weights, or of an int4 model's dequantized weights."""
     if _is_int8(model):
         return copy.deepcopy(model)
-    if _has_quantized_weights(model):
-        raise ValueError("the model holds quantized weights of another kind (int4, static int8), not int8 linears")
-
     out = _float_numerics(model, float_model)
     quantize_dynamic_int8(out)
     return out
@@ -208,8 +207,8 @@ def build_form(
             form of the same model (the float and int8 forms then export once).
 
     Raises:
-        ValueError: for an unknown form, int8 numerics of a model quantized some other way, or an
-            ``onnxruntime`` form without ``example_inputs``.
+        ValueError: for an unknown form, a float, bf16 or int8 form of a static int8 graph without
+            ``float_model``, or an ``onnxruntime`` form without ``example_inputs``.
         ImportError: for an ``onnxruntime`` form without the ``onnx`` extra installed.
     """
     trained = trained_form(model)
@@ -272,7 +271,7 @@ def _quality(
 
     Accuracy is top-1, or the sample-weighted mean of ``metric(outputs, targets)`` when given.
     """
-    device = _module_device(module)
+    device = module_device(module)
     correct = 0.0
     total = 0
     cosine = 0.0
@@ -368,7 +367,7 @@ def choose_deployment(
         batches = [split_batch(b) for b in itertools.islice(eval_data, max_eval_batches)]
     timed = example_inputs if example_inputs is not None else _gather_inputs(eval_data, batch_size)  # type: ignore[arg-type]
     threads = num_threads or torch.get_num_threads()
-    device = _module_device(model)
+    device = module_device(model)
     reference_form = trained_form(model)
     order = [reference_form] + [f for f in forms if f != reference_form]
     if reference_form == "trained eager" and any(f.endswith("compiled") for f in forms):
@@ -522,7 +521,7 @@ class _Measurement:
             t0 = time.perf_counter()
             try:
                 module = build_form(form, self.model, self.float_model, self.timed, onnx_exports=onnx_exports)
-                inputs = _to_device(self.timed, _module_device(module))
+                inputs = _to_device(self.timed, module_device(module))
                 with torch.inference_mode():
                     _call(module, inputs)  # compiles a compiled form
                 _sync(self.device)
@@ -701,7 +700,7 @@ def _time_interleaved(
 ) -> dict[str, list[float]]:
     per_round = max(1, -(-repeats // rounds))
     samples: dict[str, list[float]] = {form: [] for form in modules}
-    moved = {form: _to_device(inputs, _module_device(m)) for form, m in modules.items()}
+    moved = {form: _to_device(inputs, module_device(m)) for form, m in modules.items()}
     with torch.inference_mode():
         for form, module in modules.items():
             for _ in range(warmup):

@@ -84,8 +84,9 @@ class DeploymentGate(Callback):
     in the report's ``decoding`` table.
 
     Args:
-        numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` on a float
-            model is torchao dynamic int8 of it; on a QAT model, its own int8 layers.
+        numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` is a
+            model's own int8 layers after int8 QAT, else torchao dynamic int8 of its float form (after
+            int4 QAT: of the weights before conversion).
         runners: any of ``"eager"``, ``"compiled"`` (Inductor with freezing) and ``"onnxruntime"``
             (float and int8 only; listed as not installed without the ``onnx`` extra).
         batch_size: samples per timed batch; the ``OptimizationReport``'s when ``None`` (else 64).

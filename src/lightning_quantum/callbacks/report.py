@@ -21,11 +21,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_quantum._batches import _call, _to_device, split_batch
-from lightning_quantum._modules import eval_mode
+from lightning_quantum._modules import eval_mode, module_device
 from lightning_quantum._validation import check_choice, check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import (
     OptimizationPerformanceMetrics,
-    _module_device,
     benchmark_model,
     compare_train_step_ms,
     evaluate_accuracy,
@@ -442,7 +441,7 @@ class OptimizationReport(Callback, MeasuresInference):
         if targets is None:
             return None
         with eval_mode(self._baseline), torch.inference_mode():
-            inputs = _to_device(inputs, _module_device(self._baseline), _weights_dtype(self._baseline))
+            inputs = _to_device(inputs, module_device(self._baseline), _weights_dtype(self._baseline))
             outputs = _call(self._baseline, inputs)
         width = outputs.shape[-1] if isinstance(outputs, torch.Tensor) and outputs.dim() > 1 else 0
         return 1.0 / width if width > 1 else None

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import itertools
 import logging
 import shutil
 import time
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_quantum._batches import batch_indices, split_batch
 from lightning_quantum._hparams import save_plain_hyperparameters
-from lightning_quantum._modules import eval_mode
+from lightning_quantum._modules import eval_mode, module_device
 from lightning_quantum._validation import check_choice, check_non_negative, check_positive
 from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.distillation.losses import attention_kl, feature_loss, is_token_batch, kd_loss, next_token_loss
@@ -66,13 +65,6 @@ def _select(inputs: Any, mask: Tensor) -> Any:
 def _device_of(inputs: Any) -> torch.device:
     first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
     return first.device if isinstance(first, Tensor) else torch.device("cpu")
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    """Where ``module``'s parameters (or buffers) live; the CPU for a module without tensors."""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 class _Stopwatch:
@@ -334,7 +326,7 @@ class DistillationModule(pl.LightningModule):
             t_dim = self._feature("t", t_name).shape[-1]
             key = self._projection_key(s_name)
             self.projections[key] = (
-                nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim).to(_module_device(self.student))
+                nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim).to(module_device(self.student))
             )
 
     @staticmethod
@@ -344,7 +336,7 @@ class DistillationModule(pl.LightningModule):
     @classmethod
     def _run_where(cls, model: nn.Module, inputs: Any) -> Any:
         """``model`` on ``inputs`` moved to its device (tensors or dicts of them; setup and probes only)."""
-        return cls._run(model, move_data_to_device(inputs, _module_device(model)))
+        return cls._run(model, move_data_to_device(inputs, module_device(model)))
 
     def _teacher_forward(self, inputs: Any) -> Tensor:
         """The teacher's outputs under ``no_grad``, as float32 whatever precision it runs at.
@@ -352,7 +344,7 @@ class DistillationModule(pl.LightningModule):
         The inputs go where the teacher lives (in a training step they are there already; at setup,
         before Lightning moves the student, they may not be).
         """
-        inputs = move_data_to_device(inputs, _module_device(self.teacher))
+        inputs = move_data_to_device(inputs, module_device(self.teacher))
         with torch.no_grad():
             if self.teacher_precision == "bf16":
                 return self._run(self.teacher, _cast_floats(inputs, torch.bfloat16)).float()

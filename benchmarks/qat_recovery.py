@@ -2,6 +2,7 @@
 
     python benchmarks/qat_recovery.py               # about 25 minutes here; writes benchmarks/results/qat_recovery.json
     python benchmarks/qat_recovery.py --quick       # a smoke run: a tiny model, a few steps
+    python benchmarks/qat_recovery.py --groups 32 --starts 0.7 0.85 --out benchmarks/results/qat_recovery_starts.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, one order of the training batches.
 This one asks how far such a figure is from noise:
@@ -11,9 +12,9 @@ This one asks how far such a figure is from noise:
    a float branch of ``--finetune-steps`` steps from the BASIC weights, its PTQ at each group size
    (torchao ``IntxWeightOnlyConfig(int4, PerGroup(g))``, int8 embedding rows), and QAT branches of the
    same length from the same weights (``QuantizationAwareTraining``: int4 weight-only fake quantization
-   with int8 embedding rows from ``start_step``, converted at fit end): groups of 32 from step 0 (what
-   ``causal_lm.py`` ran before it started QAT half-way too), and each group size in ``--groups`` from
-   half-way (``start_step`` = half).
+   with int8 embedding rows from ``start_step``, converted at fit end): groups of 32 from each start in
+   ``--starts`` (fractions of a branch; step 0 by default, what ``causal_lm.py`` ran before it started
+   QAT half-way too), and each group size in ``--groups`` from half-way (``start_step`` = half).
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles.
 """
@@ -56,7 +57,8 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
     for group in sorted({32, *args.groups}):
         row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), test)
     half = args.finetune_steps // 2
-    for group, start in [(32, 0)] + [(g, half) for g in args.groups]:
+    variants = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
+    for group, start in dict.fromkeys(variants):
         name = f"g{group} from step {start}"
         ppl = _qat_branch(state, data, args, group, start)
         lost = row["ptq"][group] - row["fp32"]
@@ -85,10 +87,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
     parser.add_argument("--groups", type=int, nargs="+", default=[32, 64, 256], help="group sizes, QAT from half-way")
+    parser.add_argument(
+        "--starts", type=float, nargs="+", default=[0.0], help="QAT starts for groups of 32 (fractions of a branch)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if any(not 0.0 <= f < 1.0 for f in args.starts):
+        parser.error(f"--starts={args.starts} is not valid: each start is a fraction in [0, 1) of a branch")
     if args.quick:
         args.steps, args.finetune_steps, args.seeds = min(args.steps, 10), min(args.finetune_steps, 4), args.seeds[:1]
         args.groups = [32]  # the tiny model is 32 wide

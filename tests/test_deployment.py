@@ -484,6 +484,11 @@ def test_a_cached_ranking_spares_the_forms_that_cannot_win(tmp_path, monkeypatch
     _gate(_fresh_mlp(1), tmp_path, batch_size=16)
     assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 2
 
+    calls.clear()  # forms built differently (a new version of this package) are measured anew
+    monkeypatch.setattr(deployment, "FORMS_VERSION", deployment.FORMS_VERSION + 1)
+    _, third = _gate(_fresh_mlp(1), tmp_path)
+    assert len(calls) == 3 and third.cached_from is None
+
 
 def test_a_cached_ranking_that_no_longer_holds_measures_every_form_again(tmp_path, monkeypatch):
     calls, delays = [], {"float eager": 0.024, "bf16 eager": 0.048}

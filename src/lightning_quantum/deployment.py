@@ -86,6 +86,9 @@ RUNNERS = ("eager", "compiled", "onnxruntime")
 #: kernels are few, and the graph falls back op by op).
 FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
+#: What the forms are built as, in the gate's cache key: raised when a form is built differently, so that
+#: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running).
+FORMS_VERSION = 2
 
 
 class CastInputs(nn.Module):
@@ -637,6 +640,7 @@ def _cache_key(
     metric: Callable[[Tensor, Tensor], float] | None,
 ) -> dict[str, Any]:
     return {
+        "forms_version": FORMS_VERSION,
         "machine": _machine(device),
         "device": str(device),
         "threads": threads,

@@ -361,6 +361,28 @@ def _random_lm(**kwargs):
     return CausalLM(**{**options, "context": 48, **kwargs}).eval()
 
 
+def test_the_gates_int8_form_of_an_int4_lm_keeps_its_int8_embedding_rows():
+    """After int4 QAT with int8 embedding rows, the gate's int8 forms are dynamic int8 of the float weights
+    with the tables kept int8: no bigger than they need be (the table is a large share of a small LM)."""
+    from lightning_quantum._tensors import is_quantized
+    from lightning_quantum.benchmark import serialized_size_bytes
+    from lightning_quantum.deployment import build_form
+    from lightning_quantum.quantization import quantize_weights_int4
+
+    lm = _random_lm(vocab_size=2000)
+    tokens = torch.randint(1, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    for tables in (True, False):
+        int4 = quantize_weights_int4(lm, group_size=32, embeddings=tables)
+        int8 = build_form("int8 eager", int4, lm)
+        assert is_quantized(int8.model.model.embed_tokens.weight) is tables  # as the trained model holds it
+        assert type(int8.model.lm_head.weight).__name__ == "Int8Tensor"
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(int8(tokens).flatten(1), lm(tokens).flatten(1))
+        assert float(cosine.min()) > 0.99
+        if tables:
+            assert serialized_size_bytes(int8) < 0.4 * serialized_size_bytes(lm)
+
+
 def _assert_same_greedy_tokens(model, tokens, expected, prompt_length=10, tie=1e-4):
     """``tokens`` continue as ``expected`` (both greedy decodes of ``model``, by different loops), or
     part from it only at a tie: where the two tokens' logits lie within ``tie`` under ``model``. The

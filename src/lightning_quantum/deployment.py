@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
 from lightning_quantum._cache import cache_root, write_whole
 from lightning_quantum._modules import eval_mode, module_device
+from lightning_quantum._tensors import is_quantized
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _sync, _threads, percentile, serialized_size_bytes
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
@@ -182,11 +183,13 @@ def _float_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Modul
 
 def _int8_numerics(model: nn.Module, float_model: nn.Module | None) -> nn.Module:
     """The model's own int8 linears (after int8 QAT), else torchao dynamic int8 of its float form: of a float
-    model, of QAT's float weights, or of an int4 model's dequantized weights."""
+    model, of QAT's float weights, or of an int4 model's dequantized weights; the embedding tables that
+    the model holds quantized (int4 QAT's int8 rows) get int8 rows again, the others stay float."""
     if _is_int8(model):
         return copy.deepcopy(model)
     out = _float_numerics(model, float_model)
-    quantize_dynamic_int8(out)
+    tables = {n: is_quantized(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    quantize_dynamic_int8(out, embeddings=any(tables.values()), ignore=[n for n, q in tables.items() if not q])
     return out
 
 

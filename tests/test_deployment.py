@@ -363,6 +363,35 @@ def test_onnx_export_takes_the_torchscript_exporter_and_falls_back_when_its_file
         onnx_runtime.export_onnx(net, x, exporter="jit")
 
 
+@needs_onnxruntime
+def test_the_onnx_tools_progress_logs_stay_out_of_the_users_log_and_their_warnings_show(caplog):
+    import logging
+
+    import onnxruntime
+
+    from lightning_quantum.onnx_runtime import _quiet_onnx_logs, to_onnxruntime
+
+    onnxruntime_file = os.path.join(os.path.dirname(onnxruntime.__file__), "quantization", "quantize.py")
+    with caplog.at_level(logging.INFO):
+        to_onnxruntime(DigitsMLP().eval(), torch.rand(4, 64), int8=True)  # its quantization logs per tensor
+        assert not [r for r in caplog.records if "onnxruntime" in r.pathname]
+        logging.getLogger("onnxscript").setLevel(logging.DEBUG)  # set by the user: kept
+        try:
+            with _quiet_onnx_logs():
+                logging.getLogger("onnx_ir.passes.common").info("a rewrite")
+                logging.getLogger("onnx_ir.passes.common").warning("a warning")
+                logging.getLogger("onnxscript.rewriter").info("asked for")
+                for level in (logging.INFO, logging.WARNING):
+                    record = logging.LogRecord("root", level, onnxruntime_file, 1, f"ort {level}", None, None)
+                    logging.getLogger().handle(record)
+            logging.getLogger("onnx_ir.passes.common").info("after")
+        finally:
+            logging.getLogger("onnxscript").setLevel(logging.NOTSET)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "a rewrite" not in messages and f"ort {logging.INFO}" not in messages
+    assert {"a warning", "asked for", f"ort {logging.WARNING}", "after"} <= set(messages)
+
+
 def test_without_onnxruntime_its_forms_are_listed_as_not_installed(monkeypatch):
     import lightning_quantum.onnx_runtime as onnx_runtime
 

@@ -30,11 +30,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,6 +61,38 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class _DropOnnxRuntimeInfo(logging.Filter):
+    """Drops ONNX Runtime's own records below WARNING (its quantization logs to the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}onnxruntime{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_onnx_logs() -> Iterator[None]:
+    """Keep the ONNX tools' progress logs out of the user's log while they run.
+
+    ``torch.onnx`` logs errors only. The dynamo exporter's passes (``onnx_ir``, ``onnxscript``) log each
+    rewrite at INFO, hundreds of lines for a small LM: their warnings and errors show, unless the user set
+    their level. ONNX Runtime's quantization logs a line per tensor to the root logger: its records below
+    WARNING are dropped."""
+    levels = {"torch.onnx": logging.ERROR, "onnx_ir": logging.WARNING, "onnxscript": logging.WARNING}
+    loggers = {name: logging.getLogger(name) for name in levels}
+    previous = {name: logger.level for name, logger in loggers.items()}
+    root_filter = _DropOnnxRuntimeInfo()
+    logging.getLogger().addFilter(root_filter)
+    try:
+        for name, logger in loggers.items():
+            if name == "torch.onnx" or logger.level == logging.NOTSET:  # a level the user set stays
+                logger.setLevel(levels[name])
+        yield
+    finally:
+        logging.getLogger().removeFilter(root_filter)
+        for name, logger in loggers.items():
+            logger.setLevel(previous[name])
+
 
 _INSTALL = "pip install 'lightning-quantum[onnx]'"
 
@@ -307,14 +342,10 @@ def _flat_tensors(outputs: Any) -> list[Tensor]:
 
 def _export_dynamo(model: nn.Module, args: tuple[Any, ...], names: list[str] | None) -> bytes:
     shapes = _dynamic_shapes_by_name(model, args)
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
+    with _quiet_onnx_logs():
         program = torch.onnx.export(
             model, args, input_names=names, dynamo=True, dynamic_shapes=shapes, verbose=False, report=False
         )
-    finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
     assert program is not None  # the dynamo exporter always returns its program
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
@@ -333,8 +364,9 @@ def quantize_onnx_int8(model_bytes: bytes, *, per_channel: bool = True) -> bytes
         source.write_bytes(model_bytes)
         # symbolic shape inference cannot follow the exporter's dynamic sequence length (Min(512, s)):
         # the ONNX shape inference and graph optimization steps still run
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=per_channel)
+        with _quiet_onnx_logs():
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=per_channel)
         return quantized.read_bytes()
 
 

@@ -1,8 +1,10 @@
-"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by group size, QAT start and shuffle.
+r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by group size, QAT start and shuffle.
 
     python benchmarks/qat_recovery.py               # about 25 minutes here; writes benchmarks/results/qat_recovery.json
     python benchmarks/qat_recovery.py --quick       # a smoke run: a tiny model, a few steps
     python benchmarks/qat_recovery.py --groups 32 --starts 0.7 0.85 --out benchmarks/results/qat_recovery_starts.json
+    python benchmarks/qat_recovery.py --groups 32 --starts 0.7 --freeze-after 0 \
+        --out benchmarks/results/qat_recovery_fixed.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, one order of the training batches.
 This one asks how far such a figure is from noise:
@@ -14,7 +16,9 @@ This one asks how far such a figure is from noise:
    same length from the same weights (``QuantizationAwareTraining``: int4 weight-only fake quantization
    with int8 embedding rows from ``start_step``, converted at fit end): groups of 32 from each start in
    ``--starts`` (fractions of a branch; step 0 by default, what ``causal_lm.py`` ran before it started
-   QAT half-way too), and each group size in ``--groups`` from half-way (``start_step`` = half).
+   QAT half-way too), and each group size in ``--groups`` from half-way (``start_step`` = half); with
+   ``--freeze-after N``, each QAT branch fixes its fake-quant ranges N steps after its start
+   (``freeze_ranges_step``; conversion then uses those ranges).
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles.
 """
@@ -42,7 +46,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "qat_recovery.json"
 def _qat_branch(state: dict, data: TextLMDataModule, args: argparse.Namespace, group: int, start: int) -> float:
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
-    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start)
+    freeze = None if args.freeze_after is None else start + args.freeze_after
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start, freeze_ranges_step=freeze
+    )
     _fit(model, data, args.finetune_steps, [qat])
     return evaluate_perplexity(model, data.test_dataloader())
 
@@ -60,6 +67,8 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
     variants = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
     for group, start in dict.fromkeys(variants):
         name = f"g{group} from step {start}"
+        if args.freeze_after is not None:
+            name += f", ranges fixed {args.freeze_after} steps later"
         ppl = _qat_branch(state, data, args, group, start)
         lost = row["ptq"][group] - row["fp32"]
         row["qat"][name] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
@@ -90,10 +99,15 @@ def main() -> None:
     parser.add_argument(
         "--starts", type=float, nargs="+", default=[0.0], help="QAT starts for groups of 32 (fractions of a branch)"
     )
+    parser.add_argument(
+        "--freeze-after", type=int, default=None, help="fix the fake-quant ranges this many steps after QAT starts"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.freeze_after is not None and args.freeze_after < 0:
+        parser.error(f"--freeze-after={args.freeze_after} is not valid: give a number of steps >= 0")
     if any(not 0.0 <= f < 1.0 for f in args.starts):
         parser.error(f"--starts={args.starts} is not valid: each start is a fraction in [0, 1) of a branch")
     if args.quick:

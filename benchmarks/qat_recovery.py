@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -119,9 +118,7 @@ def main() -> None:
     )
     data.setup()
     basic = _model(data, args, lr=2e-3)
-    started = time.perf_counter()
-    _fit(basic, data, args.steps)
-    seconds = time.perf_counter() - started
+    seconds = _fit(basic, data, args.steps)
     result: dict = {
         "settings": vars(args) | {"out": str(args.out)},
         "torch": torch.__version__,

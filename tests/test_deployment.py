@@ -33,15 +33,15 @@ from tests.conftest import trainer_kwargs
 needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra is not installed")
 
 
-def _int8_mlp():
-    """A DigitsMLP as QAT leaves it: int8 linears (Int8Tensor) and its float weights beside."""
+def _int8_mlp(scheme="int8_dynamic_int8_weight", **options):
+    """A DigitsMLP as QAT leaves it: int8 linears (Int8Tensor; or ``scheme``'s) and its float weights beside."""
     torch.manual_seed(0)
     net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
     float_net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
     float_net.load_state_dict(net.state_dict())
-    prepare_qat(net, "int8_dynamic_int8_weight")
+    prepare_qat(net, scheme, **options)
     set_fake_quant_enabled(net, True)
-    convert_qat(net, "int8_dynamic_int8_weight")
+    convert_qat(net, scheme, **options)
     return net, float_net
 
 
@@ -84,12 +84,7 @@ def test_forms_and_what_the_trained_model_is():
 
 
 def test_int8_forms_of_an_int4_model_are_dynamic_int8_of_its_float_weights():
-    torch.manual_seed(0)
-    float_net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
-    net = copy.deepcopy(float_net)
-    prepare_qat(net, "int4_weight_only", group_size=32)
-    set_fake_quant_enabled(net, True)
-    convert_qat(net, "int4_weight_only", group_size=32)
+    net, float_net = _int8_mlp("int4_weight_only", group_size=32)
     assert trained_form(net) == "trained eager"
     x = torch.rand(8, 64)
     for source in (float_net, None):  # QAT's float weights, else the int4 weights dequantized

@@ -5,6 +5,8 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
     python benchmarks/qat_recovery.py --groups 32 --starts 0.7 0.85 --out benchmarks/results/qat_recovery_starts.json
     python benchmarks/qat_recovery.py --groups 32 --starts 0.7 --freeze-after 0 \
         --out benchmarks/results/qat_recovery_fixed.json
+    python benchmarks/qat_recovery.py --groups 32 64 --starts 0.5 --freeze-after none 0 --split val \
+        --out benchmarks/results/qat_recovery_val.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, one order of the training batches.
 This one asks how far such a figure is from noise:
@@ -18,9 +20,11 @@ This one asks how far such a figure is from noise:
    ``--starts`` (fractions of a branch; step 0 by default, what ``causal_lm.py`` ran before it started
    QAT half-way too), and each group size in ``--groups`` from half-way (``start_step`` = half); with
    ``--freeze-after N``, each QAT branch fixes its fake-quant ranges N steps after its start
-   (``freeze_ranges_step``; conversion then uses those ranges).
+   (``freeze_ranges_step``; conversion then uses those ranges); several values (``none``: ranges that
+   follow the weights to the end) run each variant with each.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
-   shuffles.
+   shuffles. Perplexity is that of ``--split`` (``test`` by default; ``val`` to choose a recipe without
+   looking at the test documents).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from causal_lm import _fit, _model
 
 from lightning_quantum.callbacks import QuantizationAwareTraining
@@ -42,33 +47,41 @@ from lightning_quantum.quantization import quantize_weights_int4
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_recovery.json"
 
 
-def _qat_branch(state: dict, data: TextLMDataModule, args: argparse.Namespace, group: int, start: int) -> float:
+def _held_out(data: TextLMDataModule, split: str) -> DataLoader:
+    return data.val_dataloader() if split == "val" else data.test_dataloader()
+
+
+def _qat_branch(
+    state: dict, data: TextLMDataModule, args: argparse.Namespace, variant: tuple[int, int, int | None]
+) -> float:
+    group, start, after = variant
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
-    freeze = None if args.freeze_after is None else start + args.freeze_after
+    freeze = None if after is None else start + after
     qat = QuantizationAwareTraining(
         scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start, freeze_ranges_step=freeze
     )
     _fit(model, data, args.finetune_steps, [qat])
-    return evaluate_perplexity(model, data.test_dataloader())
+    return evaluate_perplexity(model, _held_out(data, args.split))
 
 
 def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, seed: int) -> dict:
     data.seed = seed  # the order of the training batches; the split was made at setup
-    test = data.test_dataloader()
+    held_out = _held_out(data, args.split)
     floating = _model(data, args, lr=5e-4)
     floating.load_state_dict(state)
     _fit(floating, data, args.finetune_steps)
-    row: dict = {"seed": seed, "fp32": evaluate_perplexity(floating, test), "ptq": {}, "qat": {}}
+    row: dict = {"seed": seed, "fp32": evaluate_perplexity(floating, held_out), "ptq": {}, "qat": {}}
     for group in sorted({32, *args.groups}):
-        row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), test)
+        row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), held_out)
     half = args.finetune_steps // 2
-    variants = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
-    for group, start in dict.fromkeys(variants):
+    starts = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
+    variants = [(group, start, after) for group, start in dict.fromkeys(starts) for after in args.freeze_after]
+    for group, start, after in variants:
         name = f"g{group} from step {start}"
-        if args.freeze_after is not None:
-            name += f", ranges fixed {args.freeze_after} steps later"
-        ppl = _qat_branch(state, data, args, group, start)
+        if after is not None:
+            name += f", ranges fixed {after} steps later"
+        ppl = _qat_branch(state, data, args, (group, start, after))
         lost = row["ptq"][group] - row["fp32"]
         row["qat"][name] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
         print(json.dumps({"seed": seed, name: row["qat"][name]}), flush=True)
@@ -99,14 +112,23 @@ def main() -> None:
         "--starts", type=float, nargs="+", default=[0.0], help="QAT starts for groups of 32 (fractions of a branch)"
     )
     parser.add_argument(
-        "--freeze-after", type=int, default=None, help="fix the fake-quant ranges this many steps after QAT starts"
+        "--freeze-after",
+        nargs="+",
+        default=["none"],
+        help="fix the fake-quant ranges this many steps after QAT starts (none: never); several: each variant with each",
     )
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="the held-out split to measure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.freeze_after is not None and args.freeze_after < 0:
-        parser.error(f"--freeze-after={args.freeze_after} is not valid: give a number of steps >= 0")
+    given = " ".join(args.freeze_after)
+    try:
+        args.freeze_after = [None if v == "none" else int(v) for v in args.freeze_after]
+    except ValueError:
+        parser.error(f"--freeze-after={given} is not valid: give numbers of steps >= 0, or none")
+    if any(v is not None and v < 0 for v in args.freeze_after):
+        parser.error(f"--freeze-after={given} is not valid: give numbers of steps >= 0, or none")
     if any(not 0.0 <= f < 1.0 for f in args.starts):
         parser.error(f"--starts={args.starts} is not valid: each start is a fraction in [0, 1) of a branch")
     if args.quick:
@@ -123,7 +145,7 @@ def main() -> None:
         "settings": vars(args) | {"out": str(args.out)},
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "basic": {"fit_seconds": seconds, "ppl": evaluate_perplexity(basic, data.test_dataloader())},
+        "basic": {"fit_seconds": seconds, "ppl": evaluate_perplexity(basic, _held_out(data, args.split))},
     }
     state = {k: v.clone() for k, v in basic.state_dict().items()}
     result["shuffles"] = [_one_shuffle(state, data, args, seed) for seed in args.seeds]

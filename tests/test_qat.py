@@ -1,9 +1,11 @@
 """QuantizationAwareTraining on torchao: numerics, phases, fit twice, test(ckpt_path), resume, errors."""
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -176,6 +178,7 @@ def test_dequantize_gives_float_weights_back():
         ({"scheme": "int2"}, r"`scheme`='int2' is not valid. Choose one of: 'int8_dynamic_int8_weight'"),
         ({"group_size": 0}, r"`group_size`=0 is not valid"),
         ({"start_step": -1}, r"`start_step`=-1 is not valid"),
+        ({"freeze_ranges_step": 2.5}, r"`freeze_ranges_step`=2.5 is not valid. It must be an integer >= 0"),
         ({"ignore": "head"}, r"take lists of strings"),
     ],
 )
@@ -229,6 +232,41 @@ def test_frozen_ranges_survive_resume_and_drive_conversion(tmp_path):
         fake = full(x)
         convert_qat(full, "int8_dynamic_int8_weight")
         torch.testing.assert_close(full(x), fake, atol=1e-5, rtol=0)
+
+
+class _WeightsAt(Callback):
+    """Keeps a copy of the head's weight as it is when the batch of step ``step`` starts (after the QAT hooks)."""
+
+    def __init__(self, step):
+        self.step, self.weight = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.weight = pl_module.net.head.weight.detach().clone()
+
+
+@pytest.mark.parity
+def test_ranges_fixed_at_the_start_are_those_of_the_weights_when_fake_quantization_begins(tmp_path):
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    model = _mlp()
+    # start_step=None: half of 2 x 6 steps; freeze_ranges_step=0 fixes the ranges when fake quantization begins
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=16, start_step=None, freeze_ranges_step=0, convert_on_fit_end=False
+    )
+    at_start = _WeightsAt(6)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=0, callbacks=[qat, at_start])
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert qat.ranges_frozen and qat.state_dict()["ranges_frozen"] is True
+    quantizer = model.net.head.weight_fake_quantizer
+    dynamic = copy.copy(quantizer.config)  # the ranges a fake quantizer computes from the weights at the start
+    dynamic.is_dynamic, dynamic.range_learning = True, False
+    fresh = IntxFakeQuantizer(dynamic)
+    fresh(at_start.weight)
+    assert torch.equal(quantizer.scale, fresh.scale)
+    assert not torch.equal(model.net.head.weight, at_start.weight)  # the weights trained on under fixed ranges
 
 
 @pytest.mark.gpu_stand_in

@@ -65,8 +65,10 @@ class QuantizationAwareTraining(Callback):
             same Trainer reaches its final sparsity (the end of its schedule, in steps), so QAT
             fine-tunes the pruned weights; ``start_step`` and ``start_epoch`` must then be ``None``.
         freeze_ranges_step: optimizer step after which the weights' fake-quant ranges (scales, zero
-            points) stop following the weights and stay fixed; conversion then uses those ranges.
-            ``None`` keeps them dynamic to the end.
+            points) stop following the weights and stay fixed; conversion then uses those ranges. The
+            ranges are fixed at the first step >= ``freeze_ranges_step`` with fake quantization on, so
+            ``0`` fixes them when fake quantization begins, wherever ``start_step``, ``start_epoch`` or
+            ``start_after_pruning`` put that. ``None`` keeps them dynamic to the end.
         convert_on_fit_end: convert to the real quantized model when fit ends.
         names: ``fnmatch`` patterns of the linear layers (and tables) to quantize; all when ``None``.
         ignore: ``fnmatch`` patterns of layers to keep in full precision (the classifier head, say).
@@ -200,6 +202,7 @@ class QuantizationAwareTraining(Callback):
             "group_size": self.group_size,
             "layers": list(self.layers),
             "embeddings": self.embeddings,
+            "ranges_frozen": self.ranges_frozen,
         }
 
     @override

@@ -13,8 +13,10 @@
      the embedding table), with torchao's affine ranges (``PTQ int4``) and with HQQ's scale-only ranges
      (``HQQ int4``, torchao's CPU HQQ);
    - **QAT**: int4 weight-only fake quantization of the same layers and int8 of the embedding table
-     from half-way through the branch, as ``lq-train level=quantum`` starts it
-     (``QuantizationAwareTraining(..., start_step=None)``), then conversion to the same int4 form.
+     from half-way through the branch, as ``lq-train experiment=gpt_cpython level=quantum`` runs it
+     (``QuantizationAwareTraining(..., start_step=None)`` with the experiment's ``callbacks.qat``
+     settings, read from ``conf/experiment/gpt_cpython.yaml``: group size, embeddings, range
+     freezing), then conversion to the same int4 form; PTQ uses the same group size.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)``: the share of PTQ's perplexity loss QAT wins
    back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
 4. Size of each form (serialized bytes), decode speed at batch 1 (greedy, 64 new tokens, KV cache) two ways:
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from _common import quiet_trainer
 from torch import nn
 
@@ -61,6 +64,13 @@ from lightning_quantum.quantization import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
+EXPERIMENT = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "gpt_cpython.yaml"
+
+
+def qat_recipe() -> dict:
+    """The ``QuantizationAwareTraining`` arguments of ``lq-train experiment=gpt_cpython level=quantum``: the
+    experiment's ``callbacks.qat`` block, with the level's start (``start_step=None``: half-way)."""
+    return yaml.safe_load(EXPERIMENT.read_text())["callbacks"]["qat"] | {"start_step": None}
 
 
 def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float, num_layers: int | None = None) -> CausalLM:
@@ -111,11 +121,6 @@ def _fit(model: pl.LightningModule, data: TextLMDataModule, steps: int, callback
     start = time.perf_counter()
     quiet_trainer(max_epochs=-1, max_steps=steps, limit_val_batches=0, callbacks=callbacks or []).fit(model, data)
     return time.perf_counter() - start
-
-
-def _ptq_int4(model: nn.Module, algorithm: str) -> nn.Module:
-    """A copy of ``model`` with int4 linears (groups of 32) and int8 embedding rows, by torchao's PTQ."""
-    return quantize_weights_int4(model, group_size=32, algorithm=algorithm)
 
 
 def _prefill(model: nn.Module, data: TextLMDataModule) -> dict[str, float]:
@@ -169,14 +174,16 @@ def _ptq_against_qat(
         "fit_seconds": _fit(floating, data, args.finetune_steps),
         "ppl": evaluate_perplexity(floating, test),
     }
+    recipe = qat_recipe()
+    result["qat_recipe"] = recipe
     for name, algorithm in (("ptq_int4", "affine"), ("hqq_int4", "hqq_scale_only")):
-        quantized = _ptq_int4(floating, algorithm)
+        # a copy with int4 linears and int8 embedding rows, by torchao's PTQ
+        quantized = quantize_weights_int4(floating, group_size=recipe["group_size"], algorithm=algorithm)
         result[name] = {"ppl": evaluate_perplexity(quantized, test), "bytes": serialized_size_bytes(quantized.model)}
 
     qat = _model(data, args, lr=5e-4)
     qat.load_state_dict(state)
-    # fake quantization from half-way, as `lq-train level=quantum` starts it (start_step=None); converted at fit end
-    callback = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=None)
+    callback = QuantizationAwareTraining(**recipe)  # converted at fit end
     result["qat_int4"] = {
         "fit_seconds": _fit(qat, data, args.finetune_steps, [callback]),
         "float_weights_ppl": evaluate_perplexity(callback.float_model, test),

@@ -7,8 +7,10 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
         --out benchmarks/results/qat_recovery_fixed.json
     python benchmarks/qat_recovery.py --groups 32 64 --starts 0.5 --freeze-after none 0 --split val \
         --out benchmarks/results/qat_recovery_val.json
+    python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 \
+        --out benchmarks/results/qat_recovery_g64.json
 
-``benchmarks/causal_lm.py`` gives one recovery figure: groups of 32, one order of the training batches.
+``benchmarks/causal_lm.py`` gives one recovery figure: its recipe, one order of the training batches.
 This one asks how far such a figure is from noise:
 
 1. BASIC as in ``causal_lm.py`` (the 6-layer, width-256 ``CausalLM``, ``--steps`` fp32 steps).
@@ -36,8 +38,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from causal_lm import _fit, _model
+from torch.utils.data import DataLoader
 
 from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
@@ -109,13 +111,17 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
     parser.add_argument("--groups", type=int, nargs="+", default=[32, 64, 256], help="group sizes, QAT from half-way")
     parser.add_argument(
-        "--starts", type=float, nargs="+", default=[0.0], help="QAT starts for groups of 32 (fractions of a branch)"
+        "--starts",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        help="QAT starts for groups of 32 (fractions of a branch; none given: only the --groups variants)",
     )
     parser.add_argument(
         "--freeze-after",
         nargs="+",
         default=["none"],
-        help="fix the fake-quant ranges this many steps after QAT starts (none: never); several: each variant with each",
+        help="fix the fake-quant ranges N steps after QAT starts (none: never); several: each variant with each",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the held-out split to measure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")

@@ -51,6 +51,30 @@ def test_fake_quantized_output_matches_converted_output(scheme):
         torch.testing.assert_close(net(x), fake.detach(), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("scheme", sorted(QAT_SCHEMES))
+@pytest.mark.parity
+def test_ranges_frozen_then_outgrown_convert_to_what_fake_quantization_computed(scheme):
+    """The causal LM's recipe fixes the ranges when QAT starts; the weights then move past them (clamped)."""
+    from lightning_quantum.quantization.qat import freeze_weight_ranges
+
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
+    x = torch.randn(16, 64)
+    prepare_qat(net, scheme, group_size=16)
+    net(x)
+    dynamic = copy.deepcopy(net)  # ranges that follow the weights
+    assert freeze_weight_ranges(net) == 2
+    with torch.no_grad():
+        for model in (net, dynamic):
+            for module in (model.blocks[0].linear, model.head):
+                module.weight.mul_(1.5)  # past the frozen ranges: fake quantization clamps them
+        fake = net(x)
+        assert (fake - dynamic(x)).abs().max() > 1e-3  # the frozen ranges are in force
+        convert_qat(net, scheme, group_size=16)
+        atol = 1e-4 if scheme == "int8_dynamic_int8_weight" else 1e-5
+        torch.testing.assert_close(net(x), fake, atol=atol, rtol=0)
+
+
 @pytest.mark.parity
 def test_int8_conversion_runs_int8_kernels_within_float_rounding_of_fake_quantization():
     """The bound the module docstring states: DigitsMLP 64-512-512-10 on 256 digits images."""

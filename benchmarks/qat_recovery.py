@@ -7,8 +7,6 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
         --out benchmarks/results/qat_recovery_fixed.json
     python benchmarks/qat_recovery.py --groups 32 64 --starts 0.5 --freeze-after none 0 --split val \
         --out benchmarks/results/qat_recovery_val.json
-    python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 \
-        --out benchmarks/results/qat_recovery_g64.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: its recipe, one order of the training batches.
 This one asks how far such a figure is from noise:

@@ -29,12 +29,15 @@ def _mlp(seed=0):
     return Classifier(DigitsMLP(hidden=(64,), dropout=0.0), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
 
 
+def _net_and_inputs():
+    torch.manual_seed(0)
+    return DigitsMLP(hidden=(64,), dropout=0.0).eval(), torch.randn(16, 64)
+
+
 @pytest.mark.parametrize("scheme", sorted(QAT_SCHEMES))
 @pytest.mark.parity
 def test_fake_quantized_output_matches_converted_output(scheme):
-    torch.manual_seed(0)
-    net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
-    x = torch.randn(16, 64)
+    net, x = _net_and_inputs()
     ref = net(x)
     assert prepare_qat(net, scheme) == ["blocks.0.linear", "head"]
     set_fake_quant_enabled(net, False)
@@ -44,11 +47,16 @@ def test_fake_quantized_output_matches_converted_output(scheme):
     assert not torch.equal(fake, ref)
     assert convert_qat(net, scheme) == 2
     assert is_converted(net) and not is_prepared(net)
-    # The int8 scheme multiplies the same integers in int32 where fake quantization multiplies floats:
-    # float rounding only (the bound on a full-size model is the next test).
+    _assert_computes(net, x, fake, scheme)
+
+
+def _assert_computes(converted, x, fake, scheme):
+    """``converted(x)`` equals the fake-quantized output ``fake``. The int8 scheme multiplies the same
+    integers in int32 where fake quantization multiplies floats: float rounding only (the bound on a
+    full-size model is ``test_int8_conversion_runs_int8_kernels_within_float_rounding_of_fake_quantization``)."""
     atol = 1e-4 if scheme == "int8_dynamic_int8_weight" else 1e-5
     with torch.no_grad():
-        torch.testing.assert_close(net(x), fake.detach(), atol=atol, rtol=0)
+        torch.testing.assert_close(converted(x), fake.detach(), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("scheme", sorted(QAT_SCHEMES))
@@ -57,9 +65,7 @@ def test_ranges_frozen_then_outgrown_convert_to_what_fake_quantization_computed(
     """The causal LM's recipe fixes the ranges when QAT starts; the weights then move past them (clamped)."""
     from lightning_quantum.quantization.qat import freeze_weight_ranges
 
-    torch.manual_seed(0)
-    net = DigitsMLP(hidden=(64,), dropout=0.0).eval()
-    x = torch.randn(16, 64)
+    net, x = _net_and_inputs()
     prepare_qat(net, scheme, group_size=16)
     net(x)
     dynamic = copy.deepcopy(net)  # ranges that follow the weights
@@ -70,9 +76,8 @@ def test_ranges_frozen_then_outgrown_convert_to_what_fake_quantization_computed(
                 module.weight.mul_(1.5)  # past the frozen ranges: fake quantization clamps them
         fake = net(x)
         assert (fake - dynamic(x)).abs().max() > 1e-3  # the frozen ranges are in force
-        convert_qat(net, scheme, group_size=16)
-        atol = 1e-4 if scheme == "int8_dynamic_int8_weight" else 1e-5
-        torch.testing.assert_close(net(x), fake, atol=atol, rtol=0)
+    convert_qat(net, scheme, group_size=16)
+    _assert_computes(net, x, fake, scheme)
 
 
 @pytest.mark.parity

@@ -47,6 +47,15 @@ from lightning_quantum.quantization import quantize_weights_int4
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_recovery.json"
 
 
+def _steps_or_none(value: str) -> int | None:
+    """An ``--freeze-after`` value: a number of steps >= 0, or ``none``."""
+    if value == "none":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not valid: give a number of steps >= 0, or none")
+    return int(value)
+
+
 def _held_out(data: TextLMDataModule, split: str) -> DataLoader:
     return data.val_dataloader() if split == "val" else data.test_dataloader()
 
@@ -117,8 +126,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--freeze-after",
+        type=_steps_or_none,
         nargs="+",
-        default=["none"],
+        default=[None],
         help="fix the fake-quant ranges N steps after QAT starts (none: never); several: each variant with each",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the held-out split to measure")
@@ -126,13 +136,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    given = " ".join(args.freeze_after)
-    try:
-        args.freeze_after = [None if v == "none" else int(v) for v in args.freeze_after]
-    except ValueError:
-        parser.error(f"--freeze-after={given} is not valid: give numbers of steps >= 0, or none")
-    if any(v is not None and v < 0 for v in args.freeze_after):
-        parser.error(f"--freeze-after={given} is not valid: give numbers of steps >= 0, or none")
     if any(not 0.0 <= f < 1.0 for f in args.starts):
         parser.error(f"--starts={args.starts} is not valid: each start is a fraction in [0, 1) of a branch")
     if args.quick:

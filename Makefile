@@ -9,7 +9,7 @@ TORCH_CPU := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-all test-parity lint bench conf clean gpu-check gpu-wheels
+.PHONY: install demo test test-all test-slow test-parity lint bench conf clean gpu-check gpu-wheels
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,14 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# The tests `make test` leaves out for time (multi-process runs, whole fits, the service's process tests); CI runs them.
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
+
 # Resume, DDP, cache and reload parity once more with other kernels (as on another CPU): they must
-# agree under any kernel set, since they compare the same operations on the same inputs.
+# agree under any kernel set, since they compare the same operations on the same inputs. The slow ones too.
 test-parity: install
-	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m "parity and not slow and not gpu"
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m "parity and not gpu"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

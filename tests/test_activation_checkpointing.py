@@ -118,6 +118,7 @@ def test_hugging_face_model_uses_its_own_switch():
     assert not bert.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_checkpointing_cuts_peak_training_memory_on_cpu():
     from benchmarks.checkpointing_probe import run_probe
 

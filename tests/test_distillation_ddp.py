@@ -9,6 +9,7 @@ pytestmark = pytest.mark.parity
 SCRIPT = Path(__file__).with_name("ddp_distill_script.py")
 
 
+@pytest.mark.slow
 def test_ddp_each_rank_holds_its_teacher_and_caches_its_shard(tmp_path):
     ranks = run_rank_script(SCRIPT, tmp_path)
     assert ranks[0]["student_sum"] == ranks[1]["student_sum"]  # DDP kept the students in step

@@ -370,6 +370,7 @@ def _wait_for(predicate, timeout=120):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_jobs_are_queued_until_a_worker_takes_them_and_profiles_do_not_wait(model_root, tmp_path, monkeypatch):
     gate = _gate(monkeypatch, tmp_path)
     with _client(model_root, tmp_path / "service") as client:
@@ -393,6 +394,7 @@ def test_jobs_are_queued_until_a_worker_takes_them_and_profiles_do_not_wait(mode
         assert done[1]["started_at"] >= done[0]["finished_at"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(model_root, tmp_path, monkeypatch):
     import signal
 

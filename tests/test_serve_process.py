@@ -11,6 +11,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -83,6 +84,7 @@ def test_a_graceful_stop_ends_the_workers_and_fails_the_running_job(tmp_path):
     assert status == "failed" and "stopped while this job ran" in error
 
 
+@pytest.mark.slow
 def test_a_killed_server_leaves_no_worker_behind(tmp_path):
     server, http, job_id, children = _serve_with_a_running_job(tmp_path)
     server.kill()

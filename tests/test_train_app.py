@@ -95,6 +95,7 @@ def _run_cli(args, cwd, **env_vars):
     )
 
 
+@pytest.mark.slow
 def test_multirun_over_levels(tmp_path):
     out = _run_cli(
         ["-m", "level=basic,advanced", "debug=fdr", "logger=none", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path

@@ -155,6 +155,7 @@ def test_ultra_resume_from_an_exception_checkpoint_mid_epoch(tmp_path):
         assert torch.equal(dense_values(a), dense_values(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_ultra_ddp_masks_agree_across_ranks_and_match_one_process(tmp_path):
     from pathlib import Path

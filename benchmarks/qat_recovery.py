@@ -7,6 +7,8 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
         --out benchmarks/results/qat_recovery_fixed.json
     python benchmarks/qat_recovery.py --groups 32 64 --starts 0.5 --freeze-after none 0 --split val \
         --out benchmarks/results/qat_recovery_val.json
+    python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 --learn-scales 0 1e-5 1e-4 --split val \
+        --out benchmarks/results/qat_recovery_learned_scales.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: its recipe, one order of the training batches.
 This one asks how far such a figure is from noise:
@@ -21,7 +23,11 @@ This one asks how far such a figure is from noise:
    QAT half-way too), and each group size in ``--groups`` from half-way (``start_step`` = half); with
    ``--freeze-after N``, each QAT branch fixes its fake-quant ranges N steps after its start
    (``freeze_ranges_step``; conversion then uses those ranges); several values (``none``: ranges that
-   follow the weights to the end) run each variant with each.
+   follow the weights to the end) run each variant with each. With ``--learn-scales LR ...``, each
+   variant with fixed ranges runs once per rate: from the step the ranges are fixed, their scales become
+   trainable parameters (a parameter group of their own, peak rate ``LR``, no weight decay, the same
+   schedule), as in LSQ; ``0`` keeps them fixed. This is an experiment of this script (one process; the
+   library's ``QuantizationAwareTraining`` does not learn ranges).
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles. Perplexity is that of ``--split`` (``test`` by default; ``val`` to choose a recipe without
    looking at the test documents).
@@ -31,12 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from causal_lm import _fit, _model
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_quantum.callbacks import QuantizationAwareTraining
@@ -56,21 +65,60 @@ def _steps_or_none(value: str) -> int | None:
     return int(value)
 
 
+def _rate(value: str) -> float:
+    """A ``--learn-scales`` value: a finite learning rate >= 0."""
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not (math.isfinite(rate) and rate >= 0.0):
+        raise argparse.ArgumentTypeError(f"{value!r} is not valid: give a finite learning rate >= 0")
+    return rate
+
+
+class _LearnedScales(pl.Callback):
+    """From the first step with frozen weight ranges, train their scales: each frozen ``scale`` buffer becomes a
+    parameter, in a new optimizer group (peak rate ``lr``, no weight decay) that follows the first scheduler's
+    schedule. One process only: under DDP the new parameters would not be synchronised."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr, self.started_at = lr, None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, i: int) -> None:
+        if self.started_at is not None:
+            return
+        scales = []
+        for module in pl_module.modules():
+            quantizer = getattr(module, "weight_fake_quantizer", None)
+            if quantizer is not None and quantizer.enabled and "scale" in quantizer._buffers:
+                quantizer.scale = nn.Parameter(quantizer._buffers.pop("scale").clone())
+                scales.append(quantizer.scale)
+        if not scales:
+            return
+        trainer.optimizers[0].add_param_group({"params": scales, "lr": self.lr, "weight_decay": 0.0})
+        for config in trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            schedule.base_lrs.append(self.lr)
+            schedule.lr_lambdas.append(schedule.lr_lambdas[0])
+            schedule.optimizer.param_groups[-1]["lr"] = self.lr * schedule.lr_lambdas[0](schedule.last_epoch)
+        self.started_at = trainer.global_step
+
+
 def _held_out(data: TextLMDataModule, split: str) -> DataLoader:
     return data.val_dataloader() if split == "val" else data.test_dataloader()
 
 
 def _qat_branch(
-    state: dict, data: TextLMDataModule, args: argparse.Namespace, variant: tuple[int, int, int | None]
+    state: dict, data: TextLMDataModule, args: argparse.Namespace, variant: tuple[int, int, int | None, float]
 ) -> float:
-    group, start, after = variant
+    group, start, after, rate = variant
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
     freeze = None if after is None else start + after
     qat = QuantizationAwareTraining(
         scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start, freeze_ranges_step=freeze
     )
-    _fit(model, data, args.finetune_steps, [qat])
+    _fit(model, data, args.finetune_steps, [qat, _LearnedScales(rate)] if rate else [qat])
     return evaluate_perplexity(model, _held_out(data, args.split))
 
 
@@ -85,12 +133,19 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
         row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), held_out)
     half = args.finetune_steps // 2
     starts = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
-    variants = [(group, start, after) for group, start in dict.fromkeys(starts) for after in args.freeze_after]
-    for group, start, after in variants:
+    variants = [
+        (group, start, after, rate)
+        for group, start in dict.fromkeys(starts)
+        for after in args.freeze_after
+        for rate in (args.learn_scales if after is not None else [0.0])
+    ]
+    for group, start, after, rate in variants:
         name = f"g{group} from step {start}"
         if after is not None:
             name += f", ranges fixed {after} steps later"
-        ppl = _qat_branch(state, data, args, (group, start, after))
+        if rate:
+            name += f", scales learned at rate {rate:g}"
+        ppl = _qat_branch(state, data, args, (group, start, after, rate))
         lost = row["ptq"][group] - row["fp32"]
         row["qat"][name] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
         print(json.dumps({"seed": seed, name: row["qat"][name]}), flush=True)
@@ -130,6 +185,13 @@ def main() -> None:
         nargs="+",
         default=[None],
         help="fix the fake-quant ranges N steps after QAT starts (none: never); several: each variant with each",
+    )
+    parser.add_argument(
+        "--learn-scales",
+        type=_rate,
+        nargs="+",
+        default=[0.0],
+        help="peak learning rates of the frozen scales (0: fixed); several: each fixed-range variant with each",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the held-out split to measure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -48,6 +47,7 @@ from causal_lm import _fit, _model
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_quantum._validation import check_non_negative
 from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.models import evaluate_perplexity
@@ -66,14 +66,12 @@ def _steps_or_none(value: str) -> int | None:
 
 
 def _rate(value: str) -> float:
-    """A ``--learn-scales`` value: a finite learning rate >= 0."""
+    """A ``--learn-scales`` value: a finite learning rate >= 0 (the package's own check)."""
     try:
-        rate = float(value)
+        rate: object = float(value)
     except ValueError:
-        rate = -1.0
-    if not (math.isfinite(rate) and rate >= 0.0):
-        raise argparse.ArgumentTypeError(f"{value!r} is not valid: give a finite learning rate >= 0")
-    return rate
+        rate = value  # not a number: refused by the check, shown as given
+    return check_non_negative("--learn-scales", rate, error=argparse.ArgumentTypeError)
 
 
 class _LearnedScales(pl.Callback):
@@ -82,10 +80,10 @@ class _LearnedScales(pl.Callback):
     schedule. One process only: under DDP the new parameters would not be synchronised."""
 
     def __init__(self, lr: float) -> None:
-        self.lr, self.started_at = lr, None
+        self.lr, self.learning = lr, False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, i: int) -> None:
-        if self.started_at is not None:
+        if self.learning:
             return
         scales = []
         for module in pl_module.modules():
@@ -101,7 +99,7 @@ class _LearnedScales(pl.Callback):
             schedule.base_lrs.append(self.lr)
             schedule.lr_lambdas.append(schedule.lr_lambdas[0])
             schedule.optimizer.param_groups[-1]["lr"] = self.lr * schedule.lr_lambdas[0](schedule.last_epoch)
-        self.started_at = trainer.global_step
+        self.learning = True
 
 
 def _held_out(data: TextLMDataModule, split: str) -> DataLoader:

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -273,10 +274,14 @@ class Worker:
 
     def _exit_codes(self) -> list[int | None]:
         processes = getattr(self._executor, "_processes", None) or {}
+        deadline = time.monotonic() + 2.0
         for process in processes.values():
-            # The pool can report itself broken a moment before the dead process is reaped, when its
-            # exit code still reads None (seen under load): wait for it briefly.
-            process.join(timeout=2.0)
+            # The pool can report itself broken a moment before the dead process is reaped, and the
+            # pool's own thread joins it too: of two threads in ``waitpid``, one reaps the process and
+            # the other returns at once with the exit code still None until the first has stored it
+            # (seen in CI under load). Wait until the code is stored, briefly.
+            while process.exitcode is None and time.monotonic() < deadline:
+                process.join(timeout=0.05)
         return [p.exitcode for p in processes.values()]
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:

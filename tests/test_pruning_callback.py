@@ -207,6 +207,26 @@ def test_two_four_in_fit(tmp_path, digits):
     assert pruning.current_sparsity == 0.5
 
 
+class _MovesTheModel(pl.Callback):
+    """Lightning's teardown before ``on_fit_end``: after a GPU fit it moves the model to the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def on_fit_end(self, trainer, pl_module):
+        pl_module.to(self.device)
+
+
+@pytest.mark.gpu_stand_in
+def test_the_masks_follow_the_weights_when_the_model_moves_after_fit(tmp_path, digits):
+    """A stand-in for a GPU fit, moved to `meta` as Lightning moves a CUDA model to the CPU at teardown.
+    On the GPU (H200) the masks stayed on CUDA, and `weight[~mask]` on the CPU weights raised."""
+    pruning = Pruning(final_sparsity=0.5, start_step=1, end_step=2)
+    callbacks = [_MovesTheModel("meta"), pruning]
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks)).fit(_mlp(), digits)
+    assert pruning.masks and all(mask.device.type == "meta" for mask in pruning.masks.values())
+
+
 def test_sparsity_is_logged_when_masks_change(tmp_path, digits):
     pruning = Pruning(final_sparsity=0.5, start_step=1, end_step=3, frequency=1)
     logger = CSVLogger(tmp_path, name="csv")

@@ -128,8 +128,9 @@ def test_bf16_true_run_reports_and_times_training_steps(tmp_path, tiny_classifie
 @pytest.mark.gpu_stand_in
 def test_a_model_cast_before_fit_has_its_baseline_measured_in_its_dtype(tmp_path, tiny_classifier, digits):
     """The qlora_gpu experiment casts the model to bf16 before fit (bitsandbytes computes in it): its
-    fit-start baseline has bf16 weights and is fed bf16 inputs. On the first GPU run it got float32 ones
-    ("mat1 and mat2 must have the same dtype")."""
+    fit-start baseline has bf16 weights and is fed bf16 inputs, in the benchmark and in the training-step
+    comparison. On the first GPU run the benchmark got float32 ones ("mat1 and mat2 must have the same
+    dtype"), on the second the training step."""
     import lightning.pytorch as pl
     import torch
 
@@ -137,10 +138,11 @@ def test_a_model_cast_before_fit_has_its_baseline_measured_in_its_dtype(tmp_path
     from lightning_quantum.callbacks.report import weights_precision
     from tests.conftest import trainer_kwargs
 
-    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, compare_train_step=False, print_table=False)
+    report = OptimizationReport(output_dir=tmp_path, warmup=0, repeats=2, train_step_repeats=2, print_table=False)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-true", callbacks=[report]))
     trainer.fit(tiny_classifier.to(torch.bfloat16), digits)
     assert weights_precision(report._baseline) == "bf16-true" and report.report.accuracy is not None
+    assert report.report.train_step_time_ms["baseline"] > 0
     assert weights_precision(torch.nn.Linear(2, 2)) == weights_precision(torch.nn.ReLU()) == "32-true"
 
 

@@ -250,6 +250,12 @@ class Pruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's teardown has moved the model (to the CPU after a GPU fit): the masks follow their weights
+        params = dict(pl_module.named_parameters())
+        self.masks = {
+            name: mask if is_sharded(mask) or name not in params else mask.to(params[name].device)
+            for name, mask in self.masks.items()
+        }
         if self.slim and self.masks and self.slimmed_architecture is None:
             self._slim(pl_module)
 

@@ -330,8 +330,13 @@ class OptimizationReport(Callback, MeasuresInference):
         if loader is None:
             return None
         batch = trainer.strategy.batch_to_device(next(iter(loader)), pl_module.device)
+        # a model cast before fit (qlora_gpu's bf16) has a baseline in that dtype: its batch is cast to it
+        dtype = _weights_dtype(self._baseline)
+        baseline_batch = batch if dtype == torch.float32 else _to_device(batch, pl_module.device, dtype)
         steps = {
-            "baseline": make_train_step(detached_copy(self._baseline), batch, forward_context=contextlib.nullcontext),
+            "baseline": make_train_step(
+                detached_copy(self._baseline), baseline_batch, forward_context=contextlib.nullcontext
+            ),
             # the trainer's precision plugin casts the batch as in fit (bf16-true and 16-true need it)
             "optimized": make_train_step(
                 detached_copy(pl_module),

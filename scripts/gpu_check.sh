@@ -3,7 +3,7 @@
 # `lq-train level=quantum` and the LM's QUANTUM run on the GPU (GPU_CHECK_ALL=1 adds the other lq-train
 # runs a GPU user starts with), in about 6 minutes on one H200, then a one-screen summary (exit code,
 # time and last error per step; precision, device, memory, scaler counters and the deployed form from
-# each report).
+# each report). GPU_CHECK_LM=0 leaves out the LM's full run (the gpu-marked LM test still runs).
 #
 #   bash scripts/gpu_check.sh            # from the repository root; logs and reports in gpu_check/
 #
@@ -64,7 +64,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) step pytest-gpu 330 \
         "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfEs --durations 15 "${workers[@]}"
     train quantum 240 level=quantum trainer.max_epochs=3
-    train gpt_cpython-quantum 330 experiment=gpt_cpython level=quantum
+    [ "${GPU_CHECK_LM:-1}" = 0 ] || train gpt_cpython-quantum 330 experiment=gpt_cpython level=quantum
     if [ -n "${GPU_CHECK_ALL:-}" ]; then  # what the tests above run already, as a user would start it
         train advanced 240 level=advanced trainer.max_epochs=3
         train qlora_gpu 240 experiment=qlora_gpu trainer.max_epochs=2

@@ -514,6 +514,24 @@ def test_a_cached_ranking_spares_the_forms_that_cannot_win(tmp_path, monkeypatch
     assert len(calls) == 3 and third.cached_from is None
 
 
+@pytest.mark.parametrize(
+    ("float_compiled_ms", "rebuilt"),
+    [(0.40, True), (0.44, True), (0.46, False), (None, False)],  # the winner's 0.3 ms x 1.5 = 0.45
+)
+def test_a_cached_float_form_is_rebuilt_only_when_it_came_close_to_the_winner(float_compiled_ms, rebuilt):
+    """A repeated fit compiles the fastest float form again only if it was within 1.5x of the winner; float
+    eager (nothing to build) is always measured, and so is a faster form turned down for accuracy then."""
+    from lightning_quantum.deployment import REBUILD_WITHIN, _cached_subset
+
+    order = ["int8 eager", "float eager", "float compiled", "bf16 compiled", "int8 compiled"]
+    p50 = {"int8 eager": 2.0, "float eager": 0.6, "float compiled": float_compiled_ms, "bf16 compiled": 0.2}
+    cached = {"winner": "int8 compiled", "p50": {**p50, "int8 compiled": 0.3}, "measured_at": "then"}
+    subset, acceptable = _cached_subset(cached, order, "int8 eager")
+    assert REBUILD_WITHIN == 1.5 and acceptable == {"int8 compiled", "bf16 compiled"}
+    expected = ["int8 eager", "float eager", *(["float compiled"] if rebuilt else []), "bf16 compiled", "int8 compiled"]
+    assert subset == expected
+
+
 def test_a_cached_ranking_that_no_longer_holds_measures_every_form_again(tmp_path, monkeypatch):
     calls, delays = [], {"float eager": 0.024, "bf16 eager": 0.048}
     _timed_build(monkeypatch, delays, calls)

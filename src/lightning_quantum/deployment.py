@@ -90,6 +90,10 @@ DEPLOYMENT_FILE = "deployment.json"
 #: What the forms are built as, in the gate's cache key: raised when a form is built differently, so that
 #: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running).
 FORMS_VERSION = 2
+#: A repeated fit rebuilds the fastest float form only when the cached measurement found it within this
+#: factor of the winner's p50 (a clear loser is not compiled again just to lose again; float eager, which
+#: costs nothing to build, is always measured).
+REBUILD_WITHIN = 1.5
 
 
 class CastInputs(nn.Module):
@@ -675,16 +679,18 @@ def _read_cache(path: Path, key: dict[str, Any], order: list[str]) -> dict[str, 
 def _cached_subset(cached: dict[str, Any], order: list[str], reference_form: str) -> tuple[list[str], set[str]]:
     """(the forms to measure again, the winners that confirm the cached ranking).
 
-    Measured again: the reference, the cached winner, float eager (no build cost) and the fastest float
-    form (the shipped form must beat them here and now), and every form that ran faster than the winner
-    but was turned down then (its accuracy may pass with these weights). The ranking holds when the
-    winner now is the cached winner or one of those faster forms."""
+    Measured again: the reference, the cached winner, float eager (no build cost; the shipped form must
+    beat it here and now), the fastest float form if it came within :data:`REBUILD_WITHIN` of the
+    winner then, and every form that ran faster than the winner but was turned down then (its accuracy
+    may pass with these weights). The ranking holds when the winner now is the cached winner or one of
+    those faster forms."""
     p50 = cached["p50"]
     winner = cached["winner"]
     best = p50.get(winner) or float("inf")
     faster = [f for f in order if p50.get(f) is not None and p50[f] < best]
     floats = [f for f in order if f.startswith("float") and p50.get(f) is not None]
-    fastest_float = min(floats, key=lambda f: p50[f]) if floats else "float eager"
+    close = [f for f in floats if p50[f] <= best * REBUILD_WITHIN]
+    fastest_float = min(close, key=lambda f: p50[f]) if close else "float eager"
     subset = [f for f in order if f in {reference_form, winner, "float eager", fastest_float, *faster}]
     return subset, {winner, *faster}
 

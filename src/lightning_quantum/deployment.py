@@ -336,10 +336,11 @@ def choose_deployment(
     kernel set, library versions), the model's architecture (module types, tensor shapes and dtypes,
     not the values), the timed inputs' shapes, the threads, the forms and the budget. A later call
     with the same key builds only the forms that can still win: the model as trained, the cached
-    winner, float eager, the fastest float form when it came within :data:`REBUILD_WITHIN` of the winner, and
-    any form that was faster than the winner but over the budget; the others are listed as not rebuilt. Accuracy is always measured anew, and so is the winner's
-    lead over the float form: when another form wins than the cached ranking allows, every form is
-    measured again (and the cache updated).
+    winner, float eager, the fastest float form when it came within :data:`REBUILD_WITHIN` of the
+    winner, and any form that was faster than the winner but over the budget; the others are listed
+    as not rebuilt. Accuracy is always measured anew, and so is the winner's lead over float eager
+    (and over the fastest float form when it came close): when another form wins than the cached
+    ranking allows, every form is measured again (and the cache updated).
 
     Args:
         model: the trained model; never modified.

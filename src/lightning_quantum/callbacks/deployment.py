@@ -104,8 +104,8 @@ class DeploymentGate(Callback):
         cache: keep the latencies measured here, keyed by this machine, the libraries and the model's
             architecture, and on a later fit with the same key build only the forms that can still win
             (the trained form, the cached winner, float eager, the fastest float form when it came within
-            1.5x of the winner, and faster forms that failed the budget then); accuracy and the winner's lead over float are measured
-            anew every time.
+            1.5x of the winner, and faster forms that failed the budget then); accuracy and the winner's
+            lead over float eager are measured anew every time.
             See :func:`~lightning_quantum.deployment.choose_deployment`. ``False`` measures every form.
         cache_dir: where; :func:`~lightning_quantum.deployment.default_cache_dir` when ``None``
             (``$LIGHTNING_QUANTUM_CACHE/deployment``, else ``~/.cache/lightning_quantum/deployment``).

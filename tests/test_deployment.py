@@ -171,6 +171,8 @@ def test_unlabelled_outputs_are_judged_by_cosine(monkeypatch):
         ({"max_accuracy_drop": float("nan")}, r"`max_accuracy_drop`=nan"),
         ({"min_cosine": 2.0}, r"`min_cosine`=2.0 is not valid. It must lie in \[-1, 1\]"),
         ({"rounds": 0}, r"`rounds`=0"),
+        ({"max_size_ratio": 0.0}, r"`max_size_ratio`=0.0 is not valid. It must be a finite number greater than 0"),
+        ({"max_size_ratio": float("nan")}, r"`max_size_ratio`=nan"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, match):
@@ -249,6 +251,7 @@ def test_load_deployment_refuses_a_bad_record(tmp_path):
         ({"batch_size": 0}, r"`batch_size`=0"),
         ({"eval_split": "train"}, r"`eval_split`='train' is not valid"),
         ({"stem": "a/b"}, r"`stem`='a/b' is not valid"),
+        ({"max_size_ratio": -0.3}, r"`max_size_ratio`=-0.3 is not valid"),
     ],
 )
 def test_callback_arguments_are_validated(kwargs, match):
@@ -530,6 +533,68 @@ def test_a_cached_float_form_is_rebuilt_only_when_it_came_close_to_the_winner(fl
     assert REBUILD_WITHIN == 1.5 and acceptable == {"int8 compiled", "bf16 compiled"}
     expected = ["int8 eager", "float eager", *(["float compiled"] if rebuilt else []), "bf16 compiled", "int8 compiled"]
     assert subset == expected
+
+
+@pytest.mark.parametrize(
+    ("delays", "max_size_ratio", "winner", "built", "words"),
+    [
+        # int8 (0.37x for this small MLP) beats float eager: it ships, and bf16 (at least 0.45x) is never built
+        ({"float eager": 0.024}, 0.4, "int8 eager", ["float eager", "int8 eager"], "and `max_size_ratio`=0.4 ("),
+        # int8 loses to float eager: bf16 is built after all, and the fastest form ships regardless of size
+        (
+            {"float eager": 0.024, "int8 eager": 0.048},
+            0.4,
+            "bf16 eager",
+            ["float eager", "int8 eager", "bf16 eager"],
+            "no form within `max_size_ratio`=0.4 ran faster than float eager here, so it ships regardless of size",
+        ),
+        # bf16 (0.50x) can fit 0.48 by its numerics, so it is built, but it is over: the slower int8 ships
+        (
+            {"float eager": 0.048, "int8 eager": 0.024},
+            0.48,
+            "int8 eager",
+            ["float eager", "bf16 eager", "int8 eager"],
+            "Faster but over the size budget: bf16 eager",
+        ),
+        # without a size budget the fastest form ships, whatever its size
+        ({"float eager": 0.048, "int8 eager": 0.024}, None, "bf16 eager", ["float eager", "bf16 eager", "int8 eager"],
+         "is the fastest of the 3 forms within the accuracy budget"),
+    ],
+)  # fmt: skip
+def test_a_size_budget_ships_the_fastest_small_form_that_beats_float_eager(
+    monkeypatch, delays, max_size_ratio, winner, built, words
+):
+    calls = []
+    _timed_build(monkeypatch, delays, calls)
+    _, decision = _gate(_fresh_mlp(0), None, max_size_ratio=max_size_ratio)
+    assert decision.form == winner and calls == built, (decision.reason, calls)
+    assert words in decision.reason and decision.max_size_ratio == max_size_ratio
+    sizes = {c.form: c.size_bytes for c in decision.candidates}
+    if max_size_ratio is not None:
+        assert decision.float_size_bytes == sizes["float eager"]
+        ratio = {form: size / sizes["float eager"] for form, size in sizes.items() if size is not None}
+        assert 0.3 < ratio["int8 eager"] < 0.4 and ratio.get("bf16 eager", 0.5) > 0.48
+    if "bf16 eager" not in built:
+        bf16 = decision.candidate("bf16 eager")
+        assert not bf16.measured and bf16.note == "not built: at least 0.45x the float size, over `max_size_ratio`=0.4"
+        assert "Not built: bf16 eager (their numerics cannot fit `max_size_ratio`=0.4" in decision.reason
+
+
+def test_a_cached_ranking_under_a_size_budget_rebuilds_no_form_over_it(tmp_path, monkeypatch):
+    calls, delays = [], {"float eager": 0.048, "int8 eager": 0.024}
+    _timed_build(monkeypatch, delays, calls)
+    _, first = _gate(_fresh_mlp(0), tmp_path, max_size_ratio=0.48)  # bf16 is built, faster, and over the budget
+    assert first.form == "int8 eager" and calls == ["float eager", "bf16 eager", "int8 eager"]
+    calls.clear()
+    _, second = _gate(_fresh_mlp(1), tmp_path, max_size_ratio=0.48)
+    assert calls == ["float eager", "int8 eager"] and second.form == "int8 eager" and second.cached_from
+    assert second.candidate("bf16 eager").note.startswith("not rebuilt: over the size budget in the cached measurement")
+    calls.clear()  # another budget is another key
+    _, third = _gate(_fresh_mlp(1), tmp_path, max_size_ratio=0.4)
+    assert calls == ["float eager", "int8 eager"] and third.cached_from is None  # bf16 cannot fit 0.4: not built
+    calls.clear()
+    _, fourth = _gate(_fresh_mlp(2), tmp_path, max_size_ratio=0.4)
+    assert fourth.cached_from and fourth.candidate("bf16 eager").note.startswith("not built: at least 0.45x")
 
 
 def test_a_cached_ranking_that_no_longer_holds_measures_every_form_again(tmp_path, monkeypatch):

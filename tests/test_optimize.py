@@ -123,6 +123,8 @@ def test_advanced_bf16_halves_the_size(mlp, tmp_path):
         ({"max_accuracy_drop": -0.1}, r"`max_accuracy_drop`=-0.1 is not valid"),
         ({"compile": True}, r"`compile`=True with `deploy`=True: the deployment gate already measures"),
         ({"keep_slower": True, "deploy": False}, r"`keep_slower`=True only matters with `deploy`=True"),
+        ({"max_size_ratio": "small"}, r"`max_size_ratio`='small' is not valid. Give a number, 'level' or None"),
+        ({"max_size_ratio": 0}, r"`max_size_ratio`=0 is not valid"),
     ],
 )
 def test_invalid_arguments(mlp, kwargs, match):
@@ -137,6 +139,18 @@ def test_accuracy_budget_needs_eval_data(mlp):
         lq.optimize(net, "quantum", example_inputs=torch.randn(4, 64), max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match=r"Give `example_inputs`, `eval_data` or `calibration_data`"):
         lq.optimize(net, "quantum")
+
+
+def test_the_size_budget_is_the_levels_unless_given():
+    from lightning_quantum.optimize import _size_budget
+
+    assert [_size_budget("level", level) for level in ("basic", "advanced", "quantum", "ultra")] == [
+        None,
+        None,
+        0.3,
+        0.3,
+    ]
+    assert _size_budget(None, "quantum") is None and _size_budget(0.5, "basic") == 0.5
 
 
 def _force_times(monkeypatch, fastest, slow_prefix=None):
@@ -162,6 +176,9 @@ def test_deploy_rolls_back_an_int8_step_that_runs_slower_and_ships_the_float_for
     assert deploy.name == "deploy" and deploy.kept and deploy.detail == {"form": "float compiled"}
     assert result.applied == ["deploy"] and result.report.compression_ratio == pytest.approx(1.0, rel=0.01)
     assert result.report.extra["deployment"]["form"] == "float compiled"
+    # QUANTUM's size budget (0.3x): no int8 form beat float eager, so the float forms were built after all
+    assert result.report.extra["deployment"]["max_size_ratio"] == 0.3
+    assert "so it ships regardless of size" in deploy.reason
     lq.save_optimized(result, tmp_path)
     again = lq.load_optimized(DigitsMLP(hidden=(128, 128)), tmp_path)
     assert type(again).__name__ == "FrozenInference"  # compiled again on load

@@ -160,6 +160,8 @@ def test_validation_unknown_ids_token_and_body_cap(model_root, tmp_path):
         for body in (
             {"model": "digits", "level": "turbo"},
             {"model": "digits", "options": {"prune_amount": 1.5}},
+            {"model": "digits", "options": {"max_size_ratio": 0}},
+            {"model": "digits", "options": {"max_size_ratio": "small"}},
             {"model": "digits", "target": "os.system"},
             {"model": "../digits"},
         ):

@@ -94,6 +94,11 @@ FORMS_VERSION = 2
 #: factor of the winner's p50 (a clear loser is not compiled again just to lose again; float eager, which
 #: costs nothing to build, is always measured).
 REBUILD_WITHIN = 1.5
+#: The least size of a form with these numerics, as a share of the float form's: float forms keep every
+#: floating tensor in 4 bytes and bf16 forms in 2 (integer buffers stay), less what a runner's graph never
+#: reads. Under a ``max_size_ratio`` below its floor a form is built only when no form within the budget
+#: runs faster than float eager (see :func:`choose_deployment`).
+SIZE_FLOOR = {"float": 0.9, "bf16": 0.45}
 
 
 class CastInputs(nn.Module):
@@ -140,7 +145,8 @@ class DeploymentDecision:
     float otherwise); a candidate is within budget when it loses at most ``max_accuracy_drop`` from it
     (or, without labels, when its outputs' mean cosine to the trained model's is at least ``min_cosine``).
     ``cached_from`` is the time of the cached measurement whose ranking spared the forms not measured,
-    ``None`` when every form was measured.
+    ``None`` when every form was measured. ``max_size_ratio`` is the size budget, as a share of the float
+    form's size ``float_size_bytes`` (``None``: no size budget).
     """
 
     form: str
@@ -155,6 +161,8 @@ class DeploymentDecision:
     candidates: list[CandidateResult] = field(default_factory=list)
     gate_seconds: float = 0.0
     cached_from: str | None = None
+    max_size_ratio: float | None = None
+    float_size_bytes: int | None = None
 
     @property
     def winner(self) -> CandidateResult:
@@ -322,6 +330,7 @@ def choose_deployment(
     max_eval_batches: int | None = None,
     metric: Callable[[Tensor, Tensor], float] | None = None,
     cache_dir: str | Path | None = None,
+    max_size_ratio: float | None = None,
 ) -> tuple[nn.Module, DeploymentDecision]:
     """Measure every candidate form of ``model`` and return the fastest within the accuracy budget.
 
@@ -331,6 +340,13 @@ def choose_deployment(
     one batch of ``batch_size`` samples, taken in ``rounds`` alternating rounds over the candidates so
     that drift of a shared machine hits them alike; ``build_seconds`` includes compiling (the first
     call). A form that fails to build or run is listed with the error and not chosen.
+
+    With ``max_size_ratio``, size counts too: the winner is the fastest form within the accuracy budget
+    whose serialized size is at most that share of the float form's and which runs faster than float
+    eager here. Only when no such form exists does the fastest form within the accuracy budget ship
+    regardless of size, and the reason says so. Forms whose numerics cannot fit the size budget
+    (:data:`SIZE_FLOOR`: float, bf16) are then built only in that case; otherwise they are listed as
+    not built, which spares their compiling.
 
     With ``cache_dir``, the latencies of a full measurement are kept there, keyed by the machine (CPU,
     kernel set, library versions), the model's architecture (module types, tensor shapes and dtypes,
@@ -358,6 +374,8 @@ def choose_deployment(
         max_eval_batches: batches of ``eval_data`` for the quality pass; all when ``None``.
         metric: ``metric(outputs, targets) -> float`` for accuracy; top-1 when ``None``.
         cache_dir: where to keep and look up measurements (see above); nothing is cached when ``None``.
+        max_size_ratio: the size budget, as a share of the float form's serialized size (e.g. ``0.3``:
+            int8 weights); ``None``: the fastest form ships whatever its size.
 
     Returns:
         ``(module, decision)``: the winning form, ready to call (compiled forms already compiled), and
@@ -368,6 +386,8 @@ def choose_deployment(
             is given.
     """
     _check_gate_arguments(forms, batch_size, warmup, repeats, rounds, num_threads, max_accuracy_drop, min_cosine)
+    if max_size_ratio is not None:
+        check_positive("max_size_ratio", max_size_ratio)
     if max_eval_batches is not None:
         check_positive("max_eval_batches", max_eval_batches)
     if eval_data is None and example_inputs is None:
@@ -386,23 +406,21 @@ def choose_deployment(
     gate = _Measurement(
         model, float_model, timed, _rebatch(batches, _leading_dim(timed)), list(dict.fromkeys(order)), metric=metric,
         max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, warmup=warmup, repeats=repeats, rounds=rounds,
-        device=device, threads=threads, started=started,
+        device=device, threads=threads, started=started, max_size_ratio=max_size_ratio,
     )  # fmt: skip
     cache_file: Path | None = None
     key: dict[str, Any] = {}
     with _threads(threads), eval_mode(model):
         if cache_dir is not None:
-            key = _cache_key(
-                model, float_model, timed, gate.order, threads, device, max_accuracy_drop, min_cosine, metric
-            )
+            key = _cache_key(model, float_model, timed, gate.order, threads, device, gate.budgets(), metric)
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
             cache_file = Path(cache_dir) / f"{digest[:24]}.json"
             cached = _read_cache(cache_file, key, gate.order)
             chosen = gate.from_cache(cached) if cached is not None else None
             if chosen is not None:
                 return chosen
-        results, built = gate.measure(gate.order)
-    winner = _fastest_eligible(results, built)
+        results, built = gate.measure_staged()
+    winner = gate.choose(results, built)
     decision = gate.decide(results, winner, None)
     if cache_file is not None:
         _write_cache(cache_file, key, decision)
@@ -457,24 +475,108 @@ class _Measurement:
         device: torch.device,
         threads: int,
         started: float,
+        max_size_ratio: float | None = None,
     ) -> None:
         self.model, self.float_model, self.timed, self.chunks, self.metric = model, float_model, timed, chunks, metric
         self.order, self.reference_form = order, order[0]
-        self.max_accuracy_drop, self.min_cosine = max_accuracy_drop, min_cosine
+        self.max_accuracy_drop, self.min_cosine, self.max_size_ratio = max_accuracy_drop, min_cosine, max_size_ratio
         self.warmup, self.repeats, self.rounds, self.device = warmup, repeats, rounds, device
         self.threads, self.started = threads, started
+        self.reference_outputs: list[Tensor] | None = None
+        self.float_size: int | None = None
+        self.onnx_exports: dict[str, bytes] = {}  # the float ONNX export, shared by the onnxruntime forms
+
+    def budgets(self) -> dict[str, float | None]:
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "min_cosine": self.min_cosine,
+            "max_size_ratio": self.max_size_ratio,
+        }
+
+    def size_limit(self, results: dict[str, CandidateResult]) -> int | None:
+        """The size budget in bytes (``max_size_ratio`` times the float form's size), ``None`` without one."""
+        if self.max_size_ratio is None:
+            return None
+        if self.float_size is None:
+            measured = results.get("float eager")
+            if measured is not None and measured.size_bytes:
+                self.float_size = measured.size_bytes
+            else:
+                try:
+                    self.float_size = serialized_size_bytes(_float_numerics(self.model, self.float_model))
+                except ValueError as error:  # a static int8 graph without its float model: no size to go by
+                    log.warning("deployment: `max_size_ratio` not applied: %s", error)
+                    return None
+        return int(self.max_size_ratio * self.float_size)
+
+    def _deferred(self, form: str) -> bool:
+        """Whether ``form``'s numerics cannot fit the size budget (never the reference or float eager)."""
+        floor = SIZE_FLOOR.get(form.split()[0])
+        return (
+            self.max_size_ratio is not None
+            and floor is not None
+            and floor > self.max_size_ratio
+            and form not in (self.reference_form, "float eager")
+        )
+
+    def choose(self, results: dict[str, CandidateResult], built: dict[str, nn.Module]) -> CandidateResult:
+        """The fastest form within the accuracy budget; with a size budget, the fastest within both that runs
+        faster than float eager, else (none does) the fastest within the accuracy budget."""
+        eligible = [results[f] for f in built if results[f].eligible]
+        fastest = min(eligible, key=lambda c: c.latency_p50_ms or float("inf"))
+        limit = self.size_limit(results)
+        if limit is None:
+            return fastest
+        yardstick = results.get("float eager")
+        bar = yardstick.latency_p50_ms if yardstick is not None and yardstick.latency_p50_ms else float("inf")
+        small = [
+            c
+            for c in eligible
+            if c.size_bytes is not None
+            and c.size_bytes <= limit
+            and (c.form == "float eager" or (c.latency_p50_ms or float("inf")) < bar)
+        ]
+        return min(small, key=lambda c: c.latency_p50_ms or float("inf")) if small else fastest
+
+    def within_size(self, result: CandidateResult, results: dict[str, CandidateResult]) -> bool:
+        limit = self.size_limit(results)
+        return limit is None or (result.size_bytes is not None and result.size_bytes <= limit)
+
+    def measure_staged(self) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
+        """Every form measured, except those that cannot fit the size budget when a form within it won."""
+        first = [f for f in self.order if not self._deferred(f)]
+        results, built = self.measure(first)
+        if len(first) == len(self.order):
+            return results, built
+        if self.within_size(self.choose(results, built), results):
+            for form in self.order:
+                if form not in results:
+                    floor = SIZE_FLOOR[form.split()[0]]
+                    note = f"not built: at least {floor}x the float size, over `max_size_ratio`={self.max_size_ratio}"
+                    results[form] = CandidateResult(form, measured=False, note=note)
+            return results, built
+        log.info("deployment: no form within `max_size_ratio`=%s beat float eager: measuring the others too",
+                 self.max_size_ratio)  # fmt: skip
+        return self.measure(self.order, results, built)
 
     def decide(
         self, results: dict[str, CandidateResult], winner: CandidateResult, cached_from: str | None
     ) -> DeploymentDecision:
         candidates = [results[f] for f in self.order]
-        reason = _reason(winner, results[self.reference_form], candidates)
+        limit = self.size_limit(results)
+        reason = _reason(winner, results[self.reference_form], candidates, limit, self.max_size_ratio, self.float_size)
+        unbuilt = [c.form for c in candidates if not c.measured]
+        if cached_from is None and unbuilt:
+            reason += (
+                f" Not built: {', '.join(unbuilt)} (their numerics cannot fit `max_size_ratio`={self.max_size_ratio}; "
+                "they are built only when no form within it beats float eager)."
+            )
         if cached_from is not None:
-            skipped = sum(not c.measured for c in candidates)
+            skipped = len(unbuilt)
             reason += (
                 f" Measured {len(candidates) - skipped} of the {len(candidates)} forms: the other {skipped} were "
-                f"slower than the winner (or could not run) in this machine's cached measurement of {cached_from} "
-                "(`cache=False` measures every form)."
+                f"slower than the winner, over the size budget (or could not run) in this machine's cached "
+                f"measurement of {cached_from} (`cache=False` measures every form)."
             )
         return DeploymentDecision(
             form=winner.form,
@@ -489,6 +591,8 @@ class _Measurement:
             candidates=candidates,
             gate_seconds=time.perf_counter() - self.started,
             cached_from=cached_from,
+            max_size_ratio=self.max_size_ratio,
+            float_size_bytes=self.float_size if limit is not None else None,
         )
 
     def from_cache(self, cached: dict[str, Any]) -> tuple[nn.Module, DeploymentDecision] | None:
@@ -498,7 +602,7 @@ class _Measurement:
         if len(subset) == len(self.order):
             return None
         results, built = self.measure(subset)
-        winner = _fastest_eligible(results, built)
+        winner = self.choose(results, built)
         if winner.form not in acceptable:
             log.info(
                 "deployment: the cached ranking of %s no longer holds (%s won among %s): measuring every form",
@@ -509,36 +613,35 @@ class _Measurement:
             return None
         for form in self.order:
             if form not in results:
-                p50 = cached["p50"].get(form)
-                then = (
-                    f"slower in the cached measurement ({p50:.3f} ms p50 then)"
-                    if p50 is not None
-                    else "it could not run in the cached measurement"
-                )
-                results[form] = CandidateResult(form, measured=False, note=f"not rebuilt: {then}")
+                results[form] = CandidateResult(form, measured=False, note=_cached_note(cached, form))
         decision = self.decide(results, winner, str(cached["measured_at"]))
         log.info("deployment: %s", decision.reason)
         return built[winner.form], decision
 
-    def measure(self, order: Sequence[str]) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
-        """Every form in ``order`` (the reference first) as measured, and those that ran, built."""
-        reference_form = self.reference_form
-        results: dict[str, CandidateResult] = {}
-        built: dict[str, nn.Module] = {}
-        onnx_exports: dict[str, bytes] = {}
-        reference_outputs: list[Tensor] | None = None
+    def measure(
+        self,
+        order: Sequence[str],
+        results: dict[str, CandidateResult] | None = None,
+        built: dict[str, nn.Module] | None = None,
+    ) -> tuple[dict[str, CandidateResult], dict[str, nn.Module]]:
+        """Every form in ``order`` (the reference first) as measured, and those that ran, built; forms in
+        ``results`` already are not built again, but all are timed together."""
+        results = {} if results is None else results
+        built = {} if built is None else built
         for form in order:
+            if form in results:
+                continue
             result = results[form] = CandidateResult(form)
             t0 = time.perf_counter()
             try:
-                module = build_form(form, self.model, self.float_model, self.timed, onnx_exports=onnx_exports)
+                module = build_form(form, self.model, self.float_model, self.timed, onnx_exports=self.onnx_exports)
                 inputs = _to_device(self.timed, module_device(module))
                 with torch.inference_mode():
                     _call(module, inputs)  # compiles a compiled form
                 _sync(self.device)
                 result.build_seconds = time.perf_counter() - t0
                 result.accuracy, result.cosine_to_trained, outputs = _quality(
-                    module, self.chunks, reference_outputs, self.metric
+                    module, self.chunks, self.reference_outputs, self.metric
                 )
                 result.size_bytes = serialized_size_bytes(module)
             except Exception as error:  # noqa: BLE001 - a form that cannot run here is listed, not fatal
@@ -547,15 +650,15 @@ class _Measurement:
                     f"could not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 )
                 log.warning("deployment: form %r %s", form, result.note)
-                if form == reference_form:
+                if form == self.reference_form:
                     raise
                 continue
-            if form == reference_form:
-                reference_outputs = outputs
+            if form == self.reference_form:
+                self.reference_outputs = outputs
             built[form] = module
-        reference_accuracy = results[reference_form].accuracy
+        reference_accuracy = results[self.reference_form].accuracy
         for form in built:
-            self._judge(results[form], form == reference_form, reference_accuracy)
+            self._judge(results[form], form == self.reference_form, reference_accuracy)
         times = _time_interleaved(
             built, self.timed, warmup=self.warmup, repeats=self.repeats, rounds=self.rounds, device=self.device
         )
@@ -581,11 +684,6 @@ class _Measurement:
             result.note = (
                 "cosine within budget" if result.eligible else f"cosine {cosine:.4f} < `min_cosine`={self.min_cosine}"
             )
-
-
-def _fastest_eligible(results: dict[str, CandidateResult], built: dict[str, nn.Module]) -> CandidateResult:
-    eligible = [results[f] for f in built if results[f].eligible]
-    return min(eligible, key=lambda c: c.latency_p50_ms or float("inf"))
 
 
 def default_cache_dir() -> Path:
@@ -643,8 +741,7 @@ def _cache_key(
     order: list[str],
     threads: int,
     device: torch.device,
-    max_accuracy_drop: float,
-    min_cosine: float,
+    budgets: dict[str, float | None],
     metric: Callable[[Tensor, Tensor], float] | None,
 ) -> dict[str, Any]:
     return {
@@ -656,8 +753,7 @@ def _cache_key(
         "inputs": _describe(timed),
         "model": _architecture(model),
         "float_model": _architecture(float_model),
-        "max_accuracy_drop": max_accuracy_drop,
-        "min_cosine": min_cosine,
+        **budgets,
         "metric": None if metric is None else getattr(metric, "__qualname__", type(metric).__name__),
     }
 
@@ -671,7 +767,17 @@ def _read_cache(path: Path, key: dict[str, Any], order: list[str]) -> dict[str, 
         p50 = {str(f): (None if v is None else float(v)) for f, v in record["p50"].items()}
         if record["key"] != json.loads(json.dumps(key)) or record["winner"] not in order:
             return None
-        return {"winner": record["winner"], "p50": p50, "measured_at": str(record["measured_at"])}
+        sizes = {str(f): (None if v is None else int(v)) for f, v in record.get("sizes", {}).items()}
+        limit = record.get("size_limit")
+        notes = {str(f): str(v) for f, v in record.get("notes", {}).items()}
+        return {
+            "winner": record["winner"],
+            "p50": p50,
+            "measured_at": str(record["measured_at"]),
+            "sizes": sizes,
+            "size_limit": None if limit is None else int(limit),
+            "notes": notes,
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         log.warning("deployment: ignoring the unreadable cache file %s (%s)", path, error)
         return None
@@ -684,24 +790,50 @@ def _cached_subset(cached: dict[str, Any], order: list[str], reference_form: str
     beat it here and now), the fastest float form if it came within :data:`REBUILD_WITHIN` of the
     winner then, and every form that ran faster than the winner but was turned down then (its accuracy
     may pass with these weights). The ranking holds when the winner now is the cached winner or one of
-    those faster forms."""
+    those faster forms. When the winner was within a size budget, forms over it are not measured again
+    (their size follows from the architecture, which the cache key holds), unless they are float eager."""
     p50 = cached["p50"]
     winner = cached["winner"]
     best = p50.get(winner) or float("inf")
-    faster = [f for f in order if p50.get(f) is not None and p50[f] < best]
-    floats = [f for f in order if f.startswith("float") and p50.get(f) is not None]
+    over = _over_size(cached)
+    faster = [f for f in order if p50.get(f) is not None and p50[f] < best and f not in over]
+    floats = [f for f in order if f.startswith("float") and p50.get(f) is not None and f not in over]
     close = [f for f in floats if p50[f] <= best * REBUILD_WITHIN]
     fastest_float = min(close, key=lambda f: p50[f]) if close else "float eager"
     subset = [f for f in order if f in {reference_form, winner, "float eager", fastest_float, *faster}]
     return subset, {winner, *faster}
 
 
+def _over_size(cached: dict[str, Any]) -> set[str]:
+    """The forms over the cached size budget, when the cached winner was within it (else none)."""
+    limit, sizes = cached.get("size_limit"), cached.get("sizes", {})
+    winner_size = sizes.get(cached["winner"])
+    if limit is None or winner_size is None or winner_size > limit:
+        return set()
+    return {f for f, size in sizes.items() if size is not None and size > limit}
+
+
+def _cached_note(cached: dict[str, Any], form: str) -> str:
+    """Why a form was not rebuilt, from the cached measurement."""
+    p50 = cached["p50"].get(form)
+    if form in _over_size(cached):
+        return f"not rebuilt: over the size budget in the cached measurement ({cached['sizes'][form] / 2**20:.2f} MB)"
+    if p50 is not None:
+        return f"not rebuilt: slower in the cached measurement ({p50:.3f} ms p50 then)"
+    return cached.get("notes", {}).get(form) or "not rebuilt: it could not run in the cached measurement"
+
+
 def _write_cache(path: Path, key: dict[str, Any], decision: DeploymentDecision) -> None:
+    ratio, float_size = decision.max_size_ratio, decision.float_size_bytes
+    limit = int(ratio * float_size) if ratio is not None and float_size is not None else None
     record = {
         "key": key,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "winner": decision.form,
         "p50": {c.form: c.latency_p50_ms for c in decision.candidates},
+        "sizes": {c.form: c.size_bytes for c in decision.candidates},
+        "size_limit": limit,
+        "notes": {c.form: c.note for c in decision.candidates if not c.measured},
     }
     try:
         write_whole(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
@@ -730,12 +862,32 @@ def _time_interleaved(
     return samples
 
 
-def _reason(winner: CandidateResult, reference: CandidateResult, candidates: list[CandidateResult]) -> str:
-    """Why the winner won, in one sentence: its speed against the trained and float forms, and any
-    faster form that was turned down."""
+def _reason(
+    winner: CandidateResult,
+    reference: CandidateResult,
+    candidates: list[CandidateResult],
+    size_limit: int | None = None,
+    max_size_ratio: float | None = None,
+    float_size: int | None = None,
+) -> str:
+    """Why the winner won, in one sentence: its speed against the trained and float forms, its size against
+    a size budget, and any faster form that was turned down (for accuracy, or for size)."""
     p50 = winner.latency_p50_ms or float("nan")
     within = sum(c.eligible for c in candidates)
-    parts = [f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50)"]
+    over = [c for c in candidates if size_limit is not None and c.size_bytes is not None and c.size_bytes > size_limit]
+    if size_limit is None or float_size is None:
+        parts = [f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50)"]
+    elif winner in over:
+        parts = [
+            f"{winner.form} is the fastest of the {within} forms within the accuracy budget ({p50:.3f} ms p50; "
+            f"{(winner.size_bytes or 0) / float_size:.2f}x the float form's size: no form within "
+            f"`max_size_ratio`={max_size_ratio} ran faster than float eager here, so it ships regardless of size)"
+        ]
+    else:
+        parts = [
+            f"{winner.form} is the fastest form within the accuracy budget and `max_size_ratio`={max_size_ratio} "
+            f"({p50:.3f} ms p50, {(winner.size_bytes or 0) / float_size:.2f}x the float form's size)"
+        ]
     floats = [c for c in candidates if c.form.startswith("float") and c.latency_p50_ms]
     fastest_float = min(floats, key=lambda c: c.latency_p50_ms or 0.0) if floats else None
     others = [
@@ -748,9 +900,19 @@ def _reason(winner: CandidateResult, reference: CandidateResult, candidates: lis
         if other is not None and other is not winner and other.latency_p50_ms:
             parts.append(f"{ratio_words(other.latency_p50_ms / p50, 'faster', 'slower')} than {label}")
     sentence = ", ".join(parts) + "."
-    rejected = [c for c in candidates if not c.eligible and c.latency_p50_ms is not None and c.latency_p50_ms < p50]
+    faster = [c for c in candidates if c.latency_p50_ms is not None and c.latency_p50_ms < p50]
+    rejected = [c for c in faster if not c.eligible]
     if rejected:
         sentence += " Faster but turned down: " + "; ".join(f"{c.form} ({c.note})" for c in rejected) + "."
+    too_big = [c for c in faster if c.eligible and c in over and winner not in over]
+    if too_big and float_size is not None:
+        sentence += (
+            " Faster but over the size budget: "
+            + "; ".join(
+                f"{c.form} ({c.latency_p50_ms:.3f} ms p50, {(c.size_bytes or 0) / float_size:.2f}x)" for c in too_big
+            )
+            + "."
+        )
     return sentence
 
 

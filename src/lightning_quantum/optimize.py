@@ -38,7 +38,7 @@ from lightning_quantum.benchmark import (
 )
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
 from lightning_quantum.deployment import FORMS, CastInputs, choose_deployment, forms_for, trained_form
-from lightning_quantum.levels import OptimizationLevel, deployment_numerics, level_definition
+from lightning_quantum.levels import OptimizationLevel, deployment_numerics, deployment_setting, level_definition
 from lightning_quantum.models.causal_lm import CausalLM, LabelledBlocks, token_log_likelihood
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime
 from lightning_quantum.pruning import select_parameters, structured_masks, unstructured_masks
@@ -203,6 +203,7 @@ def optimize(
     repeats: int = 30,
     weights: str = "int8",
     group_size: int = 32,
+    max_size_ratio: float | str | None = "level",
 ) -> OptimizationResult:
     """Optimize a trained model for inference at ``level``; ``model`` itself is never modified.
 
@@ -253,6 +254,10 @@ def optimize(
             ``metric=token_log_likelihood`` from :mod:`lightning_quantum.models`, and the step is rolled
             back when perplexity rises by more than about ``max_accuracy_drop`` (0.01: 1%)).
         group_size: ``weights="int4"``: input features per int4 scale.
+        max_size_ratio: the deployment gate's size budget, as a share of the float form's size: the
+            fastest form within it that runs faster than float eager ships, else the fastest regardless
+            (see :func:`~lightning_quantum.deployment.choose_deployment`). ``"level"``: the level's (0.3 at
+            QUANTUM and ULTRA, none below); ``None``: size does not count.
 
     Raises:
         ValueError: for an invalid argument (named, with its value and the valid choices), for
@@ -261,6 +266,7 @@ def optimize(
     level = OptimizationLevel.parse(level).value
     check_choice("weights", weights, WEIGHTS)
     check_positive_int("group_size", group_size)
+    size_budget = _size_budget(max_size_ratio, level)
     example_inputs = _checked_arguments(
         prune_amount, prune_method, slim, calibration_batches, batch_size, repeats, compile, deploy, keep_slower,
         max_accuracy_drop, eval_data, calibration_data, example_inputs,
@@ -292,7 +298,7 @@ def optimize(
     if deploy:
         pipeline.current = _deploy(
             pipeline.current, pipeline.float_current, pipeline.steps, level, keep_slower, eval_data, timed,
-            example_inputs, metric, batch_size, repeats, max_accuracy_drop, before.accuracy, extra,
+            example_inputs, metric, batch_size, repeats, max_accuracy_drop, before.accuracy, extra, size_budget,
         )  # fmt: skip
     duration = time.perf_counter() - started
     after = benchmark_model(pipeline.current, timed, **measure)  # type: ignore[arg-type]
@@ -306,6 +312,17 @@ def optimize(
     )
     model.train(was_training)
     return OptimizationResult(pipeline.current, before, after, report, pipeline.steps)
+
+
+def _size_budget(max_size_ratio: float | str | None, level: str) -> float | None:
+    """The deployment gate's ``max_size_ratio``: the level's for ``"level"``, else the number (checked) or ``None``."""
+    if max_size_ratio == "level":
+        return deployment_setting(level, "max_size_ratio")
+    if max_size_ratio is None:
+        return None
+    if isinstance(max_size_ratio, str):
+        raise ValueError(f"`max_size_ratio`={max_size_ratio!r} is not valid. Give a number, 'level' or None.")
+    return float(check_positive("max_size_ratio", max_size_ratio))
 
 
 def _checked_arguments(
@@ -413,6 +430,7 @@ def _deploy(
     max_accuracy_drop: float | None,
     reference: float | None,
     extra: ReportExtra,
+    max_size_ratio: float | None = None,
 ) -> nn.Module:
     """Run the deployment gate on the result of the steps; roll back a numerics step the gate passed over."""
     t0 = time.perf_counter()
@@ -432,6 +450,7 @@ def _deploy(
         repeats=repeats,
         max_accuracy_drop=max_accuracy_drop if max_accuracy_drop is not None else 0.01,
         metric=metric,
+        max_size_ratio=max_size_ratio,
     )
     winner = decision.winner
     if numerics_step is not None and decision.form.split()[0] not in (trained.split()[0], "trained"):

@@ -145,6 +145,11 @@ class OptimizationOptions(_Strict):
     slim: bool = Field(False, description="ultra with a structured method: remove the pruned channels")
     deploy: bool = Field(True, description="measure the inference forms here and ship the fastest within budget")
     keep_slower: bool = Field(False, description="keep compressed numerics even where another form is faster")
+    max_size_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["level"] | None = Field(
+        "level",
+        description="size budget of the shipped form as a share of the float form's: 'level' (0.3 at "
+        "quantum and ultra), a number in (0, 1], or null (size does not count)",
+    )
     batch_size: int = Field(64, ge=1, le=1024)
     repeats: int = Field(30, ge=1, le=200)
 

@@ -92,6 +92,10 @@ class DeploymentGate(Callback):
         batch_size: samples per timed batch; the ``OptimizationReport``'s when ``None`` (else 64).
         max_accuracy_drop: the accuracy a form may lose against the model as trained.
         min_cosine: without labels, the least mean cosine of a form's outputs to the trained model's.
+        max_size_ratio: a size budget, as a share of the float form's serialized size: the fastest form
+            within it that runs faster than float eager ships; only when none does, the fastest form
+            regardless of size (the reason says so). QUANTUM and ULTRA set 0.3 (int8 weights). ``None``:
+            size does not count.
         warmup: untimed calls per form.
         repeats: timed calls per form.
         rounds: alternating timing rounds over the forms.
@@ -104,7 +108,7 @@ class DeploymentGate(Callback):
         cache: keep the latencies measured here, keyed by this machine, the libraries and the model's
             architecture, and on a later fit with the same key build only the forms that can still win
             (the trained form, the cached winner, float eager, the fastest float form when it came within
-            1.5x of the winner, and faster forms that failed the budget then); accuracy and the winner's
+            1.5x of the winner, and faster forms that failed the accuracy budget then); accuracy and the winner's
             lead over float eager are measured anew every time.
             See :func:`~lightning_quantum.deployment.choose_deployment`. ``False`` measures every form.
         cache_dir: where; :func:`~lightning_quantum.deployment.default_cache_dir` when ``None``
@@ -137,6 +141,7 @@ class DeploymentGate(Callback):
         cache_dir: str | Path | None = None,
         decode_prompt_tokens: int = 16,
         decode_new_tokens: int = 64,
+        max_size_ratio: float | None = None,
     ) -> None:
         err = MisconfigurationException
         for label, values, choices in (("numerics", numerics, NUMERICS), ("runners", runners, RUNNERS)):
@@ -147,6 +152,8 @@ class DeploymentGate(Callback):
         check_non_negative("max_accuracy_drop", max_accuracy_drop, error=err)
         if not -1.0 <= check_finite("min_cosine", min_cosine, error=err) <= 1.0:
             raise err(f"`min_cosine`={min_cosine!r} is not valid. It must lie in [-1, 1].")
+        if max_size_ratio is not None:
+            check_positive("max_size_ratio", max_size_ratio, error=err)
         check_non_negative("warmup", warmup, error=err)
         check_positive("repeats", repeats, error=err)
         check_positive("rounds", rounds, error=err)
@@ -162,6 +169,7 @@ class DeploymentGate(Callback):
         self.batch_size = batch_size
         self.max_accuracy_drop = max_accuracy_drop
         self.min_cosine = min_cosine
+        self.max_size_ratio = max_size_ratio
         self.warmup = warmup
         self.repeats = repeats
         self.rounds = rounds
@@ -242,6 +250,7 @@ class DeploymentGate(Callback):
             min_cosine=self.min_cosine,
             max_eval_batches=1 if quick else self.max_eval_batches,
             cache_dir=None if quick or not self.cache else (self.cache_dir or default_cache_dir()),
+            max_size_ratio=self.max_size_ratio,
         )
         rank_zero_info(f"Deployment: {self.decision.reason}")
         if self.export:

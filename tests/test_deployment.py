@@ -580,6 +580,19 @@ def test_a_size_budget_ships_the_fastest_small_form_that_beats_float_eager(
         assert "Not built: bf16 eager (their numerics cannot fit `max_size_ratio`=0.4" in decision.reason
 
 
+def test_a_size_budget_without_a_float_form_to_measure_against_is_not_applied(monkeypatch, caplog):
+    def no_float(model, float_model):
+        raise ValueError("a static int8 graph has no float weights to go back to: give `float_model`")
+
+    monkeypatch.setattr(deployment, "_float_numerics", no_float)
+    net, _ = _int8_mlp()
+    with caplog.at_level("WARNING", logger="lightning_quantum.deployment"):
+        _, decision = choose_deployment(net, _loader(), forms=["int8 eager"], warmup=0, repeats=2, max_size_ratio=0.3)
+    assert decision.form == "int8 eager" and decision.float_size_bytes is None
+    assert "within the accuracy budget (" in decision.reason and "max_size_ratio" not in decision.reason
+    assert sum("`max_size_ratio` not applied: a static int8 graph" in r.message for r in caplog.records) == 1
+
+
 def test_a_cached_ranking_under_a_size_budget_rebuilds_no_form_over_it(tmp_path, monkeypatch):
     calls, delays = [], {"float eager": 0.048, "int8 eager": 0.024}
     _timed_build(monkeypatch, delays, calls)

@@ -495,7 +495,7 @@ class _Measurement:
 
     def size_limit(self, results: dict[str, CandidateResult]) -> int | None:
         """The size budget in bytes (``max_size_ratio`` times the float form's size), ``None`` without one."""
-        if self.max_size_ratio is None:
+        if self.max_size_ratio is None or self.float_size == 0:
             return None
         if self.float_size is None:
             measured = results.get("float eager")
@@ -506,6 +506,7 @@ class _Measurement:
                     self.float_size = serialized_size_bytes(_float_numerics(self.model, self.float_model))
                 except ValueError as error:  # a static int8 graph without its float model: no size to go by
                     log.warning("deployment: `max_size_ratio` not applied: %s", error)
+                    self.float_size = 0
                     return None
         return int(self.max_size_ratio * self.float_size)
 

@@ -100,6 +100,37 @@ def test_int8_conversion_runs_int8_kernels_within_float_rounding_of_fake_quantiz
     assert torch.equal(real.argmax(-1), fake.argmax(-1))
 
 
+def test_int8_qat_quantizes_activations_symmetrically_per_token_as_the_int8_kernels_do():
+    """torchao's fake quantizer has only asymmetric per-token int8; ours is symmetric (no zero point in the
+    int8 GEMM), and the converted layer quantizes its activations the same way."""
+    from torchao.quantization import MappingType
+
+    from lightning_quantum.quantization import SymmetricPerTokenInt8
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(8, 64).relu() * 3  # one-signed inputs: asymmetric and symmetric scales differ
+    prepare_qat(layer, "int8_dynamic_int8_weight")
+    quantizer = layer[0].activation_fake_quantizer
+    assert isinstance(quantizer, SymmetricPerTokenInt8)
+    fake_x = quantizer(x)
+    steps = fake_x / (x.abs().amax(dim=-1, keepdim=True) / 127.5)  # integers in [-128, 127]: one scale a token
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert steps.max() <= 127 and torch.equal(fake_x[x == 0], x[x == 0])  # zero stays zero: no zero point
+    x.requires_grad_(True)
+    quantizer(x).sum().backward()  # straight through the rounding (each token's largest value also moves its scale)
+    largest = x.abs() == x.abs().amax(dim=-1, keepdim=True)
+    torch.testing.assert_close(x.grad[~largest], torch.ones_like(x)[~largest], atol=1e-5, rtol=0)
+    set_fake_quant_enabled(layer, False)
+    assert torch.equal(quantizer(x), x)
+    set_fake_quant_enabled(layer, True)
+    with torch.no_grad():
+        fake = layer(x)
+        convert_qat(layer, "int8_dynamic_int8_weight")
+        assert layer[0].weight.act_quant_kwargs.mapping_type == MappingType.SYMMETRIC
+        torch.testing.assert_close(layer(x), fake, atol=1e-5 * fake.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parity
 def test_callback_converts_at_fit_end_and_evaluation_is_consistent(tmp_path, digits):
     model = _mlp()

@@ -10,6 +10,7 @@ from lightning_quantum.quantization.export import (
     save_safetensors,
 )
 from lightning_quantum.quantization.qat import (
+    SymmetricPerTokenInt8,
     convert_qat,
     dequantize_linears,
     is_converted,
@@ -36,6 +37,7 @@ __all__ = [
     "load_program",
     "load_safetensors",
     "prepare_qat",
+    "SymmetricPerTokenInt8",
     "qat_base_config",
     "quantize_dynamic_int8",
     "set_fake_quant_enabled",

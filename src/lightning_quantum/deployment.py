@@ -88,8 +88,9 @@ RUNNERS = ("eager", "compiled", "onnxruntime")
 FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16", "onnxruntime"))
 DEPLOYMENT_FILE = "deployment.json"
 #: What the forms are built as, in the gate's cache key: raised when a form is built differently, so that
-#: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running).
-FORMS_VERSION = 2
+#: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running;
+#: 3: compiled forms built from their exported program).
+FORMS_VERSION = 3
 #: A repeated fit rebuilds the fastest float form only when the cached measurement found it within this
 #: factor of the winner's p50 (a clear loser is not compiled again just to lose again; float eager, which
 #: costs nothing to build, is always measured).
@@ -255,8 +256,37 @@ def build_form(
         built = _float_numerics(model, float_model)
     built.eval()
     if runner == "compiled":
+        if example_inputs is not None and module_device(built).type == "cpu":
+            return _compiled_as_shipped(built, example_inputs)
         return compile_for_inference(built)
     return built
+
+
+def _export_example(example_inputs: Any) -> tuple[Any, ...] | dict[str, Any]:
+    """The inputs ``torch.export`` traces with, on the CPU: a dict of keyword inputs, else a tuple."""
+    example = _to_device(example_inputs, torch.device("cpu"))
+    if isinstance(example, dict):
+        return example
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def _compiled_as_shipped(built: nn.Module, example_inputs: Any) -> nn.Module:
+    """``built`` exported as :func:`save_deployment` writes it, loaded back and compiled: the gate times and
+    judges the program that ships, whose graph (traced by ``torch.export``, batch dimension dynamic) Inductor
+    compiles to other kernels than the eager module's (the MiniLM student's int8 program ran 1.14x slower,
+    and a DigitsMLP's int8 outputs differed in the last bits). The program's bytes go with it
+    (``program_bytes``), and the module it came from (``source``, which
+    :func:`~lightning_quantum.optimize.save_optimized` saves)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_program(copy.deepcopy(built), _export_example(example_inputs), Path(tmp) / "program.pt2")
+        data = path.read_bytes()
+        program = load_program(path)
+    compiled = compile_for_inference(program)
+    object.__setattr__(compiled, "program_bytes", data)  # not a submodule, not a buffer: no state_dict keys
+    object.__setattr__(compiled, "source", built)
+    return compiled
 
 
 def trained_form(model: nn.Module) -> str:
@@ -937,15 +967,15 @@ def save_deployment(
         program.write_bytes(module.model_bytes())
         record.write_text(json.dumps({"program": program.name, **decision.to_dict()}, indent=2) + "\n")
         return {"program": program, "deployment": record}
-    inner = module.model if isinstance(module, FrozenInference) else module
-    cpu_copy = copy.deepcopy(inner).cpu()
-    example = _to_device(example_inputs, torch.device("cpu"))
-    if not isinstance(example, dict):
-        example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     program = out / f"{stem}.pt2"
     keep_existing(program)
     keep_existing(record)
-    export_program(cpu_copy, example, program)
+    data = getattr(module, "program_bytes", None)
+    if isinstance(data, bytes):  # a compiled form built from its program: ship the very program it timed
+        program.write_bytes(data)
+    else:
+        inner = module.model if isinstance(module, FrozenInference) else module
+        export_program(copy.deepcopy(inner).cpu(), _export_example(example_inputs), program)
     record.write_text(json.dumps({"program": program.name, **decision.to_dict()}, indent=2) + "\n")
     return {"program": program, "deployment": record}
 

@@ -498,7 +498,7 @@ def save_optimized(
     paths = write_report(result.report, directory)
     model = result.model
     if isinstance(model, FrozenInference):  # a compiled form: its weights; the recipe says to compile again
-        model = model.model
+        model = getattr(model, "source", model.model)  # the gate's compiled forms run the exported program
     if isinstance(model, OnnxRuntimeModule):
         target, fmt = directory / f"{stem}.onnx", "onnx"
         keep_existing(target)

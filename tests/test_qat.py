@@ -116,13 +116,14 @@ def test_int8_qat_quantizes_activations_symmetrically_per_token_as_the_int8_kern
     fake_x = quantizer(x)
     steps = fake_x / (x.abs().amax(dim=-1, keepdim=True) / 127.5)  # integers in [-128, 127]: one scale a token
     torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
-    assert steps.max() <= 127 and torch.equal(fake_x[x == 0], x[x == 0])  # zero stays zero: no zero point
+    # zero stays zero (no zero point): 0 / scale * scale is exactly 0 with any kernels
+    assert steps.round().max() <= 127 and torch.equal(fake_x[x == 0], x[x == 0])
     x.requires_grad_(True)
     quantizer(x).sum().backward()  # straight through the rounding (each token's largest value also moves its scale)
     largest = x.abs() == x.abs().amax(dim=-1, keepdim=True)
     torch.testing.assert_close(x.grad[~largest], torch.ones_like(x)[~largest], atol=1e-5, rtol=0)
     set_fake_quant_enabled(layer, False)
-    assert torch.equal(quantizer(x), x)
+    assert quantizer(x) is x  # switched off: the input itself
     set_fake_quant_enabled(layer, True)
     with torch.no_grad():
         fake = layer(x)

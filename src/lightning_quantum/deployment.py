@@ -280,7 +280,7 @@ def _compiled_as_shipped(built: nn.Module, example_inputs: Any) -> nn.Module:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_program(copy.deepcopy(built), _export_example(example_inputs), Path(tmp) / "program.pt2")
+        path = export_program(built, _export_example(example_inputs), Path(tmp) / "program.pt2")  # a copy already
         data = path.read_bytes()
         program = load_program(path)
     compiled = compile_for_inference(program)
@@ -538,7 +538,7 @@ class _Measurement:
                     log.warning("deployment: `max_size_ratio` not applied: %s", error)
                     self.float_size = 0
                     return None
-        return int(self.max_size_ratio * self.float_size)
+        return _size_limit(self.max_size_ratio, self.float_size)
 
     def _deferred(self, form: str) -> bool:
         """Whether ``form``'s numerics cannot fit the size budget (never the reference or float eager)."""
@@ -835,6 +835,11 @@ def _cached_subset(cached: dict[str, Any], order: list[str], reference_form: str
     return subset, {winner, *faster}
 
 
+def _size_limit(max_size_ratio: float, float_size: int) -> int:
+    """The size budget in bytes: ``max_size_ratio`` of the float form's ``float_size``."""
+    return int(max_size_ratio * float_size)
+
+
 def _over_size(cached: dict[str, Any]) -> set[str]:
     """The forms over the cached size budget, when the cached winner was within it (else none)."""
     limit, sizes = cached.get("size_limit"), cached.get("sizes", {})
@@ -856,7 +861,7 @@ def _cached_note(cached: dict[str, Any], form: str) -> str:
 
 def _write_cache(path: Path, key: dict[str, Any], decision: DeploymentDecision) -> None:
     ratio, float_size = decision.max_size_ratio, decision.float_size_bytes
-    limit = int(ratio * float_size) if ratio is not None and float_size is not None else None
+    limit = _size_limit(ratio, float_size) if ratio is not None and float_size is not None else None
     record = {
         "key": key,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -162,3 +162,27 @@ def test_compile_for_inference_compiles_every_model_of_a_class_not_only_the_firs
             out = compiled(x)
             torch.testing.assert_close(out, model(x))
         assert counters["stats"]["unique_graphs"] > before, f"model {seed} was not compiled"
+
+
+def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(tmp_path):
+    """``torch.export`` records an ``_assert_tensor_metadata`` check for each ``.to``; as extra users of the
+    int8 matmuls they kept Inductor's freezing passes from prepacking them for oneDNN, so the shipped int8
+    program of a transformer ran ``aten._int_mm`` (1.15x slower than the module it came from, compiled).
+    ``load_program`` drops them; the compiled program calls oneDNN's ``qlinear`` and gives the same outputs."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lightning_quantum.quantization import compile_for_inference, load_program
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+    quantize_dynamic_int8(model)
+    x = torch.randn(4, 8, 32)  # (batch, tokens, features): the linears of a transformer
+    program = load_program(export_program(model, (x,), tmp_path / "int8.pt2"))
+    asserts = [n for m in program.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    assert not [n for n in asserts if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    compiled = compile_for_inference(program)
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        expected = model(x)
+    assert "qlinear" in "".join(code) and "_int_mm" not in "".join(code)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -89,8 +89,9 @@ FORMS = tuple(f"{n} {r}" for n in NUMERICS for r in RUNNERS if (n, r) != ("bf16"
 DEPLOYMENT_FILE = "deployment.json"
 #: What the forms are built as, in the gate's cache key: raised when a form is built differently, so that
 #: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running;
-#: 3: compiled forms built from their exported program).
-FORMS_VERSION = 3
+#: 3: compiled forms built from their exported program; 4: the program's int8 linears compiled to oneDNN's
+#: prepacked ``qlinear``, as the eager module's are).
+FORMS_VERSION = 4
 #: A repeated fit rebuilds the fastest float form only when the cached measurement found it within this
 #: factor of the winner's p50 (a clear loser is not compiled again just to lose again; float eager, which
 #: costs nothing to build, is always measured).
@@ -221,7 +222,8 @@ def build_form(
         model: the trained model (float, or with int8 linears after QAT).
         float_model: its float form, when the model was quantized (QAT's weights before conversion);
             the dequantized weights are used when ``None``.
-        example_inputs: one batch to export with; needed by the ``onnxruntime`` forms only.
+        example_inputs: one batch to export with; needed by the ``onnxruntime`` forms. A ``compiled`` form
+            on the CPU is built from the program exported with it (what ships), else from the module.
         onnx_exports: where the ONNX export of the float form is kept for the next ``onnxruntime``
             form of the same model (the float and int8 forms then export once).
 
@@ -273,8 +275,9 @@ def _export_example(example_inputs: Any) -> tuple[Any, ...] | dict[str, Any]:
 def _compiled_as_shipped(built: nn.Module, example_inputs: Any) -> nn.Module:
     """``built`` exported as :func:`save_deployment` writes it, loaded back and compiled: the gate times and
     judges the program that ships, whose graph (traced by ``torch.export``, batch dimension dynamic) Inductor
-    compiles to other kernels than the eager module's (the MiniLM student's int8 program ran 1.14x slower,
-    and a DigitsMLP's int8 outputs differed in the last bits). The program's bytes go with it
+    may compile to other kernels than the eager module's (a DigitsMLP's int8 outputs differed in the last
+    bits; before :func:`load_program` dropped the program's metadata checks, the MiniLM student's int8
+    program ran 1.14x slower than the module compiled). The program's bytes go with it
     (``program_bytes``), and the module it came from (``source``, which
     :func:`~lightning_quantum.optimize.save_optimized` saves)."""
     import tempfile

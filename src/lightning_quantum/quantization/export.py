@@ -166,7 +166,9 @@ def export_program(
 
 
 def load_program(path: str | Path) -> nn.Module:
-    """Load a ``.pt2`` program written by :func:`export_program` as a callable module, in eval mode.
+    """Load a ``.pt2`` program written by :func:`export_program` as a callable module, in eval mode, without
+    the program's dtype checks (``_assert_tensor_metadata``), which would keep a compiled int8 program off
+    oneDNN's int8 kernels.
 
     ``.train()``/``.eval()`` work on it (torchao's ``allow_exported_model_train_eval``: only dropout
     and BatchNorm change), so code that switches modes around inference can take it.

@@ -185,4 +185,6 @@ def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(t
         out, code = run_and_get_code(compiled, x)
         expected = model(x)
     assert "qlinear" in "".join(code) and "_int_mm" not in "".join(code)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # 1.2e-7 apart here; on another CPU the last bits may flip one rounding where the hidden layer is
+    # re-quantized, which moves an output by about a step times a weight (~2e-3 for these layers)
+    torch.testing.assert_close(out, expected, atol=5e-3, rtol=0)

@@ -32,7 +32,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import time_side_by_side  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
@@ -42,6 +41,7 @@ import lightning_quantum as lq  # noqa: E402
 from lightning_quantum._batches import _rebatch, split_batch  # noqa: E402
 from lightning_quantum.apps._config import config_dir  # noqa: E402
 from lightning_quantum.apps.train import train  # noqa: E402
+from lightning_quantum.deployment import _time_interleaved  # noqa: E402
 from lightning_quantum.levels import LEVELS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "levels.json"
@@ -132,7 +132,8 @@ def shipped_side_by_side(
     own form in its own process, minutes apart, on a shared machine whose speed drifts by a third."""
     inputs = held_out_batch(extra, batch)
     modules = {level: lq.load_deployment(out) for level, out in dirs.items()}
-    samples = time_side_by_side(modules, inputs, warmup=3, repeats=repeats, rounds=rounds)
+    # the gate's own timing loop: each module's calls in alternating rounds, so drift hits all alike
+    samples = _time_interleaved(modules, inputs, warmup=3, repeats=repeats, rounds=rounds, device=torch.device("cpu"))
     base = statistics.median(samples["basic"])
     forms = {level: json.loads((out / "deployment.json").read_text())["form"] for level, out in dirs.items()}
     return {

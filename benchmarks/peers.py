@@ -42,14 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from _common import call, time_side_by_side  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from levels import DIGITS, MINILM, run_level  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lightning_quantum as lq  # noqa: E402
-from lightning_quantum._batches import _rebatch, split_batch  # noqa: E402
+from lightning_quantum._batches import _call, _rebatch, split_batch  # noqa: E402
 from lightning_quantum.benchmark import serialized_size_bytes  # noqa: E402
+from lightning_quantum.deployment import _time_interleaved  # noqa: E402
 from lightning_quantum.quantization import load_safetensors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
@@ -107,7 +107,7 @@ def _quality(module: nn.Module, chunks: list[tuple[Any, Tensor | None, int]], te
     score, total = 0.0, 0
     with torch.inference_mode():
         for index, (inputs, targets, count) in enumerate(chunks):
-            out = call(module, inputs).float()[:count]
+            out = _call(module, inputs).float()[:count]
             if targets is not None:
                 score += float((out.argmax(-1) == targets).sum())
             else:
@@ -158,7 +158,7 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
 
         teacher = minilm_teacher().eval()
         with torch.inference_mode():
-            teacher_out = [call(teacher, c[0]).float()[: c[2]] for c in chunks]
+            teacher_out = [_call(teacher, c[0]).float()[: c[2]] for c in chunks]
     ours = lq.load_deployment(quantum_dir)
     record = json.loads((quantum_dir / "deployment.json").read_text())
     rows = {**_peers(float_net, timed), f"ours: QUANTUM shipped ({record['form']})": ours}
@@ -166,13 +166,13 @@ def workload(name: str, extra: list[str], epochs: int, batch: int, repeats: int,
     for label, module in rows.items():
         t0 = time.perf_counter()
         with torch.inference_mode():
-            call(module, timed)  # compiles the compiled rows
+            _call(module, timed)  # compiles the compiled rows
         results[label] = {
             "first_call_seconds": time.perf_counter() - t0,
             "quality": _quality(module, chunks, teacher_out),
             "size_bytes": _size(module),
         }
-    times = time_side_by_side(rows, timed, warmup=5, repeats=repeats, rounds=rounds)
+    times = _time_interleaved(rows, timed, warmup=5, repeats=repeats, rounds=rounds, device=torch.device("cpu"))
     base = statistics.median(times["fp32 eager (BASIC)"])
     for label, samples in times.items():
         p50 = statistics.median(samples)

@@ -192,10 +192,11 @@ def _drop_metadata_asserts(module: nn.Module) -> None:
     target = torch.ops.aten._assert_tensor_metadata.default
     for sub in module.modules():
         if isinstance(sub, torch.fx.GraphModule):
-            for node in sub.graph.find_nodes(op="call_function", target=target):
-                if not node.users:
-                    sub.graph.erase_node(node)
-            sub.recompile()
+            unused = [n for n in sub.graph.find_nodes(op="call_function", target=target) if not n.users]
+            for node in unused:
+                sub.graph.erase_node(node)
+            if unused:
+                sub.recompile()
 
 
 def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:

@@ -188,3 +188,39 @@ def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(t
     # 1.2e-7 apart here; on another CPU the last bits may flip one rounding where the hidden layer is
     # re-quantized, which moves an output by about a step times a weight (~2e-3 for these layers)
     torch.testing.assert_close(out, expected, atol=5e-3, rtol=0)
+
+
+def test_a_program_exported_in_eval_mode_loads_without_torchaos_train_eval_rewrite(tmp_path, monkeypatch):
+    """``export_program`` traces in eval mode and says so in the archive; ``load_program`` then skips torchao's
+    dropout/BatchNorm rewrite into eval mode (it traces its patterns anew: 0.5 s of the gate's first run). A
+    program saved without the note is still rewritten, and ``.train()``/``.eval()`` keep working on both."""
+    import torchao.quantization.pt2e.export_utils as export_utils
+
+    from lightning_quantum.quantization import load_program
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    model.train()(torch.randn(32, 8))  # running statistics that differ from a batch's
+    x = torch.randn(6, 8)
+    ours = export_program(model, (x,), tmp_path / "ours.pt2")
+    assert model.training  # the caller's mode is restored
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(model.eval(), (x,)), str(plain))
+
+    rewrites = []
+    original = export_utils._replace_dropout
+    monkeypatch.setattr(export_utils, "_replace_dropout", lambda *a, **k: rewrites.append(1) or original(*a, **k))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        program = load_program(ours)
+        assert not rewrites and not program.training
+        torch.testing.assert_close(program(x), expected)
+        torch.testing.assert_close(program(x), program(x))  # dropout off
+        older = load_program(plain)
+        assert rewrites  # no note: rewritten into eval mode as before
+        torch.testing.assert_close(older(x), expected)
+        program.train()
+        program.eval()
+        torch.testing.assert_close(program(x), expected)
+        program.train()  # (a call in train mode would also move BatchNorm's running statistics)
+        assert not torch.equal(program(x), program(x))  # dropout on again

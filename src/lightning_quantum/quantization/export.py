@@ -161,8 +161,13 @@ def export_program(
         model.train(was_training)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out))
+    torch.export.save(program, str(out), extra_files={_MODE_FILE: "eval"})
     return out
+
+
+#: An extra file in the ``.pt2`` archive that says the graph was traced in eval mode (dropout off, BatchNorm on
+#: running statistics), so :func:`load_program` need not rewrite it into eval mode.
+_MODE_FILE = "lightning_quantum_mode"
 
 
 def load_program(path: str | Path) -> nn.Module:
@@ -174,9 +179,15 @@ def load_program(path: str | Path) -> nn.Module:
     and BatchNorm change), so code that switches modes around inference can take it.
     """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
 
-    module = torch.export.load(str(path)).module()
+    extra = {_MODE_FILE: ""}
+    module = torch.export.load(str(path), extra_files=extra).module()
     _drop_metadata_asserts(module)
+    if extra[_MODE_FILE] == "eval":
+        # Traced in eval mode: the graph already computes as eval() would make it. Saying so spares torchao's
+        # pattern rewrite of dropout and BatchNorm, which traces its patterns anew (0.5 s, each time).
+        setattr(module, _EXPORTED_TRAINING_ATTR, False)
     allow_exported_model_train_eval(module)
     module.eval()
     nn.Module.train(module, False)

@@ -658,18 +658,3 @@ def test_the_callback_caches_under_its_cache_dir_and_not_without_cache(tmp_path,
         model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[gate])).fit(model, digits)
         assert gate.decision is not None and len(list(directory.glob("*.json"))) == (1 if cache else 0)
-
-
-def test_inductors_cpu_probe_runs_once_in_the_background():
-    """The gate starts Inductor's probe of the CPU's instruction sets at setup, so that the first compile
-    at fit end does not wait for it: one thread per process, its result cached for every compile."""
-    from torch._inductor import cpu_vec_isa
-
-    from lightning_quantum import compiled
-
-    compiled.probe_cpu_in_background()
-    first = compiled._PROBE
-    compiled.probe_cpu_in_background()
-    assert compiled._PROBE is first and first.daemon
-    first.join(timeout=120)
-    assert not first.is_alive() and cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 1

@@ -6,8 +6,6 @@ A neutral home: the measuring, deployment, report and quantization modules all c
 from __future__ import annotations
 
 import itertools
-import logging
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -17,41 +15,9 @@ from torch import nn
 
 # Imported inside the functions that use them: torch._inductor (Inductor's import takes ~2 s).
 
-__all__ = ["FrozenInference", "compile_for_inference", "probe_cpu_in_background"]
-
-log = logging.getLogger(__name__)
+__all__ = ["FrozenInference", "compile_for_inference"]
 
 _COMPILED = itertools.count()
-_PROBE: threading.Thread | None = None
-
-
-def _probe_cpu() -> None:
-    try:
-        from torch._inductor import cpu_vec_isa  # lazy: part of Inductor
-
-        cpu_vec_isa.valid_vec_isa_list()
-    except Exception as error:  # noqa: BLE001 - the compile itself will probe again, and report
-        log.debug("Inductor's CPU probe in the background failed: %s", error)
-
-
-def probe_cpu_in_background() -> None:
-    """Start Inductor's probe of the CPU's vector instruction sets in a background thread, once per process.
-
-    The first CPU compile in a process compiles and loads a test library for each instruction set,
-    each load in a child Python process: about 1 s on this project's 2-core machine, nearly all of it
-    waiting for those children, so it overlaps with training at no cost. The deployment gate starts it
-    at fit start; :class:`FrozenInference` waits for it before compiling (the probe's result is cached
-    per process, so nothing is probed twice).
-    """
-    global _PROBE
-    if _PROBE is None:
-        _PROBE = threading.Thread(target=_probe_cpu, name="lightning-quantum-inductor-probe", daemon=True)
-        _PROBE.start()
-
-
-def _wait_for_probe() -> None:
-    if _PROBE is not None and _PROBE.is_alive():
-        _PROBE.join()
 
 
 def _caller(model: nn.Module) -> Callable[..., Any]:
@@ -91,7 +57,6 @@ class FrozenInference(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config  # lazy: importing Inductor takes ~2 s, paid at first use
 
-        _wait_for_probe()
         with inductor_config.patch(freezing=self.freezing):
             return self._compiled(*args, **kwargs)  # type: ignore[operator]
 

@@ -35,7 +35,6 @@ from lightning_quantum.callbacks._common import (
     whole_module,
 )
 from lightning_quantum.callbacks.qat import QuantizationAwareTraining
-from lightning_quantum.compiled import probe_cpu_in_background
 from lightning_quantum.deployment import (
     FORMS,
     NUMERICS,
@@ -209,14 +208,10 @@ class DeploymentGate(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_whole_model_available(trainer)
-        if (
-            stage == "fit"
-            and trainer.is_global_zero
-            and "compiled" in self.runners
-            and trainer.strategy.root_device.type == "cpu"
-            and not is_fast_dev_run(trainer)
-        ):
-            probe_cpu_in_background()  # about 1 s of Inductor's first compile, spent while training runs
+        # Inductor's first compile in a process probes the CPU's instruction sets (about 1 s). Started in a
+        # background thread at fit start, the probe and Inductor's import slowed the training on 2 cores by
+        # more than they saved, and a run whose gate compiles nothing (a cached ranking) paid for nothing
+        # (`lq-train level=quantum` cached: +10.7% with it, +1.1% without; first run +32.0% / +31.0%).
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -192,14 +192,24 @@ def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(t
 
 def test_a_program_exported_in_eval_mode_loads_without_torchaos_train_eval_rewrite(tmp_path, monkeypatch):
     """``export_program`` traces in eval mode and says so in the archive; ``load_program`` then skips torchao's
-    dropout/BatchNorm rewrite into eval mode (it traces its patterns anew: 0.5 s of the gate's first run). A
-    program saved without the note is still rewritten, and ``.train()``/``.eval()`` keep working on both."""
+    dropout/BatchNorm rewrite into eval mode (it traces its patterns anew: 0.5 s of the gate's first run) but
+    still drops submodules the graph never uses, as that rewrite did. A program saved without the note is
+    still rewritten, and ``.train()``/``.eval()`` keep working on both."""
     import torchao.quantization.pt2e.export_utils as export_utils
 
     from lightning_quantum.quantization import load_program
 
+    class WithUnusedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+            self.pooler = nn.Linear(16, 16)  # never called, as a BERT's pooler under mean pooling
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    model = WithUnusedHead()
     model.train()(torch.randn(32, 8))  # running statistics that differ from a batch's
     x = torch.randn(6, 8)
     ours = export_program(model, (x,), tmp_path / "ours.pt2")
@@ -214,6 +224,7 @@ def test_a_program_exported_in_eval_mode_loads_without_torchaos_train_eval_rewri
         expected = model.eval()(x)
         program = load_program(ours)
         assert not rewrites and not program.training
+        assert not [k for k in program.state_dict() if k.startswith("pooler")]  # unused weights are not loaded
         torch.testing.assert_close(program(x), expected)
         torch.testing.assert_close(program(x), program(x))  # dropout off
         older = load_program(plain)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "drop_unused_tensors",
     "eval_mode",
     "held_modules",
     "meta_copy",
@@ -35,6 +36,14 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     there: ``owner_of(net, "encoder.0.weight")`` is ``(net.encoder[0], "weight")``."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """Delete the parameters and buffers that no ``get_attr`` node of ``graph_module``'s graph reads."""
+    used = {node.target for node in graph_module.graph.find_nodes(op="get_attr")}
+    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        if name not in used:
+            delattr(*owner_of(graph_module, name))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_quantum._modules import owner_of
+from lightning_quantum._modules import drop_unused_tensors, owner_of
 from lightning_quantum._tensors import is_quantized
 from lightning_quantum.quantization.weights4bit import load_prequantized_4bit
 from lightning_quantum.weights import read_safetensors
@@ -183,7 +183,7 @@ def load_program(path: str | Path) -> nn.Module:
 
     extra = {_MODE_FILE: ""}
     module = torch.export.load(str(path), extra_files=extra).module()
-    _drop_metadata_asserts(module)
+    _drop_unused_nodes(module)
     if extra[_MODE_FILE] == "eval":
         # Traced in eval mode: the graph already computes as eval() would make it. Saying so spares torchao's
         # pattern rewrite of dropout and BatchNorm, which traces its patterns anew (0.5 s, each time).
@@ -194,20 +194,27 @@ def load_program(path: str | Path) -> nn.Module:
     return module
 
 
-def _drop_metadata_asserts(module: nn.Module) -> None:
-    """Remove the program's ``aten._assert_tensor_metadata`` checks (``torch.export`` records one for each
-    ``.to``): they check dtypes the export already fixed, Inductor lowers them to nothing after its freezing
-    passes (``remove_assert_ops``), and as extra users of the int8 matmuls they kept those passes from
-    turning ``_int_mm`` into oneDNN's prepacked ``qlinear``: the MiniLM student's int8 program compiled
-    ran 25.0 ms at batch 32 with them and 20.3 ms without them (the module it came from: 21.3 ms)."""
-    target = torch.ops.aten._assert_tensor_metadata.default
+def _drop_unused_nodes(module: nn.Module) -> None:
+    """Remove what the program's graphs compute or fetch for nobody.
+
+    - ``aten._assert_tensor_metadata`` checks (``torch.export`` records one for each ``.to``): they check
+      dtypes the export already fixed, Inductor lowers them to nothing after its freezing passes
+      (``remove_assert_ops``), and as extra users of the int8 matmuls they kept those passes from turning
+      ``_int_mm`` into oneDNN's prepacked ``qlinear``: the MiniLM student's int8 program compiled ran 25.0 ms
+      at batch 32 with them and 20.3 ms without them (the module it came from: 21.3 ms).
+    - Computations nobody uses, and the weights only they read (a BERT's pooler under a sentence encoder's
+      mean pooling), as torchao's rewrite into eval mode removed them: they stay in the file, but the loaded
+      module, and so its measured size and time, leaves them out.
+    """
+    check = torch.ops.aten._assert_tensor_metadata.default
     for sub in module.modules():
         if isinstance(sub, torch.fx.GraphModule):
-            unused = [n for n in sub.graph.find_nodes(op="call_function", target=target) if not n.users]
+            unused = [n for n in sub.graph.find_nodes(op="call_function", target=check) if not n.users]
             for node in unused:
                 sub.graph.erase_node(node)
-            if unused:
+            if sub.graph.eliminate_dead_code() or unused:  # dead pure ops and the tensors only they read
                 sub.recompile()
+                drop_unused_tensors(sub)
 
 
 def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:

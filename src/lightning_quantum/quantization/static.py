@@ -21,7 +21,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_quantum._batches import split_batch
-from lightning_quantum._modules import owner_of
+from lightning_quantum._modules import drop_unused_tensors
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
@@ -90,14 +90,6 @@ def unobserved_modules(prepared: nn.Module) -> list[str]:
     return unseen
 
 
-def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
-    """Delete parameters and buffers the graph no longer reads (the float weights, once folded to int8)."""
-    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
-    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
-        if name not in used:
-            delattr(*owner_of(graph_module, name))
-
-
 def quantize_static_int8(
     model: nn.Module, calibration_data: Iterable[Any], *, max_batches: int | None = 8
 ) -> torch.fx.GraphModule:
@@ -153,7 +145,7 @@ def quantize_static_int8(
         raise ValueError(f"Observers saw no data during calibration: {unseen}. Calibrate on batches that reach them.")
     log.info("Static int8: calibrated on %d batches", seen)
     converted = convert_pt2e(prepared)
-    _drop_unused_tensors(converted)
+    drop_unused_tensors(converted)  # the float weights, once folded to int8
     # Lightning calls .train()/.eval() around validation and test; an exported graph refuses both
     # unless told to map them onto its (inference-only) ops.
     allow_exported_model_train_eval(converted)

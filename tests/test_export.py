@@ -235,3 +235,26 @@ def test_a_program_exported_in_eval_mode_loads_without_torchaos_train_eval_rewri
         torch.testing.assert_close(program(x), expected)
         program.train()  # (a call in train mode would also move BatchNorm's running statistics)
         assert not torch.equal(program(x), program(x))  # dropout on again
+
+
+def test_a_loaded_program_keeps_the_weights_of_both_branches_of_a_cond_and_drops_unused_ones(tmp_path):
+    """``load_program`` removes weights nothing reads; those a ``torch.cond`` branch reads stay, and the program
+    gives the module's outputs on either branch."""
+    from lightning_quantum.quantization import load_program
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: self.b(x), (x,))
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    x = torch.randn(3, 4).abs()
+    program = load_program(export_program(model, (x,), tmp_path / "cond.pt2", dynamic_batch=False))
+    assert sorted(program.state_dict()) == ["a.bias", "a.weight", "b.bias", "b.weight"]
+    with torch.no_grad():
+        for inputs in (x, -x):
+            torch.testing.assert_close(program(inputs), model(inputs))

@@ -39,10 +39,16 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
-    """Delete the parameters and buffers that no ``get_attr`` node of ``graph_module``'s graph reads."""
-    used = {node.target for node in graph_module.graph.find_nodes(op="get_attr")}
+    """Delete the parameters and buffers that no ``get_attr`` node reads, in ``graph_module``'s graph or in
+    the graphs it holds (a ``torch.cond`` branch), directly or through the submodule they belong to."""
+    used: set[str] = set()
+    for prefix, sub in graph_module.named_modules():
+        if isinstance(sub, torch.fx.GraphModule):
+            targets = (str(node.target) for node in sub.graph.find_nodes(op="get_attr"))
+            used.update(f"{prefix}.{target}" if prefix else target for target in targets)
     for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
-        if name not in used:
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
             delattr(*owner_of(graph_module, name))
 
 

@@ -193,8 +193,8 @@ def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(t
 def test_a_program_exported_in_eval_mode_loads_without_torchaos_train_eval_rewrite(tmp_path, monkeypatch):
     """``export_program`` traces in eval mode and says so in the archive; ``load_program`` then skips torchao's
     dropout/BatchNorm rewrite into eval mode (it traces its patterns anew: 0.5 s of the gate's first run) but
-    still drops submodules the graph never uses, as that rewrite did. A program saved without the note is
-    still rewritten, and ``.train()``/``.eval()`` keep working on both."""
+    still drops weights the graph never uses, as that rewrite did. A program saved without the note is still
+    rewritten, and ``.train()``/``.eval()`` keep working on both."""
     import torchao.quantization.pt2e.export_utils as export_utils
 
     from lightning_quantum.quantization import load_program

@@ -173,7 +173,7 @@ _MODE_FILE = "lightning_quantum_mode"
 def load_program(path: str | Path) -> nn.Module:
     """Load a ``.pt2`` program written by :func:`export_program` as a callable module, in eval mode, without
     the program's dtype checks (``_assert_tensor_metadata``), which would keep a compiled int8 program off
-    oneDNN's int8 kernels.
+    oneDNN's int8 kernels, and without computations and weights nothing uses (see :func:`_drop_unused_nodes`).
 
     ``.train()``/``.eval()`` work on it (torchao's ``allow_exported_model_train_eval``: only dropout
     and BatchNorm change), so code that switches modes around inference can take it.

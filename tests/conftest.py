@@ -84,6 +84,15 @@ def fsdp2_script_parser():
     return parser
 
 
+def finish_distributed():
+    """End a multi-process test script's process group before the interpreter exits: left to exit-time
+    destruction, its threads once aborted a finished run ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def fsdp2_trainer_kwargs(args, **overrides):
     """``trainer_kwargs`` for an FSDP2 test script's mode (see :func:`fsdp2_script_parser`)."""
     sharded = args.mode == "fsdp2"

@@ -10,7 +10,7 @@ import torch
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.distillation import DistillationModule
 from lightning_quantum.models import DigitsCNN, DigitsMLP
-from tests.conftest import ddp_trainer_kwargs
+from tests.conftest import ddp_trainer_kwargs, finish_distributed
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
@@ -33,3 +33,4 @@ cached = int(model._cached.sum()) if model._cached is not None else -1
         }
     )
 )
+finish_distributed()

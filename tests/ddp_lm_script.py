@@ -12,7 +12,7 @@ import torch
 from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.models import CausalLM
-from tests.conftest import ddp_trainer_kwargs
+from tests.conftest import ddp_trainer_kwargs, finish_distributed
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
@@ -39,3 +39,4 @@ for name, tensor in sorted(model.state_dict().items()):
         }
     )
 )
+finish_distributed()

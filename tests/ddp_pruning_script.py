@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning_quantum.callbacks import OptimizationReport, Pruning
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
-from tests.conftest import ddp_trainer_kwargs
+from tests.conftest import ddp_trainer_kwargs, finish_distributed
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
@@ -34,3 +34,4 @@ total = sum(m.numel() for m in pruning.masks.values())
         }
     )
 )
+finish_distributed()

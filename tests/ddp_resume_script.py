@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
-from tests.conftest import ddp_trainer_kwargs
+from tests.conftest import ddp_trainer_kwargs, finish_distributed
 
 out = Path(sys.argv[1])
 
@@ -65,3 +65,4 @@ _, resumed_weights = fit([rest], ckpt_path=str(out / "interrupted.ckpt"))
         }
     )
 )
+finish_distributed()

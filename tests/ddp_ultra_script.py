@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning_quantum.callbacks import OptimizationReport
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.quantization import is_converted
-from tests.conftest import ddp_trainer_kwargs
+from tests.conftest import ddp_trainer_kwargs, finish_distributed
 from tests.test_ultra import all_digits_accuracy, ultra_callbacks, ultra_model
 
 out = Path(sys.argv[1])
@@ -33,3 +33,4 @@ report_written = trainer.global_rank == 0 and (out / "report" / "report.json").i
         }
     )
 )
+finish_distributed()

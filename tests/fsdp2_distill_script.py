@@ -8,7 +8,7 @@ from torch.distributed.tensor import DTensor
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.distillation import DistillationModule
 from lightning_quantum.models import DigitsMLP
-from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
+from tests.conftest import finish_distributed, fsdp2_script_parser, fsdp2_trainer_kwargs
 
 parser = fsdp2_script_parser()
 parser.add_argument("--teacher-sharding", default="replicate", choices=["replicate", "shard"])
@@ -38,3 +38,4 @@ result["teacher_training"] = torch.tensor(model.teacher.training)
 result["teacher_sharded"] = torch.tensor(any(isinstance(p, DTensor) for p in model.teacher.parameters()))
 if trainer.is_global_zero:
     torch.save(result, args.out / f"distill-{args.mode}-{args.teacher_sharding}.pt")
+finish_distributed()

@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from lightning_quantum.callbacks import Pruning
 from lightning_quantum.data import DigitsDataModule
 from lightning_quantum.models import Classifier, DigitsMLP
-from tests.conftest import fsdp2_script_parser, fsdp2_trainer_kwargs
+from tests.conftest import finish_distributed, fsdp2_script_parser, fsdp2_trainer_kwargs
 
 parser = fsdp2_script_parser()
 parser.add_argument("--schedule", default="one_shot")
@@ -60,3 +60,4 @@ state["bad_zeros"] = torch.tensor(zeros.bad)
 state["sharded"] = torch.tensor(isinstance(params["net.head.weight"], DTensor))
 state["history"] = torch.tensor(pruning.history)
 torch.save(state, out / f"{mode}{args.tag}-rank{trainer.global_rank}.pt")
+finish_distributed()

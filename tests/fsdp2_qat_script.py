@@ -10,7 +10,7 @@ from lightning_quantum.benchmark import evaluate_accuracy
 from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.models import Classifier, DigitsMLP
 from lightning_quantum.quantization import convert_qat, load_safetensors, prepare_qat, set_fake_quant_enabled
-from tests.conftest import fsdp2_digits, fsdp2_script_parser, fsdp2_trainer_kwargs
+from tests.conftest import finish_distributed, fsdp2_digits, fsdp2_script_parser, fsdp2_trainer_kwargs
 
 parser = fsdp2_script_parser()
 parser.add_argument("--convert", action="store_true")
@@ -59,3 +59,4 @@ else:
     result["float"] = outputs(model, fixed, fake_quant=False)
 if trainer.is_global_zero:
     torch.save(result, args.out / f"qat-{args.mode}{'-converted' if args.convert else ''}.pt")
+finish_distributed()

@@ -207,14 +207,18 @@ def _drop_unused_nodes(module: nn.Module) -> None:
       module, and so its measured size and time, leaves them out.
     """
     check = torch.ops.aten._assert_tensor_metadata.default
+    changed = False
     for sub in module.modules():
         if isinstance(sub, torch.fx.GraphModule):
             unused = [n for n in sub.graph.find_nodes(op="call_function", target=check) if not n.users]
             for node in unused:
                 sub.graph.erase_node(node)
-            if sub.graph.eliminate_dead_code() or unused:  # dead pure ops and the tensors only they read
+            if sub.graph.eliminate_dead_code() or unused:  # dead pure ops go too
                 sub.recompile()
-                drop_unused_tensors(sub)
+                changed = True
+    if changed and isinstance(module, torch.fx.GraphModule):
+        # once, from the top: a tensor of a nested graph may be read by the graph above it
+        drop_unused_tensors(module)
 
 
 def export_torchscript(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:

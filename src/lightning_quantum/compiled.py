@@ -5,13 +5,21 @@ A neutral home: the measuring, deployment, report and quantization modules all c
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import os
+import platform
+import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_quantum._modules import module_device
 
 # Imported inside the functions that use them: torch._inductor (Inductor's import takes ~2 s).
 
@@ -31,6 +39,61 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with a code object of its own (a new name), so Dynamo keeps a separate cache for it."""
     code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_COMPILED)}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)  # type: ignore[attr-defined]
+
+
+def _load_marker(library: str) -> Path:
+    """The file that says ``library`` loaded in a child process of this host, this Python and this torch."""
+    who = f"{platform.node()}|{sys.executable}|{torch.__version__}|{os.path.dirname(torch.__file__)}"
+    return Path(f"{library}.loads-{hashlib.sha256(who.encode()).hexdigest()[:16]}")
+
+
+def _remembering(probe_load: Callable[[Any, str], bool]) -> Callable[[Any, str], bool]:
+    """``probe_load(isa, library)``, skipped for a library whose load passed before (:func:`_load_marker`)."""
+
+    def probe(isa: Any, library: str) -> bool:
+        marker = _load_marker(library)
+        try:
+            if marker.stat().st_mtime >= os.stat(library).st_mtime:
+                return True
+        except OSError:  # no marker yet (or no library: the probe says so)
+            pass
+        loads = bool(probe_load(isa, library))
+        if loads:
+            try:
+                marker.touch()
+            except OSError:  # a read-only cache: checked again next time
+                pass
+        return loads
+
+    return probe
+
+
+@functools.cache
+def _check_cpu_isa() -> None:
+    """Inductor's check of the CPU's instruction sets, with the probes that passed remembered on disk.
+
+    Before its first CPU compile in a process, Inductor checks each instruction set the CPU reports: it
+    builds a tiny library with the set's flags (kept in its cache directory, built once per machine) and
+    loads it in a child process (``VecISA._probe_load``), every process again. On the 2-core AMX Xeon that
+    is ten children and 1.4 s of every process that compiles (0.14 s each: the library loads libtorch).
+    Whether one library file loads does not change from one process to the next, so a load that passed
+    leaves a marker beside the library, named for this host, Python and torch (:func:`_load_marker`), and
+    is not tried again while the marker is newer than the library. A failed load is not remembered; the
+    flags the CPU reports are still read in each process. Without ``VecISA._probe_load`` (another torch)
+    Inductor checks as it does.
+    """
+    from torch._inductor import cpu_vec_isa
+
+    original = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+    if original is None:
+        cpu_vec_isa.pick_vec_isa()
+        return
+
+    cpu_vec_isa.VecISA._probe_load = _remembering(original)  # type: ignore[method-assign,assignment]
+    try:
+        cpu_vec_isa.pick_vec_isa()  # each instruction set's answer is then cached for the process
+    finally:
+        cpu_vec_isa.VecISA._probe_load = original  # type: ignore[method-assign]
 
 
 class FrozenInference(nn.Module):
@@ -57,6 +120,8 @@ class FrozenInference(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config  # lazy: importing Inductor takes ~2 s, paid at first use
 
+        if module_device(self.model).type == "cpu":
+            _check_cpu_isa()
         with inductor_config.patch(freezing=self.freezing):
             return self._compiled(*args, **kwargs)  # type: ignore[operator]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import safe_open
@@ -140,6 +140,17 @@ def export_program(
     ``example_inputs`` is a tuple of positional inputs (the batch dimension is dynamic), or a dict of
     keyword inputs, as a Hugging Face model takes them (exported at these shapes).
     """
+    program = trace_program(model, example_inputs, dynamic_batch=dynamic_batch)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_program(program, out)
+    return out
+
+
+def trace_program(
+    model: nn.Module, example_inputs: tuple[Any, ...] | dict[str, Any], *, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """The model's ``torch.export`` program, traced in eval mode, as :func:`export_program` saves it."""
     was_training = model.training
     model.eval()
     dynamic: Any = None
@@ -156,13 +167,15 @@ def export_program(
             if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one entry
                 dynamic = (dynamic,)
     try:
-        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
     finally:
         model.train(was_training)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out), extra_files={_MODE_FILE: "eval"})
-    return out
+
+
+def save_program(program: torch.export.ExportedProgram, file: str | Path | IO[bytes]) -> None:
+    """Save a program from :func:`trace_program` (to a path or a binary file object), noting that it was traced
+    in eval mode (see :func:`load_program`)."""
+    torch.export.save(program, file if not isinstance(file, Path) else str(file), extra_files={_MODE_FILE: "eval"})
 
 
 #: An extra file in the ``.pt2`` archive that says the graph was traced in eval mode (dropout off, BatchNorm on
@@ -178,13 +191,22 @@ def load_program(path: str | Path) -> nn.Module:
     ``.train()``/``.eval()`` work on it (torchao's ``allow_exported_model_train_eval``: only dropout
     and BatchNorm change), so code that switches modes around inference can take it.
     """
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops a static int8 graph holds)
+
+    extra = {_MODE_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program_module(program, traced_in_eval=extra[_MODE_FILE] == "eval")
+
+
+def program_module(program: torch.export.ExportedProgram, *, traced_in_eval: bool) -> nn.Module:
+    """The callable module of a program, as :func:`load_program` returns it: the program traced by
+    :func:`trace_program` (``traced_in_eval``) gives the module its saved file loads as."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
 
-    extra = {_MODE_FILE: ""}
-    module = torch.export.load(str(path), extra_files=extra).module()
+    module = program.module()
     _drop_unused_nodes(module)
-    if extra[_MODE_FILE] == "eval":
+    if traced_in_eval:
         # Traced in eval mode: the graph already computes as eval() would make it. Saying so spares torchao's
         # pattern rewrite of dropout and BatchNorm, which traces its patterns anew (0.5 s, each time).
         setattr(module, _EXPORTED_TRAINING_ATTR, False)

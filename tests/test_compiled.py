@@ -4,8 +4,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from torch import nn
 
-from lightning_quantum.compiled import _load_marker, _remembering
+from lightning_quantum.compiled import _load_marker, _remembering, compile_for_inference
 
 
 class _Probe:
@@ -82,3 +84,31 @@ def test_a_second_process_checks_the_instruction_sets_without_loading_probes_in_
     first, second = first.split(maxsplit=1), second.split(maxsplit=1)
     assert second[0] == "0"
     assert second[1] == first[1]
+
+
+class _GeluQuantizedPerRow(nn.Module):
+    """A feed-forward layer's middle as a compiled int8 transformer computes it: the matmul's rows scaled back from
+    their int8 range, GELU, then quantized per row (the GELU is read by the row's absolute maximum and by the
+    rounding)."""
+
+    def forward(self, x, low, high, bias):
+        scale = torch.maximum(-low.clamp_max(0), high.clamp_min(0)).div(127.5).clamp_min(1e-7)
+        h = nn.functional.gelu(x * scale + bias)
+        step = h.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6) / 127
+        return torch.round(h / step).clamp(-127, 127).to(torch.int8), step
+
+
+def test_a_compiled_gelu_read_by_two_kernels_computes_its_erf_once():
+    """With Inductor's default ``realize_opcount_threshold`` (30) the generated code computes ``erf`` twice, once
+    for the maximum and once for the rounding; compile_for_inference keeps the GELU's result instead."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    x, low, high, bias = torch.randn(64, 256), -torch.rand(64, 1), torch.rand(64, 1), torch.randn(256)
+    compiled = compile_for_inference(_GeluQuantizedPerRow())
+    with torch.inference_mode():
+        (values, step), code = run_and_get_code(compiled, x, low, high, bias)
+        expected, expected_step = _GeluQuantizedPerRow()(x, low, high, bias)
+    assert sum(c.count(".erf()") + c.count("std::erf(") for c in code) == 1
+    torch.testing.assert_close(step, expected_step)
+    assert (values.int() - expected.int()).abs().max() <= 1  # rounding of a value on a .5 boundary may differ

@@ -110,8 +110,8 @@ class FrozenInference(nn.Module):
     """A model compiled for inference, run with Inductor's freezing on.
 
     Returned by :func:`compile_for_inference`; it holds the model (so ``state_dict`` and ``.to`` work
-    as usual) and calls the compiled version under ``torch._inductor.config.patch(freezing=True)``,
-    which leaves the process-wide Inductor settings alone.
+    as usual) and calls the compiled version under ``torch._inductor.config.patch(freezing=True, ...)``
+    (with :data:`REALIZE_OPCOUNT_THRESHOLD`), which leaves the process-wide Inductor settings alone.
 
     Each instance compiles a function with a code object of its own. Dynamo keeps compiled code per
     code object, at most ``recompile_limit`` (8) entries: ``torch.compile(model)`` on a ninth model of
@@ -144,5 +144,9 @@ def compile_for_inference(model: nn.Module, *, freezing: bool = True) -> nn.Modu
     batch-32 latency from about 0.6x to about 0.2x of fp32 eager on this project's 2-core CPU
     (``benchmarks/quantization.py``). Frozen weights cannot be trained: use it on a finished model.
     (``torch.compile(options={"freezing": True})`` did not give the same speed here.)
+
+    Two more settings, both for the CPU: a pointwise result that two kernels read is kept rather than
+    computed twice from a lower operation count (:data:`REALIZE_OPCOUNT_THRESHOLD`), and Inductor's check of
+    the CPU's instruction sets remembers the probes that passed (:func:`_check_cpu_isa`).
     """
     return FrozenInference(model, freezing=freezing)

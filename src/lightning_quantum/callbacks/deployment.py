@@ -211,7 +211,8 @@ class DeploymentGate(Callback):
         # Inductor's first compile in a process probes the CPU's instruction sets (about 1 s). Started in a
         # background thread at fit start, the probe and Inductor's import slowed the training on 2 cores by
         # more than they saved, and a run whose gate compiles nothing (a cached ranking) paid for nothing
-        # (`lq-train level=quantum` cached: +10.7% with it, +1.1% without; first run +32.0% / +31.0%).
+        # (`lq-train level=quantum` cached: +10.7% with it, +1.1% without; first run +32.0% / +31.0%). The
+        # probe's loads are now remembered on disk instead (`lightning_quantum.compiled._check_cpu_isa`).
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,6 +11,7 @@ import itertools
 import os
 import platform
 import sys
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ _COMPILED = itertools.count()
 #: twice: the all-MiniLM-L6-v2 student's int8 form spent a third of its time in that one kernel. At 20 Inductor
 #: keeps the GELU's result instead: the int8 student ran 0.78-0.84x the time at batch 32 (0.81-0.85x at 18 and
 #: 22, 0.88x at 16; the same outputs to the last bit), its bf16 form 0.95x; the DigitsMLP's forms, MiniLM's
-#: float form and the causal LM's compiled decoding did not change (session 33, 2-core Xeon).
+#: float form and the causal LM's compiled decoding did not change (session 33, 2-core Xeon). CPU models only.
 REALIZE_OPCOUNT_THRESHOLD = 20
 
 
@@ -78,6 +79,9 @@ def _remembering(probe_load: Callable[[Any, str], bool]) -> Callable[[Any, str],
     return probe
 
 
+_ISA_LOCK = threading.Lock()
+
+
 @functools.cache
 def _check_cpu_isa() -> None:
     """Inductor's check of the CPU's instruction sets, with the probes that passed remembered on disk.
@@ -94,16 +98,16 @@ def _check_cpu_isa() -> None:
     """
     from torch._inductor import cpu_vec_isa
 
-    original = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
-    if original is None:
-        cpu_vec_isa.pick_vec_isa()
-        return
-
-    cpu_vec_isa.VecISA._probe_load = _remembering(original)  # type: ignore[method-assign,assignment]
-    try:
-        cpu_vec_isa.pick_vec_isa()  # each instruction set's answer is then cached for the process
-    finally:
-        cpu_vec_isa.VecISA._probe_load = original  # type: ignore[method-assign]
+    with _ISA_LOCK:  # two threads' first compiles (a service's workers) patch and restore the class once
+        original = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+        if original is None:
+            cpu_vec_isa.pick_vec_isa()
+            return
+        cpu_vec_isa.VecISA._probe_load = _remembering(original)  # type: ignore[method-assign,assignment]
+        try:
+            cpu_vec_isa.pick_vec_isa()  # each instruction set's answer is then cached for the process
+        finally:
+            cpu_vec_isa.VecISA._probe_load = original  # type: ignore[method-assign]
 
 
 class FrozenInference(nn.Module):
@@ -111,7 +115,7 @@ class FrozenInference(nn.Module):
 
     Returned by :func:`compile_for_inference`; it holds the model (so ``state_dict`` and ``.to`` work
     as usual) and calls the compiled version under ``torch._inductor.config.patch(freezing=True, ...)``
-    (with :data:`REALIZE_OPCOUNT_THRESHOLD`), which leaves the process-wide Inductor settings alone.
+    (on the CPU with :data:`REALIZE_OPCOUNT_THRESHOLD`), which leaves the process-wide Inductor settings alone.
 
     Each instance compiles a function with a code object of its own. Dynamo keeps compiled code per
     code object, at most ``recompile_limit`` (8) entries: ``torch.compile(model)`` on a ninth model of
@@ -130,9 +134,11 @@ class FrozenInference(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config  # lazy: importing Inductor takes ~2 s, paid at first use
 
-        if module_device(self.model).type == "cpu":
+        settings: dict[str, Any] = {"freezing": self.freezing}
+        if module_device(self.model).type == "cpu":  # measured on CPUs only: CUDA keeps Inductor's default
             _check_cpu_isa()
-        with inductor_config.patch(freezing=self.freezing, realize_opcount_threshold=REALIZE_OPCOUNT_THRESHOLD):
+            settings["realize_opcount_threshold"] = REALIZE_OPCOUNT_THRESHOLD
+        with inductor_config.patch(**settings):
             return self._compiled(*args, **kwargs)  # type: ignore[operator]
 
 

@@ -22,9 +22,15 @@ class _Probe:
         return self.loads
 
 
-def test_a_probe_load_that_passed_is_remembered_beside_its_library(tmp_path):
-    library = tmp_path / "probe.so"
-    library.write_bytes(b"\x7fELF")
+@pytest.fixture
+def library(tmp_path):
+    """A file where Inductor's probe library would be."""
+    path = tmp_path / "probe.so"
+    path.write_bytes(b"\x7fELF")
+    return path
+
+
+def test_a_probe_load_that_passed_is_remembered_beside_its_library(library):
     original = _Probe(loads=True)
     probe = _remembering(original)
     assert probe(None, str(library)) is True
@@ -38,9 +44,7 @@ def test_a_probe_load_that_passed_is_remembered_beside_its_library(tmp_path):
     assert original.calls == 2
 
 
-def test_a_failed_probe_load_is_not_remembered(tmp_path):
-    library = tmp_path / "probe.so"
-    library.write_bytes(b"\x7fELF")
+def test_a_failed_probe_load_is_not_remembered(library):
     original = _Probe(loads=False)
     probe = _remembering(original)
     assert probe(None, str(library)) is False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -172,10 +172,9 @@ def trace_program(
         model.train(was_training)
 
 
-def save_program(program: torch.export.ExportedProgram, file: str | Path | IO[bytes]) -> None:
-    """Save a program from :func:`trace_program` (to a path or a binary file object), noting that it was traced
-    in eval mode (see :func:`load_program`)."""
-    torch.export.save(program, file if not isinstance(file, Path) else str(file), extra_files={_MODE_FILE: "eval"})
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> None:
+    """Save a program from :func:`trace_program`, noting that it was traced in eval mode (see :func:`load_program`)."""
+    torch.export.save(program, path, extra_files={_MODE_FILE: "eval"})
 
 
 #: An extra file in the ``.pt2`` archive that says the graph was traced in eval mode (dropout off, BatchNorm on

@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+import lightning_quantum.callbacks.export as export_callback
 import lightning_quantum.deployment as deployment
 import lightning_quantum.report as report_module
-from lightning_quantum.callbacks import DeploymentGate, OptimizationReport, QuantizationAwareTraining
+from lightning_quantum.callbacks import DeploymentGate, ModelExport, OptimizationReport, QuantizationAwareTraining
 from lightning_quantum.deployment import (
     FORMS,
     build_form,
@@ -27,7 +28,7 @@ from lightning_quantum.deployment import (
 )
 from lightning_quantum.models import Classifier, DigitsMLP
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, onnxruntime_available
-from lightning_quantum.quantization import convert_qat, prepare_qat, set_fake_quant_enabled
+from lightning_quantum.quantization import convert_qat, load_program, prepare_qat, set_fake_quant_enabled
 from tests.conftest import trainer_kwargs
 
 needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra is not installed")
@@ -281,6 +282,41 @@ def test_callback_ships_a_qat_model_and_the_report_measures_what_ships(tmp_path,
     markdown = (tmp_path / "report.md").read_text()
     assert "## Deployment" in markdown and "Compile time of the shipped form" in markdown
     assert "| int8 eager |" in markdown and "| float eager |" in markdown
+
+
+def test_model_export_writes_the_program_the_gate_traced_of_the_model_as_trained(tmp_path, digits, monkeypatch):
+    """The gate traced the QAT model's own int8 form for its compiled candidate; the float form won (the int8 forms
+    forced slow), and ModelExport writes the int8 program the gate traced rather than trace the model again."""
+    real_build = deployment.build_form
+
+    def build(form, model, float_model=None, example_inputs=None, **kwargs):
+        built = real_build(form, model, float_model, example_inputs, **kwargs)
+        if not form.startswith("int8"):
+            return built
+        slow = _Slow(built, 0.02)
+        if hasattr(built, "shipped_program"):  # what the gate keeps of a built form
+            object.__setattr__(slow, "shipped_program", built.shipped_program)
+        return slow
+
+    monkeypatch.setattr(deployment, "build_form", build)
+    monkeypatch.setattr(deployment, "compile_for_inference", lambda module: module)  # the program, run eagerly
+    traced = []
+    monkeypatch.setattr(export_callback, "export_program", lambda *a, **k: traced.append(a))
+    torch.manual_seed(0)
+    model = Classifier(DigitsMLP(hidden=(32,), dropout=0.0))
+    gate = DeploymentGate(
+        numerics=["int8", "float"], runners=["eager", "compiled"], repeats=3, rounds=1, output_dir=tmp_path
+    )
+    export = ModelExport(formats=["pt2"], output_dir=tmp_path)
+    callbacks = [QuantizationAwareTraining(start_step=None), gate, export]
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks)).fit(model, digits)
+    assert gate.decision.form in ("float eager", "float compiled") and gate.decision.trained_form == "int8 eager"
+    assert gate.trained_program is not None
+    assert traced == [] and export.paths["pt2"] == tmp_path / "model.pt2"
+    x = next(iter(digits.test_dataloader()))[0][:9]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_program(tmp_path / "model.pt2")(x), model(x))
 
 
 def test_fast_dev_run_measures_only_the_trained_form(tmp_path, digits):

@@ -367,6 +367,7 @@ def choose_deployment(
     metric: Callable[[Tensor, Tensor], float] | None = None,
     cache_dir: str | Path | None = None,
     max_size_ratio: float | None = None,
+    programs: dict[str, torch.export.ExportedProgram] | None = None,
 ) -> tuple[nn.Module, DeploymentDecision]:
     """Measure every candidate form of ``model`` and return the fastest within the accuracy budget.
 
@@ -412,6 +413,9 @@ def choose_deployment(
         cache_dir: where to keep and look up measurements (see above); nothing is cached when ``None``.
         max_size_ratio: the size budget, as a share of the float form's serialized size (e.g. ``0.3``:
             int8 weights); ``None``: the fastest form ships whatever its size.
+        programs: when given, receives the ``torch.export`` program of each compiled form built from one (on
+            the CPU), by form, as :func:`save_deployment` would write it: a caller that also exports the model
+            as trained takes the program of its own numerics' compiled form instead of tracing it again.
 
     Returns:
         ``(module, decision)``: the winning form, ready to call (compiled forms already compiled), and
@@ -442,7 +446,7 @@ def choose_deployment(
     gate = _Measurement(
         model, float_model, timed, _rebatch(batches, _leading_dim(timed)), list(dict.fromkeys(order)), metric=metric,
         max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, warmup=warmup, repeats=repeats, rounds=rounds,
-        device=device, threads=threads, started=started, max_size_ratio=max_size_ratio,
+        device=device, threads=threads, started=started, max_size_ratio=max_size_ratio, programs=programs,
     )  # fmt: skip
     cache_file: Path | None = None
     key: dict[str, Any] = {}
@@ -512,6 +516,7 @@ class _Measurement:
         threads: int,
         started: float,
         max_size_ratio: float | None = None,
+        programs: dict[str, torch.export.ExportedProgram] | None = None,
     ) -> None:
         self.model, self.float_model, self.timed, self.chunks, self.metric = model, float_model, timed, chunks, metric
         self.order, self.reference_form = order, order[0]
@@ -521,6 +526,7 @@ class _Measurement:
         self.reference_outputs: list[Tensor] | None = None
         self.float_size: int | None = None
         self.onnx_exports: dict[str, bytes] = {}  # the float ONNX export, shared by the onnxruntime forms
+        self.programs = programs  # the compiled forms' programs, for the caller (see `choose_deployment`)
 
     def budgets(self) -> dict[str, float | None]:
         return {
@@ -693,6 +699,9 @@ class _Measurement:
             if form == self.reference_form:
                 self.reference_outputs = outputs
             built[form] = module
+            program = getattr(module, "shipped_program", None)
+            if self.programs is not None and isinstance(program, torch.export.ExportedProgram):
+                self.programs[form] = program
         reference_accuracy = results[self.reference_form].accuracy
         for form in built:
             self._judge(results[form], form == self.reference_form, reference_accuracy)

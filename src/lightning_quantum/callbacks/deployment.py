@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+import torch
 from torch import nn
 from typing_extensions import override
 
@@ -189,6 +190,7 @@ class DeploymentGate(Callback):
         self.decode_decision: DecodeDecision | None = None
         self.module: nn.Module | None = None
         self.decision: DeploymentDecision | None = None
+        self.trained_program: torch.export.ExportedProgram | None = None
         self.paths: dict[str, Path] = {}
 
     @property
@@ -231,6 +233,7 @@ class DeploymentGate(Callback):
         threads = self.num_threads or self._report_setting(trainer, "num_threads")
         model = inference_copy(whole)
         forms = [trained_form(model)] if quick else self.forms  # fast_dev_run: no compiling, one form
+        programs: dict[str, torch.export.ExportedProgram] = {}
         self.module, self.decision = choose_deployment(
             model,
             loader,
@@ -247,7 +250,11 @@ class DeploymentGate(Callback):
             max_eval_batches=1 if quick else self.max_eval_batches,
             cache_dir=None if quick or not self.cache else (self.cache_dir or default_cache_dir()),
             max_size_ratio=self.max_size_ratio,
+            programs=programs,
         )
+        # the program of the model as trained, compiled (its own numerics), when the gate built that form: a
+        # ModelExport after this callback writes it rather than trace the same model again (0.6 s of a digits run)
+        self.trained_program = programs.get(self.decision.trained_form.replace("eager", "compiled"))
         rank_zero_info(f"Deployment: {self.decision.reason}")
         if self.export:
             self.paths = save_deployment(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,7 +25,7 @@ from lightning_quantum.callbacks._common import (
     whole_module,
 )
 from lightning_quantum.callbacks.deployment import DeploymentGate
-from lightning_quantum.quantization.export import export_program, export_torchscript, save_safetensors
+from lightning_quantum.quantization.export import export_program, export_torchscript, save_program, save_safetensors
 from lightning_quantum.report import ReportContext, ReportExtra, keep_existing
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,24 @@ def _positional(example: Any, fmt: str) -> tuple[Any, ...]:
     return example
 
 
-def _deployed_program_of_this_model(trainer: pl.Trainer) -> Path | None:
-    """The ``.pt2`` a DeploymentGate wrote, when the form it shipped has the trained model's own numerics."""
+def _gate_program(trainer: pl.Trainer) -> Path | torch.export.ExportedProgram | None:
+    """What a DeploymentGate that ran before traced of the model as trained: the ``.pt2`` it shipped when the
+    shipped form has the trained model's own numerics, else the program of that form compiled, which it
+    timed (in memory); ``None`` when it traced neither (a cached ranking spared that form, or a GPU model)."""
     gate = find_callback(trainer, DeploymentGate)
-    if gate is None or gate.decision is None or "program" not in gate.paths:
+    if gate is None or gate.decision is None:
         return None
     trained = gate.decision.trained_form
-    return gate.paths["program"] if gate.decision.form in (trained, trained.replace("eager", "compiled")) else None
+    if "program" in gate.paths and gate.decision.form in (trained, trained.replace("eager", "compiled")):
+        return gate.paths["program"]
+    return gate.trained_program
+
+
+def _write_program(program: Path | torch.export.ExportedProgram, path: Path) -> Path:
+    if isinstance(program, Path):
+        return Path(shutil.copyfile(program, path))
+    save_program(program, path)
+    return path
 
 
 class ModelExport(Callback):
@@ -104,13 +116,13 @@ class ModelExport(Callback):
         example: Any = move_data_to_device(inputs, "cpu")
         if not isinstance(example, dict):  # dicts are keyword inputs (a Hugging Face encoder)
             example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-        same_program = _deployed_program_of_this_model(trainer)
+        traced = _gate_program(trainer)
         writers = {
             "safetensors": lambda p: save_safetensors(whole, p),  # tensors are written from the CPU
-            # the DeploymentGate's program, when it shipped this very model: the same export, not done twice
+            # the DeploymentGate's program of this very model, when it traced one: the same export, not done twice
             "pt2": lambda p: (
-                Path(shutil.copyfile(same_program, p))
-                if same_program is not None
+                _write_program(traced, p)
+                if traced is not None
                 else export_program(detached_copy(whole).cpu(), example, p)
             ),
             "torchscript": lambda p: export_torchscript(

@@ -12,7 +12,8 @@ Each round runs, one after another, each in a new process:
 
 The cached variant's cache is filled once before the rounds. Figures are medians over rounds of the
 whole process's wall time (imports, data, training, test, report); the growth is against the run
-without the gate. Each run's gate figures (forms measured, build seconds, gate seconds) come from its
+without the gate, of the medians and, per round (``paired_growth``), against the same round's run without
+the gate, which a machine that drifts between rounds shifts alike. Each run's gate figures (forms measured, build seconds, gate seconds) come from its
 ``report.json``.
 """
 
@@ -87,7 +88,10 @@ def main() -> None:
     summary = {}
     for variant, rows in runs.items():
         wall = statistics.median(r["wall_seconds"] for r in rows)
-        summary[variant] = {"wall_seconds": wall, "growth": wall / base - 1.0}
+        # each round's growth against the run without the gate just before it: a machine that drifts between
+        # rounds shifts both runs of a round alike
+        paired = [r["wall_seconds"] / b["wall_seconds"] - 1.0 for r, b in zip(rows, runs["without gate"])]
+        summary[variant] = {"wall_seconds": wall, "growth": wall / base - 1.0, "paired_growth": paired}
         if variant != "without gate":
             summary[variant].update(
                 gate_seconds=statistics.median(r["gate_seconds"] for r in rows),
@@ -113,7 +117,9 @@ def main() -> None:
             if "gate_seconds" in f
             else ""
         )
-        print(f"{variant:18s} {f['wall_seconds']:6.1f} s ({f['growth']:+.1%}){gate}")
+        paired = sorted(f["paired_growth"])
+        rounds = f" (per round {paired[0]:+.1%}..{paired[-1]:+.1%}, median {statistics.median(paired):+.1%})"
+        print(f"{variant:18s} {f['wall_seconds']:6.1f} s ({f['growth']:+.1%}){rounds if 'gate_seconds' in f else ''}{gate}")
 
 
 if __name__ == "__main__":

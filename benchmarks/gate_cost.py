@@ -13,8 +13,8 @@ Each round runs, one after another, each in a new process:
 The cached variant's cache is filled once before the rounds. Figures are medians over rounds of the
 whole process's wall time (imports, data, training, test, report); the growth is against the run
 without the gate, of the medians and, per round (``paired_growth``), against the same round's run without
-the gate, which a machine that drifts between rounds shifts alike. Each run's gate figures (forms measured, build seconds, gate seconds) come from its
-``report.json``.
+the gate, which a machine that drifts between rounds shifts alike. Each run's gate figures (forms measured,
+build seconds, gate seconds) come from its ``report.json``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def main() -> None:
         )
         paired = sorted(f["paired_growth"])
         rounds = f" (per round {paired[0]:+.1%}..{paired[-1]:+.1%}, median {statistics.median(paired):+.1%})"
-        print(f"{variant:18s} {f['wall_seconds']:6.1f} s ({f['growth']:+.1%}){rounds if 'gate_seconds' in f else ''}{gate}")
+        rounds = rounds if "gate_seconds" in f else ""
+        print(f"{variant:18s} {f['wall_seconds']:6.1f} s ({f['growth']:+.1%}){rounds}{gate}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_quantum.compiled import _load_marker, _remembering, compile_for_inference
+import lightning_quantum.compiled as compiled
+from lightning_quantum.compiled import _load_marker, _remembering, compile_for_inference, freezing_pays
+from lightning_quantum.models import DigitsMLP
+from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
 
 
 class _Probe:
@@ -116,3 +119,30 @@ def test_a_compiled_gelu_read_by_two_kernels_computes_its_erf_once():
     assert sum(c.count(".erf()") + c.count("std::erf(") for c in code) == 1
     torch.testing.assert_close(step, expected_step)
     assert (values.int() - expected.int()).abs().max() <= 1  # rounding of a value on a .5 boundary may differ
+
+
+def _int8_mlp():
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=(64, 32), dropout=0.0).eval()
+    quantize_dynamic_int8(net)
+    return net
+
+
+def test_freezing_is_measured_on_the_shapes_of_the_models_int8_linears(monkeypatch):
+    net = _int8_mlp()
+    assert compiled._int8_linear_shapes(net, torch.rand(8, 64)) == {(8, 64, 64): 1, (8, 64, 32): 1, (8, 32, 10): 1}
+    tokens = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+    quantize_dynamic_int8(tokens)
+    shapes = compiled._int8_linear_shapes(tokens, (torch.rand(3, 5, 64),))
+    assert shapes == {(15, 64, 16): 1, (15, 16, 16): 1}  # every leading dimension counts as rows
+    freezing, reason = freezing_pays(net, torch.rand(8, 64), calls=2, rounds=1)  # both kernels really run
+    assert isinstance(freezing, bool) and "us in oneDNN's prepacked kernels" in reason
+    for prepacked, unpacked, frozen in [(200.0, 120.0, False), (120.0, 200.0, True)]:
+        monkeypatch.setattr(compiled, "_int8_kernel_times", lambda *a, t=(prepacked, unpacked): t)
+        freezing, reason = freezing_pays(net, torch.rand(8, 64))
+        assert freezing is frozen and reason.startswith("compiled with" if frozen else "compiled without freezing")
+        assert f"{prepacked:.0f} us in oneDNN's prepacked kernels, {unpacked:.0f} us in `_int_mm`" in reason
+
+
+def test_a_model_without_int8_linears_keeps_freezing():
+    assert freezing_pays(nn.Sequential(nn.Linear(4, 4)), torch.rand(2, 4)) == (True, "freezing: no int8 linears")

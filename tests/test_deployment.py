@@ -198,14 +198,19 @@ with torch.inference_mode():
     "under ATEN_CPU_CAPABILITY=default ('at::vec has not been declared'); the normal run covers it",
 )
 @pytest.mark.parametrize(
-    ("form", "program"),
+    ("form", "program", "freezing"),
     [
-        ("int8 compiled", "model.pt2"),  # the form that needs compiling again on load
+        # the form that needs compiling again on load, the same way (frozen and unfrozen outputs differ in the
+        # last bits); without freezing as the gate now compiles a model this small here
+        ("int8 compiled", "model.pt2", False),
+        pytest.param("int8 compiled", "model.pt2", True, marks=pytest.mark.slow),
         # in the default run, tests/test_optimize.py reloads an ONNX winner in the same process
-        pytest.param("int8 onnxruntime", "model.onnx", marks=[needs_onnxruntime, pytest.mark.slow]),
+        pytest.param("int8 onnxruntime", "model.onnx", None, marks=[needs_onnxruntime, pytest.mark.slow]),
     ],
 )
-def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, monkeypatch, form, program):
+def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(
+    tmp_path, monkeypatch, form, program, freezing
+):
     net, float_net = _int8_mlp()
     # Force the winner, so that each kind of form is shipped: times are what the gate measures, here set.
     monkeypatch.setattr(
@@ -213,12 +218,13 @@ def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(tmp_
         "_time_interleaved",
         lambda modules, *a, **k: {f: [0.1 if f == form else 1.0] for f in modules},
     )
+    monkeypatch.setattr(deployment, "freezing_pays", lambda model, inputs: (freezing, "set by the test"))
     module, decision = choose_deployment(net, _loader(), float_model=float_net, forms=[form], batch_size=32)
-    assert decision.form == form
+    assert decision.form == form and decision.winner.freezing is freezing
     inputs = torch.rand(32, 64)
     paths = save_deployment(module, decision, inputs, tmp_path / "ship")
     record = json.loads(paths["deployment"].read_text())
-    assert record["form"] == form and record["program"] == program
+    assert record["form"] == form and record["program"] == program and record.get("freezing") is freezing
     torch.save(inputs, tmp_path / "inputs.pt")
     subprocess.run(
         [sys.executable, "-c", _RELOAD, str(tmp_path / "ship"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
@@ -299,7 +305,7 @@ def test_model_export_writes_the_program_the_gate_traced_of_the_model_as_trained
         return slow
 
     monkeypatch.setattr(deployment, "build_form", build)
-    monkeypatch.setattr(deployment, "compile_for_inference", lambda module: module)  # the program, run eagerly
+    monkeypatch.setattr(deployment, "compile_for_inference", lambda module, **_: module)  # the program, eagerly
     traced = []
     monkeypatch.setattr(export_callback, "export_program", lambda *a, **k: traced.append(a))
     torch.manual_seed(0)

@@ -173,7 +173,7 @@ def test_deploy_rolls_back_an_int8_step_that_runs_slower_and_ships_the_float_for
     int8, deploy = result.steps
     assert not int8.kept and int8.reason.startswith("slower on this machine: its fastest form (int8 ")
     assert "loses to float compiled" in int8.reason and "`keep_slower`=True keeps it" in int8.reason
-    assert deploy.name == "deploy" and deploy.kept and deploy.detail == {"form": "float compiled"}
+    assert deploy.name == "deploy" and deploy.kept and deploy.detail == {"form": "float compiled", "freezing": True}
     assert result.applied == ["deploy"] and result.report.compression_ratio == pytest.approx(1.0, rel=0.01)
     assert result.report.extra["deployment"]["form"] == "float compiled"
     # QUANTUM's size budget (0.3x): no int8 form beat float eager, so the float forms were built after all

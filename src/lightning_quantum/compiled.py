@@ -10,9 +10,12 @@ import hashlib
 import itertools
 import os
 import platform
+import statistics
 import sys
 import threading
+import time
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,16 @@ from lightning_quantum._modules import module_device
 
 # Imported inside the functions that use them: torch._inductor (Inductor's import takes ~2 s).
 
-__all__ = ["FrozenInference", "compile_for_inference"]
+__all__ = ["FrozenInference", "compile_for_inference", "freezing_pays"]
 
 _COMPILED = itertools.count()
+
+# Compiling a torchao int8 model without freezing (see `freezing_pays`), torch's AOT autograd cache warns once per
+# process that `Int8Tensor` has no `_stable_hash_for_caching` and leaves that stage uncached; Inductor's FX graph
+# cache, which holds the generated code, still caches the graph. Nothing a user of this package can act on.
+warnings.filterwarnings(
+    "ignore", message=r"Int8Tensor does not implement _stable_hash_for_caching", category=UserWarning
+)
 
 #: Inductor's ``realize_opcount_threshold`` for the models compiled here (its default: 30). A pointwise result read
 #: by several kernels is recomputed in each unless its computation has more operations than this. In a transformer
@@ -108,6 +118,99 @@ def _check_cpu_isa() -> None:
             cpu_vec_isa.pick_vec_isa()  # each instruction set's answer is then cached for the process
         finally:
             cpu_vec_isa.VecISA._probe_load = original  # type: ignore[method-assign]
+
+
+def _int8_linear_shapes(model: nn.Module, inputs: Any) -> dict[tuple[int, int, int], int]:
+    """``{(M, K, N): count}`` of the int8 linears (torchao ``Int8Tensor`` weights) one call of ``model`` runs on
+    ``inputs``: M rows of K features into N outputs."""
+    shapes: dict[tuple[int, int, int], int] = {}
+
+    def record(module: nn.Linear, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        key = (x.numel() // x.shape[-1] if x.dim() else 0, module.in_features, module.out_features)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        with torch.inference_mode():
+            if isinstance(inputs, dict):
+                model(**inputs)
+            else:
+                model(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _median_us(fn: Callable[[], Any], calls: int, rounds: int) -> float:
+    fn()  # warm-up: oneDNN creates its primitive on the first call
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(times)
+
+
+def _int8_kernel_times(
+    shapes: dict[tuple[int, int, int], int], prepack: Any, qlinear: Any, calls: int, rounds: int
+) -> tuple[float, float]:
+    """Microseconds per model call of its int8 linears (``shapes``, see :func:`_int8_linear_shapes`) in oneDNN's
+    ``qlinear`` with prepacked weights and in ``torch._int_mm``, timed on int8 data of those shapes (the values
+    do not change an int8 kernel's time)."""
+    prepacked = unpacked = 0.0
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for (rows, k, n), count in shapes.items():
+            x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+            packed, w_t = prepack(w, [rows, k]), w.t()
+            scale, zero = torch.ones(n), torch.zeros(n, dtype=torch.long)
+            x_scale, x_zero = torch.tensor(0.02), torch.tensor(0, dtype=torch.int32)
+            args = (x, x_scale, x_zero, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [None], "")
+            prepacked += count * _median_us(functools.partial(qlinear, *args), calls, rounds)
+            unpacked += count * _median_us(functools.partial(torch._int_mm, x, w_t), calls, rounds)
+    return prepacked, unpacked
+
+
+def freezing_pays(model: nn.Module, inputs: Any, *, calls: int = 5, rounds: int = 3) -> tuple[bool, str]:
+    """Whether ``model`` should be compiled with Inductor's freezing, as measured here, and why.
+
+    Freezing is what lets Inductor prepack int8 weights for oneDNN: on the CPU it compiles each int8 linear
+    (torchao ``Int8Tensor``) to oneDNN's ``qlinear`` with a prepacked weight; without freezing, to
+    ``torch._int_mm``. Which is faster depends on the shapes: on the 2-core Xeon the prepacked kernel ran the
+    all-MiniLM-L6-v2 student's linears (2048 x 384 x 1536 at batch 32) 1.2-1.9x faster, the DigitsMLP's
+    (256 x 512 x 10 at batch 256) up to 4x slower, and the DigitsMLP compiled ran 0.70 ms frozen against
+    0.46-0.58 ms not. So the two kernels are timed at the shapes of the model's int8 linears in one call on
+    ``inputs`` (milliseconds for the DigitsMLP, 0.2-0.6 s for the MiniLM encoder at batch 32), and freezing is
+    kept unless ``_int_mm`` is faster in sum. The kernels stand for the compiled forms (the quantization of the
+    activations around them is fused either way). A model without int8 linears, off the CPU or without
+    oneDNN's int8 operators keeps freezing, as
+    :func:`compile_for_inference` does by default. (Compiled without freezing, a model of an architecture
+    compiled before also skips Inductor's code generation: its FX graph cache refuses frozen graphs that hold
+    prepacked weights.)
+
+    Returns:
+        ``(freezing, reason)``.
+    """
+    if module_device(model).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return True, "freezing: not a CPU model with oneDNN"
+    try:
+        prepack = torch.ops.onednn.qlinear_prepack
+        qlinear = torch.ops.onednn.qlinear_pointwise.tensor
+    except (AttributeError, RuntimeError):
+        return True, "freezing: this torch has no oneDNN int8 linear"
+    shapes = _int8_linear_shapes(model, inputs)
+    if not shapes:
+        return True, "freezing: no int8 linears"
+    prepacked, unpacked = _int8_kernel_times(shapes, prepack, qlinear, calls, rounds)
+    figures = f"its int8 linears took {prepacked:.0f} us in oneDNN's prepacked kernels, {unpacked:.0f} us in `_int_mm`"
+    if unpacked < prepacked:
+        return False, f"compiled without freezing: {figures}"
+    return True, f"compiled with freezing: {figures}"
 
 
 class FrozenInference(nn.Module):

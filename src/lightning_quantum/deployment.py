@@ -59,7 +59,7 @@ from lightning_quantum._modules import eval_mode, module_device
 from lightning_quantum._tensors import is_quantized
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _sync, _threads, percentile, serialized_size_bytes
-from lightning_quantum.compiled import FrozenInference, compile_for_inference
+from lightning_quantum.compiled import FrozenInference, compile_for_inference, freezing_pays
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime, to_onnxruntime
 from lightning_quantum.precision import cpuinfo_field
 from lightning_quantum.quantization.dynamic import quantize_dynamic_int8
@@ -96,8 +96,9 @@ DEPLOYMENT_FILE = "deployment.json"
 #: What the forms are built as, in the gate's cache key: raised when a form is built differently, so that
 #: measurements cached before are not reused (2: int8 forms of int4 models, once listed as not running;
 #: 3: compiled forms built from their exported program; 4: the program's int8 linears compiled to oneDNN's
-#: prepacked ``qlinear``, as the eager module's are).
-FORMS_VERSION = 4
+#: prepacked ``qlinear``, as the eager module's are; 5: int8 compiled forms compiled without freezing where
+#: ``_int_mm`` runs their linears faster, see :func:`~lightning_quantum.compiled.freezing_pays`).
+FORMS_VERSION = 5
 #: A repeated fit rebuilds the fastest float form only when the cached measurement found it within this
 #: factor of the winner's p50 (a clear loser is not compiled again just to lose again; float eager, which
 #: costs nothing to build, is always measured).
@@ -130,7 +131,8 @@ class CandidateResult:
     """One candidate form as measured: latency at the batch size, quality, build time, size.
 
     ``measured`` is ``False`` for a form left out because a cached measurement ranked it behind the
-    winner (see ``cache_dir`` in :func:`choose_deployment`); its figures are then ``None``.
+    winner (see ``cache_dir`` in :func:`choose_deployment`); its figures are then ``None``. ``freezing`` says
+    whether a compiled form was compiled with Inductor's freezing (``None``: not compiled).
     """
 
     form: str
@@ -143,6 +145,7 @@ class CandidateResult:
     eligible: bool = False
     note: str = ""
     measured: bool = True
+    freezing: bool | None = None
 
 
 @dataclass
@@ -287,11 +290,16 @@ def _compiled_as_shipped(built: nn.Module, example_inputs: Any) -> nn.Module:
     bytes, made from the program in memory (reading the bytes back cost 0.15 s of a DigitsMLP's first run).
     The program goes with it (``shipped_program``, serialized only by :func:`save_deployment`: 0.1-0.3 s that a
     form that loses does not pay), and the module it came from (``source``, which
-    :func:`~lightning_quantum.optimize.save_optimized` saves)."""
-    program = trace_program(built, _export_example(example_inputs))
-    compiled = compile_for_inference(program_module(program, traced_in_eval=True))
+    :func:`~lightning_quantum.optimize.save_optimized` saves). It is compiled with Inductor's freezing unless
+    :func:`~lightning_quantum.compiled.freezing_pays` finds its int8 linears faster without
+    (``freezing_reason`` says which, with the figures)."""
+    example = _export_example(example_inputs)
+    freezing, why = freezing_pays(built, example)
+    program = trace_program(built, example)
+    compiled = compile_for_inference(program_module(program, traced_in_eval=True), freezing=freezing)
     object.__setattr__(compiled, "shipped_program", program)  # not a submodule or buffer: no state_dict keys
     object.__setattr__(compiled, "source", built)
+    object.__setattr__(compiled, "freezing_reason", why)
     return compiled
 
 
@@ -687,6 +695,8 @@ class _Measurement:
                     module, self.chunks, self.reference_outputs, self.metric
                 )
                 result.size_bytes = serialized_size_bytes(module)
+                if isinstance(module, FrozenInference):
+                    result.freezing = module.freezing
             except Exception as error:  # noqa: BLE001 - a form that cannot run here is listed, not fatal
                 result.build_seconds = time.perf_counter() - t0
                 result.note = (
@@ -703,8 +713,11 @@ class _Measurement:
             if self.programs is not None and isinstance(program, torch.export.ExportedProgram):
                 self.programs[form] = program
         reference_accuracy = results[self.reference_form].accuracy
-        for form in built:
+        for form, module in built.items():
             self._judge(results[form], form == self.reference_form, reference_accuracy)
+            why = getattr(module, "freezing_reason", "")
+            if why.startswith("compiled"):  # the choice was measured (int8 linears on a CPU with oneDNN)
+                results[form].note += f"; {why}"
         times = _time_interleaved(
             built, self.timed, warmup=self.warmup, repeats=self.repeats, rounds=self.rounds, device=self.device
         )
@@ -976,7 +989,8 @@ def save_deployment(
 ) -> dict[str, Path]:
     """Write the chosen form: ``<stem>.pt2`` (a ``torch.export`` program of its numerics, traced on the
     CPU), or ``<stem>.onnx`` for an ONNX Runtime form, and ``deployment.json`` (the form, the
-    decision). Earlier files are kept, renamed."""
+    decision, and for a compiled form whether it was compiled with Inductor's freezing). Earlier files are
+    kept, renamed."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     record = out / DEPLOYMENT_FILE
@@ -996,7 +1010,8 @@ def save_deployment(
     else:
         inner = module.model if isinstance(module, FrozenInference) else module
         export_program(copy.deepcopy(inner).cpu(), _export_example(example_inputs), program)
-    record.write_text(json.dumps({"program": program.name, **decision.to_dict()}, indent=2) + "\n")
+    freezing = {"freezing": module.freezing} if isinstance(module, FrozenInference) else {}
+    record.write_text(json.dumps({"program": program.name, **freezing, **decision.to_dict()}, indent=2) + "\n")
     return {"program": program, "deployment": record}
 
 
@@ -1021,7 +1036,8 @@ def read_form_record(root: Path, filename: str, saver: str, forms: Sequence[str]
 
 
 def load_deployment(directory: str | Path) -> nn.Module:
-    """Load what :func:`save_deployment` wrote, in the chosen form (compiled again when it was compiled).
+    """Load what :func:`save_deployment` wrote, in the chosen form (compiled again when it was compiled, with
+    Inductor's freezing or without as the gate compiled it).
 
     Raises:
         FileNotFoundError: when the directory holds no ``deployment.json``.
@@ -1037,7 +1053,9 @@ def load_deployment(directory: str | Path) -> nn.Module:
     if suffix == ".onnx":
         return load_onnxruntime(program, record.get("num_threads"))
     module = load_program(program)
-    return compile_for_inference(module) if form.endswith("compiled") else module
+    if not form.endswith("compiled"):
+        return module
+    return compile_for_inference(module, freezing=record.get("freezing") is not False)  # older records: frozen
 
 
 def forms_for(allowed_numerics: Iterable[str]) -> list[str]:

@@ -472,7 +472,7 @@ def _deploy(
             drop,
             serialized_size_bytes(module) / 2**20,
             time.perf_counter() - t0,
-            {"form": decision.form},
+            {"form": decision.form, **({} if winner.freezing is None else {"freezing": winner.freezing})},
             reason=decision.reason,
         )
     )
@@ -584,7 +584,7 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
         program = load_program(directory / file)
         deploy = next((s for s in recipe.get("steps", []) if s.get("name") == "deploy"), None)
         if deploy is not None and _deployed_form(deploy.get("detail") or {}, recipe_path)[1]:
-            return compile_for_inference(program)
+            return compile_for_inference(program, freezing=_freezing(deploy))
         return program
     if fmt == "onnx":
         return load_onnxruntime(directory / file)
@@ -594,11 +594,12 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
         raise ValueError("Safetensors weights load into a model: give a fresh instance of the original architecture.")
     model = model.eval()
     kept = {step.get("name") for step in recipe.get("steps", [])}
-    compiled = False
+    compiled, freezing = False, True
     for step in recipe.get("steps", []):
         name, detail = step.get("name"), step.get("detail") or {}
         if name == "deploy":
             numerics, compiled = _deployed_form(detail, recipe_path)
+            freezing = _freezing(step)
             if numerics == "bf16" and "bf16" not in kept:
                 model = _bf16(model)[0]
             elif numerics == "int8" and "int8" not in kept:
@@ -616,8 +617,14 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
             raise ValueError(f"{recipe_path}: unknown step {name!r} ({detail}).")
     loaded = load_safetensors(model, directory / file).eval()
     if compiled:
-        return compile_for_inference(loaded)
+        return compile_for_inference(loaded, freezing=freezing)
     return loaded
+
+
+def _freezing(deploy: dict[str, Any]) -> bool:
+    """Whether a recipe's ``deploy`` step compiled its form with Inductor's freezing (recipes written before it was
+    recorded: they all did)."""
+    return (deploy.get("detail") or {}).get("freezing") is not False
 
 
 def _deployed_form(detail: dict[str, Any], recipe_path: Path) -> tuple[str, bool]:

@@ -16,7 +16,9 @@ The forms (``FORMS``) are ``"<numerics> <runner>"``:
 - ``bf16``: the float form cast to bfloat16, taking and returning float32;
 - ``int8``: int8 linears (``Int8Tensor``: the model's own after QAT, else torchao dynamic int8 of
   the float form);
-- runner ``eager``: called as it is; ``compiled``: :func:`~lightning_quantum.quantization.compile_for_inference`;
+- runner ``eager``: called as it is; ``compiled``: :func:`~lightning_quantum.quantization.compile_for_inference`
+  (with Inductor's freezing, unless :func:`~lightning_quantum.compiled.freezing_pays` finds the model's int8
+  linears faster without it);
   ``onnxruntime``: exported to ONNX and run by ONNX Runtime on the CPU, its int8 being ONNX Runtime's
   own dynamic quantization of the float form (:mod:`~lightning_quantum.onnx_runtime`; only where the
   ``onnx`` extra is installed, else listed as not installed).

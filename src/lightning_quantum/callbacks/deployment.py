@@ -87,7 +87,8 @@ class DeploymentGate(Callback):
         numerics: the numerics to try: any of ``"float"``, ``"bf16"``, ``"int8"``. ``int8`` is a
             model's own int8 layers after int8 QAT, else torchao dynamic int8 of its float form (after
             int4 QAT: of the weights before conversion, with int8 embedding rows where QAT made them).
-        runners: any of ``"eager"``, ``"compiled"`` (Inductor with freezing) and ``"onnxruntime"``
+        runners: any of ``"eager"``, ``"compiled"`` (Inductor; with freezing unless the model's int8 linears run
+            faster without, see :func:`~lightning_quantum.compiled.freezing_pays`) and ``"onnxruntime"``
             (float and int8 only; listed as not installed without the ``onnx`` extra).
         batch_size: samples per timed batch; the ``OptimizationReport``'s when ``None`` (else 64).
         max_accuracy_drop: the accuracy a form may lose against the model as trained.

@@ -188,10 +188,9 @@ def freezing_pays(model: nn.Module, inputs: Any, *, calls: int = 5, rounds: int 
     ``inputs`` (milliseconds for the DigitsMLP, 0.2-0.6 s for the MiniLM encoder at batch 32), and freezing is
     kept unless ``_int_mm`` is faster in sum. The kernels stand for the compiled forms (the quantization of the
     activations around them is fused either way). A model without int8 linears, off the CPU or without
-    oneDNN's int8 operators keeps freezing, as
-    :func:`compile_for_inference` does by default. (Compiled without freezing, a model of an architecture
-    compiled before also skips Inductor's code generation: its FX graph cache refuses frozen graphs that hold
-    prepacked weights.)
+    oneDNN's int8 operators keeps freezing, as :func:`compile_for_inference` does by default. (Compiled without
+    freezing, a model of an architecture compiled before also skips Inductor's code generation: its FX graph
+    cache refuses frozen graphs that hold prepacked weights.)
 
     Returns:
         ``(freezing, reason)``.

@@ -135,7 +135,7 @@ def test_freezing_is_measured_on_the_shapes_of_the_models_int8_linears(monkeypat
     quantize_dynamic_int8(tokens)
     shapes = compiled._int8_linear_shapes(tokens, (torch.rand(3, 5, 64),))
     assert shapes == {(15, 64, 16): 1, (15, 16, 16): 1}  # every leading dimension counts as rows
-    freezing, reason = freezing_pays(net, torch.rand(8, 64), calls=2, rounds=1)  # both kernels really run
+    freezing, reason = freezing_pays(net, torch.rand(8, 64), repeats=2)  # both kernels really run
     assert isinstance(freezing, bool) and "us in oneDNN's prepacked kernels" in reason
     for prepacked, unpacked, frozen in [(200.0, 120.0, False), (120.0, 200.0, True)]:
         monkeypatch.setattr(compiled, "_int8_kernel_times", lambda *a, t=(prepacked, unpacked): t)

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["dense_values", "is_quantized", "plain_tensors"]
+__all__ = ["dense_values", "int8_linears", "is_quantized", "plain_tensors"]
 
 
 def is_quantized(tensor: Any) -> bool:
@@ -22,6 +22,11 @@ def is_quantized(tensor: Any) -> bool:
         and not isinstance(tensor, DTensor)  # a sharded (FSDP2) weight is a subclass too, but not quantized
         and hasattr(tensor, "__tensor_flatten__")
     )
+
+
+def int8_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears of ``model`` with torchao ``Int8Tensor`` weights (int8 QAT's, or dynamic int8's)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
 
 
 def dense_values(tensor: Tensor) -> Tensor:

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quantum._batches import _call
 from lightning_quantum._modules import module_device
+from lightning_quantum._tensors import int8_linears
 
 # Imported inside the functions that use them: torch._inductor (Inductor's import takes ~2 s).
 
@@ -130,37 +132,32 @@ def _int8_linear_shapes(model: nn.Module, inputs: Any) -> dict[tuple[int, int, i
         key = (x.numel() // x.shape[-1] if x.dim() else 0, module.in_features, module.out_features)
         shapes[key] = shapes.get(key, 0) + 1
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
-    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    hooks = [m.register_forward_pre_hook(record) for m in int8_linears(model)]
     try:
         with torch.inference_mode():
-            if isinstance(inputs, dict):
-                model(**inputs)
-            else:
-                model(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+            _call(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
     return shapes
 
 
-def _median_us(fn: Callable[[], Any], calls: int, rounds: int) -> float:
-    fn()  # warm-up: oneDNN creates its primitive on the first call
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - started) / calls * 1e6)
-    return statistics.median(times)
-
-
 def _int8_kernel_times(
-    shapes: dict[tuple[int, int, int], int], prepack: Any, qlinear: Any, calls: int, rounds: int
+    shapes: dict[tuple[int, int, int], int], prepack: Any, qlinear: Any, repeats: int
 ) -> tuple[float, float]:
     """Microseconds per model call of its int8 linears (``shapes``, see :func:`_int8_linear_shapes`) in oneDNN's
     ``qlinear`` with prepacked weights and in ``torch._int_mm``, timed on int8 data of those shapes (the values
     do not change an int8 kernel's time)."""
+
+    def median_us(fn: Callable[[], Any]) -> float:  # as `benchmark.time_calls_ms`, which imports this module
+        fn()  # untimed: oneDNN creates its primitive on the first call
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e6)
+        return statistics.median(times)
+
     prepacked = unpacked = 0.0
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -171,12 +168,12 @@ def _int8_kernel_times(
             scale, zero = torch.ones(n), torch.zeros(n, dtype=torch.long)
             x_scale, x_zero = torch.tensor(0.02), torch.tensor(0, dtype=torch.int32)
             args = (x, x_scale, x_zero, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [None], "")
-            prepacked += count * _median_us(functools.partial(qlinear, *args), calls, rounds)
-            unpacked += count * _median_us(functools.partial(torch._int_mm, x, w_t), calls, rounds)
+            prepacked += count * median_us(functools.partial(qlinear, *args))
+            unpacked += count * median_us(functools.partial(torch._int_mm, x, w_t))
     return prepacked, unpacked
 
 
-def freezing_pays(model: nn.Module, inputs: Any, *, calls: int = 5, rounds: int = 3) -> tuple[bool, str]:
+def freezing_pays(model: nn.Module, inputs: Any, *, repeats: int = 15) -> tuple[bool, str]:
     """Whether ``model`` should be compiled with Inductor's freezing, as measured here, and why.
 
     Freezing is what lets Inductor prepack int8 weights for oneDNN: on the CPU it compiles each int8 linear
@@ -205,7 +202,7 @@ def freezing_pays(model: nn.Module, inputs: Any, *, calls: int = 5, rounds: int 
     shapes = _int8_linear_shapes(model, inputs)
     if not shapes:
         return True, "freezing: no int8 linears"
-    prepacked, unpacked = _int8_kernel_times(shapes, prepack, qlinear, calls, rounds)
+    prepacked, unpacked = _int8_kernel_times(shapes, prepack, qlinear, repeats)
     figures = f"its int8 linears took {prepacked:.0f} us in oneDNN's prepacked kernels, {unpacked:.0f} us in `_int_mm`"
     if unpacked < prepacked:
         return False, f"compiled without freezing: {figures}"

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from lightning_quantum._batches import _call, _gather_inputs, _leading_dim, _rebatch, _to_device, split_batch
 from lightning_quantum._cache import cache_root, write_whole
 from lightning_quantum._modules import eval_mode, module_device
-from lightning_quantum._tensors import is_quantized
+from lightning_quantum._tensors import int8_linears, is_quantized
 from lightning_quantum._validation import check_finite, check_non_negative, check_positive
 from lightning_quantum.benchmark import _sync, _threads, percentile, serialized_size_bytes
 from lightning_quantum.compiled import FrozenInference, compile_for_inference, freezing_pays
@@ -189,7 +189,7 @@ class DeploymentDecision:
 
 
 def _is_int8(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor" for m in model.modules())
+    return bool(int8_linears(model))
 
 
 def _has_quantized_weights(model: nn.Module) -> bool:
@@ -1057,7 +1057,13 @@ def load_deployment(directory: str | Path) -> nn.Module:
     module = load_program(program)
     if not form.endswith("compiled"):
         return module
-    return compile_for_inference(module, freezing=record.get("freezing") is not False)  # older records: frozen
+    return compile_for_inference(module, freezing=recorded_freezing(record))
+
+
+def recorded_freezing(record: dict[str, Any]) -> bool:
+    """Whether a record of a compiled form (``deployment.json``, a recipe's deploy step) says it was compiled with
+    Inductor's freezing; records written before the choice was recorded were all frozen."""
+    return record.get("freezing") is not False
 
 
 def forms_for(allowed_numerics: Iterable[str]) -> list[str]:

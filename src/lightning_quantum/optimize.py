@@ -37,7 +37,14 @@ from lightning_quantum.benchmark import (
     serialized_size_bytes,
 )
 from lightning_quantum.compiled import FrozenInference, compile_for_inference
-from lightning_quantum.deployment import FORMS, CastInputs, choose_deployment, forms_for, trained_form
+from lightning_quantum.deployment import (
+    FORMS,
+    CastInputs,
+    choose_deployment,
+    forms_for,
+    recorded_freezing,
+    trained_form,
+)
 from lightning_quantum.levels import OptimizationLevel, deployment_numerics, deployment_setting, level_definition
 from lightning_quantum.models.causal_lm import CausalLM, LabelledBlocks, token_log_likelihood
 from lightning_quantum.onnx_runtime import OnnxRuntimeModule, load_onnxruntime
@@ -584,7 +591,7 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
         program = load_program(directory / file)
         deploy = next((s for s in recipe.get("steps", []) if s.get("name") == "deploy"), None)
         if deploy is not None and _deployed_form(deploy.get("detail") or {}, recipe_path)[1]:
-            return compile_for_inference(program, freezing=_freezing(deploy))
+            return compile_for_inference(program, freezing=recorded_freezing(deploy.get("detail") or {}))
         return program
     if fmt == "onnx":
         return load_onnxruntime(directory / file)
@@ -599,7 +606,7 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
         name, detail = step.get("name"), step.get("detail") or {}
         if name == "deploy":
             numerics, compiled = _deployed_form(detail, recipe_path)
-            freezing = _freezing(step)
+            freezing = recorded_freezing(detail)
             if numerics == "bf16" and "bf16" not in kept:
                 model = _bf16(model)[0]
             elif numerics == "int8" and "int8" not in kept:
@@ -619,12 +626,6 @@ def load_optimized(model: nn.Module | None, directory: str | Path) -> nn.Module:
     if compiled:
         return compile_for_inference(loaded, freezing=freezing)
     return loaded
-
-
-def _freezing(deploy: dict[str, Any]) -> bool:
-    """Whether a recipe's ``deploy`` step compiled its form with Inductor's freezing (recipes written before it was
-    recorded: they all did)."""
-    return (deploy.get("detail") or {}).get("freezing") is not False
 
 
 def _deployed_form(detail: dict[str, Any], recipe_path: Path) -> tuple[str, bool]:

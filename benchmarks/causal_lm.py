@@ -10,15 +10,19 @@
    have trained equally long:
    - **float**: plain training; its perplexity is the fp32 figure; then post-training quantization of its
      weights to int4 (torchao ``IntxWeightOnlyConfig(int4, PerGroup(32))`` on every linear, int8 rows on
-     the embedding table), with torchao's affine ranges (``PTQ int4``) and with HQQ's scale-only ranges
-     (``HQQ int4``, torchao's CPU HQQ);
+     the embedding table), with torchao's affine ranges (``PTQ int4``), with HQQ's scale-only ranges
+     (``HQQ int4``, torchao's CPU HQQ) and with the affine ranges and GPTQ's rounding, measured on the
+     recipe's ``rounding_batches`` training batches (``GPTQ int4``, ``quantize_weights_int4(algorithm="gptq")``:
+     torchao's GPTQ runs on CUDA only);
    - **QAT**: int4 weight-only fake quantization of the same layers and int8 of the embedding table
      from half-way through the branch, as ``lq-train experiment=gpt_cpython level=quantum`` runs it
      (``QuantizationAwareTraining(..., start_step=None)`` with the experiment's ``callbacks.qat``
      settings, read from ``conf/experiment/gpt_cpython.yaml``: group size, embeddings, range
-     freezing), then conversion to the same int4 form; PTQ uses the same group size.
+     freezing, rounding at conversion), then conversion to the same int4 form; PTQ uses the same group
+     size. The same trained weights are also converted with the other rounding (``qat_int4`` holds
+     ``nearest_ppl`` and ``gptq_ppl``), so the two roundings are compared on one QAT run.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)``: the share of PTQ's perplexity loss QAT wins
-   back (torchao reports 68% on wikitext for Llama-3), against the better of the two PTQ peers too.
+   back (torchao reports 68% on wikitext for Llama-3), against each PTQ peer.
 4. Size of each form (serialized bytes), decode speed at batch 1 (greedy, 64 new tokens, KV cache) two ways:
    Hugging Face ``generate`` in eager mode (``decode_tokens_per_s``) and the deployed decode loop,
    ``StaticCacheDecoder`` (a fixed-size KV cache, compiled one-token step: ``static_decode_tokens_per_s``,
@@ -54,14 +58,18 @@ from torch import nn
 
 from lightning_quantum.benchmark import serialized_size_bytes
 from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
+from lightning_quantum.callbacks._common import detached_copy
 from lightning_quantum.data import TextLMDataModule
 from lightning_quantum.distillation import DistillationModule, causal_lm_student
 from lightning_quantum.models import CausalLM, evaluate_perplexity, prefill_latency_ms
 from lightning_quantum.models.decoding import decoder_form, generate_exactly, time_decoding
 from lightning_quantum.quantization import (
+    convert_qat,
     dequantize_linears,
     quantize_weights_int4,
+    set_fake_quant_enabled,
 )
+from lightning_quantum.quantization.gptq import gptq_round_prepared
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 EXPERIMENT = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "gpt_cpython.yaml"
@@ -101,7 +109,9 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, 
     )
     steps = args.ultra_steps
     pruning = Pruning(method="nm", nm="2:4", names=["*mlp*"], start_step=0, end_step=0, frequency=1)
-    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=steps // 2)
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=32, embeddings=True, start_step=steps // 2, rounding="gptq"
+    )
     seconds = _fit(module, data, steps, [pruning, qat])
     test = data.test_dataloader()
     out = {"fit_seconds": seconds, "layers_from_teacher": chosen, "ppl": evaluate_perplexity(student, test)}
@@ -163,6 +173,34 @@ def _decode_ratios(figures: dict, prefix: str, basic: dict) -> dict[str, float]:
     return ratios
 
 
+class _OtherRounding(pl.Callback):
+    """Put before ``qat`` in the callbacks: at fit end, just before ``qat`` converts, converts a copy of the
+    trained model with the rounding ``qat`` does not use (the calibration batches of the training loader),
+    and measures its perplexity on ``held_out``."""
+
+    def __init__(self, qat: QuantizationAwareTraining, held_out: object) -> None:
+        self.qat, self.held_out, self.ppl = qat, held_out, float("nan")
+        self.rounding = "nearest" if qat.rounding == "gptq" else "gptq"
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = trainer.datamodule  # type: ignore[attr-defined]
+        twin = converted_copy(pl_module, self.qat, self.rounding, data)
+        self.ppl = evaluate_perplexity(twin, self.held_out)
+
+
+def converted_copy(
+    model: pl.LightningModule, qat: QuantizationAwareTraining, rounding: str, data: TextLMDataModule
+) -> pl.LightningModule:
+    """A copy of ``model``, prepared and trained by ``qat``, converted as ``qat`` would with ``rounding``
+    (``"gptq"``: measured on ``qat.rounding_batches`` batches of ``data``'s training loader)."""
+    twin = detached_copy(model)
+    set_fake_quant_enabled(twin, True)
+    if rounding == "gptq":
+        gptq_round_prepared(twin, data.train_dataloader(), max_batches=qat.rounding_batches)
+    convert_qat(twin, qat.scheme, group_size=qat.group_size)
+    return twin
+
+
 def _ptq_against_qat(
     result: dict, state: dict, data: TextLMDataModule, args: argparse.Namespace, decoders: dict
 ) -> None:
@@ -175,26 +213,32 @@ def _ptq_against_qat(
         "ppl": evaluate_perplexity(floating, test),
     }
     recipe = qat_recipe()
+    if args.quick:
+        recipe["group_size"] = 32  # the tiny model is 32 wide
     result["qat_recipe"] = recipe
-    for name, algorithm in (("ptq_int4", "affine"), ("hqq_int4", "hqq_scale_only")):
-        # a copy with int4 linears and int8 embedding rows, by torchao's PTQ
-        quantized = quantize_weights_int4(floating, group_size=recipe["group_size"], algorithm=algorithm)
+    for name, algorithm in (("ptq_int4", "affine"), ("hqq_int4", "hqq_scale_only"), ("gptq_int4", "gptq")):
+        # a copy with int4 linears and int8 embedding rows, by torchao's PTQ (GPTQ: its rounding, ours)
+        calibration = {"calibration": data.train_dataloader()} if algorithm == "gptq" else {}
+        quantized = quantize_weights_int4(floating, group_size=recipe["group_size"], algorithm=algorithm, **calibration)
         result[name] = {"ppl": evaluate_perplexity(quantized, test), "bytes": serialized_size_bytes(quantized.model)}
 
     qat = _model(data, args, lr=5e-4)
     qat.load_state_dict(state)
     callback = QuantizationAwareTraining(**recipe)  # converted at fit end
+    other = _OtherRounding(callback, test)  # the same weights converted with the other rounding
     result["qat_int4"] = {
-        "fit_seconds": _fit(qat, data, args.finetune_steps, [callback]),
+        "fit_seconds": _fit(qat, data, args.finetune_steps, [other, callback]),
         "float_weights_ppl": evaluate_perplexity(callback.float_model, test),
         "ppl": evaluate_perplexity(qat, test),
         "bytes": serialized_size_bytes(qat.model),
     }
+    rounding = recipe.get("rounding", "nearest")
+    result["qat_int4"] |= {f"{rounding}_ppl": result["qat_int4"]["ppl"], f"{other.rounding}_ppl": other.ppl}
     result["qat_int4"] |= _prefill(qat, data)
     decoders["qat_int4"] = qat
 
     fp32, qat_ppl = result["fp32"]["ppl"], result["qat_int4"]["ppl"]
-    for peer in ("ptq_int4", "hqq_int4"):
+    for peer in ("ptq_int4", "hqq_int4", "gptq_int4"):
         lost = result[peer]["ppl"] - fp32
         result[peer]["qat_recovery"] = (result[peer]["ppl"] - qat_ppl) / lost if lost > 0 else None
     result["qat_int4"]["size_vs_basic"] = result["qat_int4"]["bytes"] / result["basic"]["bytes"]

@@ -9,6 +9,8 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
         --out benchmarks/results/qat_recovery_val.json
     python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 --learn-scales 0 1e-5 1e-4 --split val \
         --out benchmarks/results/qat_recovery_learned_scales.json
+    python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 --rounding nearest gptq \
+        --out benchmarks/results/qat_recovery_gptq.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: its recipe, one order of the training batches.
 This one asks how far such a figure is from noise:
@@ -27,7 +29,11 @@ This one asks how far such a figure is from noise:
    variant with fixed ranges runs once per rate: from the step the ranges are fixed, their scales become
    trainable parameters (a parameter group of their own, peak rate ``LR``, no weight decay, the same
    schedule), as in LSQ; ``0`` keeps them fixed. This is an experiment of this script (one process; the
-   library's ``QuantizationAwareTraining`` does not learn ranges).
+   library's ``QuantizationAwareTraining`` does not learn ranges). ``--rounding`` converts each trained
+   QAT branch once per rounding: ``nearest`` (what fake quantization did) and ``gptq``
+   (``QuantizationAwareTraining(rounding="gptq")``: GPTQ's rounding onto the same ranges, measured on 16
+   training batches); with ``gptq``, the float branch also gets GPTQ PTQ (``quantize_weights_int4(
+   algorithm="gptq")``) at each group size, whose perplexity is listed beside PTQ's.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles. Perplexity is that of ``--split`` (``test`` by default; ``val`` to choose a recipe without
    looking at the test documents).
@@ -43,7 +49,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from causal_lm import _fit, _model
+from causal_lm import _fit, _model, converted_copy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -108,16 +114,23 @@ def _held_out(data: TextLMDataModule, split: str) -> DataLoader:
 
 def _qat_branch(
     state: dict, data: TextLMDataModule, args: argparse.Namespace, variant: tuple[int, int, int | None, float]
-) -> float:
+) -> dict[str, float]:
+    """One QAT branch, trained once and converted with each ``--rounding``: the perplexity of each."""
     group, start, after, rate = variant
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
     freeze = None if after is None else start + after
     qat = QuantizationAwareTraining(
-        scheme="int4_weight_only", group_size=group, embeddings=True, start_step=start, freeze_ranges_step=freeze
+        scheme="int4_weight_only",
+        group_size=group,
+        embeddings=True,
+        start_step=start,
+        freeze_ranges_step=freeze,
+        convert_on_fit_end=False,
     )
     _fit(model, data, args.finetune_steps, [qat, _LearnedScales(rate)] if rate else [qat])
-    return evaluate_perplexity(model, _held_out(data, args.split))
+    held_out = _held_out(data, args.split)
+    return {r: evaluate_perplexity(converted_copy(model, qat, r, data), held_out) for r in args.rounding}
 
 
 def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, seed: int) -> dict:
@@ -129,6 +142,10 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
     row: dict = {"seed": seed, "fp32": evaluate_perplexity(floating, held_out), "ptq": {}, "qat": {}}
     for group in sorted({32, *args.groups}):
         row["ptq"][group] = evaluate_perplexity(quantize_weights_int4(floating, group_size=group), held_out)
+        if "gptq" in args.rounding:
+            loader = data.train_dataloader()
+            gptq = quantize_weights_int4(floating, group_size=group, algorithm="gptq", calibration=loader)
+            row.setdefault("ptq_gptq", {})[group] = evaluate_perplexity(gptq, held_out)
     half = args.finetune_steps // 2
     starts = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
     variants = [
@@ -143,10 +160,11 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
             name += f", ranges fixed {after} steps later"
         if rate:
             name += f", scales learned at rate {rate:g}"
-        ppl = _qat_branch(state, data, args, (group, start, after, rate))
         lost = row["ptq"][group] - row["fp32"]
-        row["qat"][name] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
-        print(json.dumps({"seed": seed, name: row["qat"][name]}), flush=True)
+        for rounding, ppl in _qat_branch(state, data, args, (group, start, after, rate)).items():
+            label = name + (", converted with GPTQ rounding" if rounding == "gptq" else "")
+            row["qat"][label] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
+            print(json.dumps({"seed": seed, label: row["qat"][label]}), flush=True)
     return row
 
 
@@ -190,6 +208,13 @@ def main() -> None:
         nargs="+",
         default=[0.0],
         help="peak learning rates of the frozen scales (0: fixed); several: each fixed-range variant with each",
+    )
+    parser.add_argument(
+        "--rounding",
+        choices=("nearest", "gptq"),
+        nargs="+",
+        default=["nearest"],
+        help="how each QAT branch is converted (several: each, from the same trained weights)",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the held-out split to measure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="shuffles of the training batches")

@@ -30,10 +30,10 @@ This one asks how far such a figure is from noise:
    trainable parameters (a parameter group of their own, peak rate ``LR``, no weight decay, the same
    schedule), as in LSQ; ``0`` keeps them fixed. This is an experiment of this script (one process; the
    library's ``QuantizationAwareTraining`` does not learn ranges). ``--rounding`` converts each trained
-   QAT branch once per rounding: ``nearest`` (what fake quantization did) and ``gptq``
-   (``QuantizationAwareTraining(rounding="gptq")``: GPTQ's rounding onto the same ranges, measured on 16
-   training batches); with ``gptq``, the float branch also gets GPTQ PTQ (``quantize_weights_int4(
-   algorithm="gptq")``) at each group size, whose perplexity is listed beside PTQ's.
+   QAT branch once per rounding: ``nearest`` (what fake quantization did, and the callback does) and
+   ``gptq`` (GPTQ's rounding onto the same ranges, measured on 16 training batches: an experiment of this
+   script); with ``gptq``, the float branch also gets GPTQ PTQ (``quantize_weights_int4(algorithm="gptq")``)
+   at each group size, whose perplexity is listed beside PTQ's.
 3. ``recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp32 ppl)`` per branch, and its mean and range over the
    shuffles. Perplexity is that of ``--split`` (``test`` by default; ``val`` to choose a recipe without
    looking at the test documents).

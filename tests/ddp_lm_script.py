@@ -1,5 +1,5 @@
-"""Run by tests/test_causal_lm.py: the tiny causal LM with int4 QAT (converted with GPTQ's rounding) under
-2-process CPU DDP (gloo); each rank writes a digest of its weights and the validation perplexity it logged."""
+"""Run by tests/test_causal_lm.py: the tiny causal LM with int4 QAT under 2-process CPU DDP (gloo); each
+rank writes a digest of its weights and the validation perplexity it logged."""
 
 import hashlib
 import json
@@ -19,11 +19,7 @@ pl.seed_everything(0)
 data = TextLMDataModule(batch_size=4, context=32, vocab_size=512, sources=["topics"], tokenizer_dir=str(out / "tok"))
 data.setup()  # every rank trains (or reads) the tokenizer: the same file, written whole by each
 model = CausalLM(**data.tokenizer_config(), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, context=32)
-# GPTQ rounding at conversion: each rank measures its own batches, and the sums are shared, so the ranks
-# convert to the same codes.
-qat = QuantizationAwareTraining(
-    scheme="int4_weight_only", group_size=32, embeddings=True, start_step=2, rounding="gptq", rounding_batches=2
-)
+qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=2)
 kwargs = ddp_trainer_kwargs(out, max_epochs=1, limit_train_batches=6, limit_val_batches=None, callbacks=[qat])
 trainer = pl.Trainer(**kwargs)
 trainer.fit(model, data)

@@ -14,7 +14,6 @@ from tests.conftest import finish_distributed, fsdp2_digits, fsdp2_script_parser
 
 parser = fsdp2_script_parser()
 parser.add_argument("--convert", action="store_true")
-parser.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"))
 args = parser.parse_args()
 
 
@@ -39,9 +38,7 @@ test_set = data.test_dataloader().dataset
 fixed = torch.stack([test_set[i][0] for i in range(64)])  # the same inputs on every rank and in one process
 start = AtStart()
 model = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
-qat = QuantizationAwareTraining(
-    start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert, rounding=args.rounding
-)
+qat = QuantizationAwareTraining(start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert)
 sharded = args.mode == "fsdp2"
 trainer = pl.Trainer(**fsdp2_trainer_kwargs(args, callbacks=[qat, start]))
 trainer.fit(model, data)
@@ -50,7 +47,6 @@ if args.convert:
     if trainer.is_global_zero:
         converted = qat.converted_model if sharded else model.net
         result["accuracy"] = torch.tensor(evaluate_accuracy(converted, data.test_dataloader()))
-        result["rounded_layers"] = qat.rounded_layers
         if sharded:  # the consolidated file reloads into a fresh, converted model: safetensors, no pickle
             fresh = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
             prepare_qat(fresh, qat.scheme)

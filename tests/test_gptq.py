@@ -1,17 +1,13 @@
-"""GPTQ rounding onto fixed grids: the algorithm, int4 PTQ with it, and QAT's conversion with it."""
+"""GPTQ rounding onto fixed grids: the algorithm, and int4 PTQ with it."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_quantum.callbacks import QuantizationAwareTraining
 from lightning_quantum.quantization import prepare_qat, quantize_weights_int4, set_fake_quant_enabled
 from lightning_quantum.quantization.gptq import gptq_round, gptq_round_prepared
 from lightning_quantum.quantization.qat import freeze_weight_ranges
-from tests.conftest import trainer_kwargs
-from tests.test_causal_lm import _trained_tiny_lm, tiny_data, tiny_lm
+from tests.test_causal_lm import _trained_tiny_lm
 
 
 def _frozen_int4_linear(in_features=128, out_features=16, group_size=32):
@@ -98,42 +94,3 @@ def test_gptq_ptq_of_the_lm_follows_the_float_model_more_closely_than_min_max_ro
         quantize_weights_int4(model, algorithm="gptq")
     with pytest.raises(ValueError, match=r"`algorithm`='affine' with `calibration`=given"):
         quantize_weights_int4(model, calibration=loader)
-
-
-def _qat_fit(tmp_path, rounding):
-    data = tiny_data(tmp_path / "tok")
-    torch.manual_seed(0)
-    model = tiny_lm(data)
-    qat = QuantizationAwareTraining(
-        scheme="int4_weight_only",
-        group_size=32,
-        start_step=2,
-        freeze_ranges_step=0,
-        rounding=rounding,
-        rounding_batches=3,
-    )
-    pl.Trainer(**trainer_kwargs(tmp_path / rounding, max_steps=6, callbacks=[qat])).fit(model, data)
-    batch = next(iter(data.train_dataloader()))
-    with torch.no_grad():
-        return qat, model(batch), qat.float_model(batch)
-
-
-def test_qat_converts_with_gptq_rounding_closer_to_its_trained_float_weights(tmp_path):
-    """Two identical fits, converted with each rounding: the same trained float weights, and GPTQ's
-    converted model follows them more closely than the round-to-nearest one."""
-    nearest_qat, nearest, float_nearest = _qat_fit(tmp_path, "nearest")
-    gptq_qat, gptq, float_gptq = _qat_fit(tmp_path, "gptq")
-    assert torch.equal(float_nearest, float_gptq)
-    assert gptq_qat.phase == "converted"
-    assert gptq_qat.report_extra(None)["quantization"]["rounding"] == "gptq"  # type: ignore[arg-type]
-    assert (gptq_qat.rounded_layers, nearest_qat.rounded_layers) == (len(gptq_qat.layers) - 1, 0)  # the table: rows
-    error_gptq = (gptq - float_gptq).pow(2).sum().item()
-    error_nearest = (nearest - float_nearest).pow(2).sum().item()
-    assert error_gptq < error_nearest, (error_gptq, error_nearest)
-
-
-def test_qat_refuses_an_unknown_rounding_and_a_bad_number_of_batches():
-    with pytest.raises(MisconfigurationException, match=r"`rounding`='stochastic' is not valid.*'nearest', 'gptq'"):
-        QuantizationAwareTraining(rounding="stochastic")  # type: ignore[arg-type]
-    with pytest.raises(MisconfigurationException, match=r"`rounding_batches`=0"):
-        QuantizationAwareTraining(rounding="gptq", rounding_batches=0)

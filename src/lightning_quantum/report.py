@@ -89,8 +89,6 @@ class QuantizationFigures(TypedDict):
     group_size: int
     phase: str
     layers: int
-    rounding: str  # how conversion rounded the weights: "nearest" or "gptq"
-    rounded_layers: int  # layers GPTQ rounded (0 with "nearest")
 
 
 class StaticQuantizationFigures(TypedDict):

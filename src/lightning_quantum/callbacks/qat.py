@@ -21,7 +21,6 @@ from lightning_quantum.callbacks._common import find_callback, inference_copy, o
 from lightning_quantum.callbacks.pruning import Pruning
 from lightning_quantum.fsdp import FSDP2Strategy
 from lightning_quantum.quantization.export import save_safetensors
-from lightning_quantum.quantization.gptq import gptq_round_prepared
 from lightning_quantum.quantization.qat import (
     convert_qat,
     dequantize_linears,
@@ -39,9 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["QuantizationAwareTraining"]
 
 Phase = Literal["float", "prepared", "converted"]
-
-#: How conversion rounds the trained weights onto their grids.
-ROUNDINGS = ("nearest", "gptq")
 
 
 class QuantizationAwareTraining(Callback):
@@ -74,13 +70,6 @@ class QuantizationAwareTraining(Callback):
             ``0`` fixes them when fake quantization begins, wherever ``start_step``, ``start_epoch`` or
             ``start_after_pruning`` put that. ``None`` keeps them dynamic to the end.
         convert_on_fit_end: convert to the real quantized model when fit ends.
-        rounding: how conversion puts each trained weight on its grid: ``"nearest"`` (what fake
-            quantization did during training) or ``"gptq"``: GPTQ's rounding (see
-            :mod:`lightning_quantum.quantization.gptq`) onto the same grids (ranges not fixed yet are fixed
-            then), measured on ``rounding_batches`` batches of the training loader, which keeps each layer's
-            outputs closer to those of the trained float weights. Under DDP the measurements of all
-            processes are summed, so every process converts alike.
-        rounding_batches: training batches GPTQ measures each layer's inputs on (``rounding="gptq"``).
         names: ``fnmatch`` patterns of the linear layers (and tables) to quantize; all when ``None``.
         ignore: ``fnmatch`` patterns of layers to keep in full precision (the classifier head, say).
         embeddings: also train ``nn.Embedding`` tables with int8 fake quantization (one scale per row) and
@@ -106,16 +95,12 @@ class QuantizationAwareTraining(Callback):
         start_after_pruning: bool = False,
         freeze_ranges_step: int | None = None,
         convert_on_fit_end: bool = True,
-        rounding: Literal["nearest", "gptq"] = "nearest",
-        rounding_batches: int = 16,
         names: Sequence[str] | None = None,
         ignore: Sequence[str] = (),
         embeddings: bool = True,
     ) -> None:
         err = MisconfigurationException
         check_choice("scheme", scheme, QAT_SCHEMES, error=err)
-        check_choice("rounding", rounding, ROUNDINGS, error=err)
-        check_positive_int("rounding_batches", rounding_batches, error=err)
         if not isinstance(embeddings, bool):
             raise err(f"`embeddings`={embeddings!r} is not valid. It must be True or False.")
         check_positive_int("group_size", group_size, error=err)
@@ -138,10 +123,6 @@ class QuantizationAwareTraining(Callback):
         self.start_epoch = start_epoch
         self.freeze_ranges_step = freeze_ranges_step
         self.convert_on_fit_end = convert_on_fit_end
-        self.rounding = rounding
-        self.rounding_batches = rounding_batches
-        #: layers whose weights GPTQ rounded at the last conversion (0: rounded to nearest, or not converted)
-        self.rounded_layers = 0
         self.names = list(names) if names is not None else None
         self.ignore = list(ignore)
         self.embeddings = embeddings
@@ -207,7 +188,6 @@ class QuantizationAwareTraining(Callback):
             # The float weights before conversion: the DeploymentGate's float form, the report's reference.
             self.float_model = inference_copy(pl_module)
             self._set_enabled(pl_module, True)
-            self._round(trainer, pl_module)
             convert_qat(pl_module, self.scheme, group_size=self.group_size)
             self.phase = "converted"
             self._watch_for_float_checkpoints(pl_module)
@@ -250,8 +230,6 @@ class QuantizationAwareTraining(Callback):
                 "group_size": self.group_size,
                 "phase": self.phase,
                 "layers": len(self.layers),
-                "rounding": self.rounding,
-                "rounded_layers": self.rounded_layers,
             }
         }
 
@@ -282,33 +260,12 @@ class QuantizationAwareTraining(Callback):
         if model is not None:
             set_fake_quant_enabled(model, True)
             self.float_model = inference_copy(model)
-            self._round(trainer, model, across_processes=False)  # rank zero alone holds the whole model
             convert_qat(model, self.scheme, group_size=self.group_size)
             self.converted_model = model.eval()
             self.converted_path = save_safetensors(model, out)
             rank_zero_info(f"QAT: converted {len(self.layers)} layers to {self.scheme}, whole on rank zero: {out}")
         self._skeleton = None
         self.phase = "converted"
-
-    def _round(self, trainer: pl.Trainer, model: torch.nn.Module, across_processes: bool = True) -> None:
-        """With ``rounding="gptq"``, put the weights on their grids by GPTQ before conversion."""
-        if self.rounding != "gptq":
-            return
-        source = getattr(trainer, "datamodule", None) or trainer.lightning_module
-        batches = 1 if trainer.fast_dev_run else self.rounding_batches  # type: ignore[attr-defined]
-        strategy = trainer.strategy
-        reduce = (
-            (lambda t: strategy.reduce(t, reduce_op="sum"))  # type: ignore[arg-type]
-            if across_processes and trainer.world_size > 1
-            else None
-        )
-        try:
-            self.rounded_layers = gptq_round_prepared(
-                model, source.train_dataloader(), max_batches=batches, reduce=reduce
-            )
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
-        rank_zero_info(f"QAT: {self.rounded_layers} layers rounded by GPTQ, measured on {batches} training batches")
 
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
         if self.start_epoch is not None:

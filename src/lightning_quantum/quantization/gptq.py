@@ -6,11 +6,12 @@ rounds the input columns of a layer in order and moves the error of each rounded
 columns not yet rounded, weighted by the inverse of the Hessian ``X^T X`` of the layer's inputs ``X``
 on calibration data, so that the layer's outputs ``X W^T`` stay closer to those of the float weights.
 
-Here the grids are fixed before rounding: they are the fake quantizers' scales and zero points (frozen by
-QAT, or computed from the weights for post-training use), so the rounded weights are points of the grid
-that conversion (``convert_qat``) quantizes with, and conversion stores exactly the codes GPTQ chose.
-torchao 0.18 has a GPTQ (``torchao.prototype.gptq``), but it runs on CUDA only, chooses its own scales
-and needs the ``mslk`` package for int4; this one takes the grids QAT trained against.
+Here the grids are fixed before rounding: they are the fake quantizers' scales and zero points (computed
+from the weights, or frozen by QAT), so the rounded weights are points of the grid that conversion
+(``convert_qat``) quantizes with, and conversion stores exactly the codes GPTQ chose. Int4 PTQ uses it as
+``quantize_weights_int4(algorithm="gptq")``. torchao 0.18 has a GPTQ (``torchao.prototype.gptq``), but it
+runs on CUDA only, chooses its own scales and needs the ``mslk`` package for int4; this one runs on the CPU
+and rounds onto the grids it is given.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ def gptq_round_prepared(
     *,
     max_batches: int = 16,
     damping: float = 0.01,
-    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> int:
     """Round the weights of ``model``'s fake-quantized linears onto their grids with GPTQ, in place; return
     how many layers.
@@ -148,8 +148,11 @@ def gptq_round_prepared(
     :func:`~lightning_quantum.quantization.convert_qat` quantizes onto the same grids: it then stores
     GPTQ's codes, and the fake-quantized model computes what the converted one will. The Hessians come from
     up to ``max_batches`` batches of ``batches`` (loader batches: a tensor, ``(inputs, targets)``, ...), run
-    through the model as it is (each layer sees the inputs of the fake-quantized layers before it);
-    ``reduce`` (a sum over processes, under DDP) makes every process round the same way.
+    through the model as it is (each layer sees the inputs of the fake-quantized layers before it).
+
+    GPTQ keeps each layer's outputs close to those of its float weights as they are: after QAT that is
+    the latent weights, not the fake-quantized model QAT trained, so it helps only where the latent
+    weights are themselves the better model (see ``docs/causal_lm.md``).
 
     Raises:
         ValueError: when ``batches`` yields nothing, or ``model`` has no fake-quantized linear.
@@ -168,7 +171,7 @@ def gptq_round_prepared(
     if not seen:
         raise ValueError("GPTQ rounding needs calibration batches, and the loader gave none.")
     for name, layer in layers.items():
-        hessian = reduce(sums.pop(name)) if reduce is not None else sums.pop(name)
+        hessian = sums.pop(name)
         quantizer: Any = layer.weight_fake_quantizer
         quant_min, quant_max = _DTYPE_TO_QVALUE_BOUNDS[quantizer.config.dtype]
         rounded = gptq_round(

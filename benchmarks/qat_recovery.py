@@ -10,7 +10,7 @@ r"""How much of int4 PTQ's perplexity loss QAT wins back on the CPython LM, by g
     python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 --learn-scales 0 1e-5 1e-4 --split val \
         --out benchmarks/results/qat_recovery_learned_scales.json
     python benchmarks/qat_recovery.py --groups 64 --starts --freeze-after 0 --rounding nearest gptq \
-        --out benchmarks/results/qat_recovery_gptq.json
+        --out benchmarks/results/qat_recovery_gptq_test.json
 
 ``benchmarks/causal_lm.py`` gives one recovery figure: its recipe, one order of the training batches.
 This one asks how far such a figure is from noise:

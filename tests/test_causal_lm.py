@@ -316,7 +316,8 @@ def test_optimize_quantizes_an_lm_to_int4_and_rolls_back_on_perplexity():
     measure = dict(level="quantum", eval_data=data, metric=token_log_likelihood, weights="int4", deploy=False)
     result = lq.optimize(model, **measure, repeats=2)
     (step,) = result.steps
-    assert step.name == "int4" and step.kept and step.detail == {"weights": "int4", "group_size": 32}
+    assert step.name == "int4" and step.kept
+    assert step.detail == {"weights": "int4", "group_size": 32, "algorithm": "affine"}
     assert math.isclose(math.exp(-result.before.accuracy), evaluate_perplexity(model, loader), rel_tol=1e-5)
     assert math.isclose(math.exp(-step.accuracy), evaluate_perplexity(result.model, loader), rel_tol=1e-5)
     assert result.after.model_size_bytes < 0.35 * result.before.model_size_bytes
@@ -328,6 +329,13 @@ def test_optimize_quantizes_an_lm_to_int4_and_rolls_back_on_perplexity():
         assert lq.optimize(model, **measure, repeats=2, max_accuracy_drop=0.0).steps[0].kept
     with pytest.raises(ValueError, match=r"`weights`='int2' is not valid. Choose one of: 'int8', 'int4'"):
         lq.optimize(model, **{**measure, "weights": "int2"})
+    gptq = lq.optimize(model, **measure, repeats=2, calibration_data=loader, int4_algorithm="gptq")
+    assert gptq.steps[0].detail["algorithm"] == "gptq"
+    assert gptq.steps[0].accuracy >= step.accuracy  # GPTQ's rounding keeps the log-likelihood at least as high
+    with pytest.raises(ValueError, match=r"`int4_algorithm`='gptq' measures the layers' inputs on `calibration_data`"):
+        lq.optimize(model, **measure, int4_algorithm="gptq")
+    with pytest.raises(ValueError, match=r"`int4_algorithm`='rtn' is not valid. Choose one of: 'affine'"):
+        lq.optimize(model, **measure, int4_algorithm="rtn")
 
 
 def test_hyperparameters_from_a_hydra_config_are_saved_as_plain_values(tmp_path):

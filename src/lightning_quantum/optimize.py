@@ -60,6 +60,7 @@ from lightning_quantum.pruning.slimming import (
 )
 from lightning_quantum.pruning.slimming import slim_model as slim_layers
 from lightning_quantum.quantization import (
+    INT4_ALGORITHMS,
     quantize_dynamic_int8,
     quantize_static_int8,
     quantize_weights_bnb,
@@ -167,6 +168,18 @@ def _prune(model: nn.Module, amount: float, method: str, slim: bool, example_inp
     return {"method": method, "amount": amount, "slimmed": False, "kept_outputs": sorted(outputs)}
 
 
+def _int4(
+    model: nn.Module, group_size: int, algorithm: str, calibration_data: Iterable[Any] | None, batches: int
+) -> nn.Module:
+    return quantize_weights_int4(
+        model,
+        group_size=group_size,
+        algorithm=algorithm,
+        calibration=calibration_data if algorithm == "gptq" else None,
+        calibration_batches=batches,
+    )
+
+
 def _int8(model: nn.Module, calibration_data: Iterable[Any] | None, calibration_batches: int) -> tuple[nn.Module, dict]:
     if calibration_data is not None:
         return quantize_static_int8(model, calibration_data, max_batches=calibration_batches), {"kind": "static"}
@@ -210,6 +223,7 @@ def optimize(
     repeats: int = 30,
     weights: str = "int8",
     group_size: int = 32,
+    int4_algorithm: str = "affine",
     max_size_ratio: float | str | None = "level",
 ) -> OptimizationResult:
     """Optimize a trained model for inference at ``level``; ``model`` itself is never modified.
@@ -261,6 +275,10 @@ def optimize(
             ``metric=token_log_likelihood`` from :mod:`lightning_quantum.models`, and the step is rolled
             back when perplexity rises by more than about ``max_accuracy_drop`` (0.01: 1%)).
         group_size: ``weights="int4"``: input features per int4 scale.
+        int4_algorithm: ``weights="int4"``: how the int4 weights are chosen (``INT4_ALGORITHMS``):
+            ``"affine"`` (min/max grids, rounded to nearest), ``"hqq_scale_only"`` (HQQ's scales) or ``"gptq"``
+            (min/max grids, GPTQ's rounding measured on ``calibration_batches`` batches of
+            ``calibration_data``, which it then needs).
         max_size_ratio: the deployment gate's size budget, as a share of the float form's size: the
             fastest form within it that runs faster than float eager ships, else the fastest regardless
             (see :func:`~lightning_quantum.deployment.choose_deployment`). ``"level"``: the level's (0.3 at
@@ -273,6 +291,12 @@ def optimize(
     level = OptimizationLevel.parse(level).value
     check_choice("weights", weights, WEIGHTS)
     check_positive_int("group_size", group_size)
+    check_choice("int4_algorithm", int4_algorithm, INT4_ALGORITHMS)
+    if weights == "int4" and int4_algorithm == "gptq" and calibration_data is None:
+        raise ValueError(
+            "`int4_algorithm`='gptq' measures the layers' inputs on `calibration_data`, which is None: give "
+            "training batches (lq-optimize: options.calibrate=true), or choose 'affine' or 'hqq_scale_only'."
+        )
     size_budget = _size_budget(max_size_ratio, level)
     example_inputs = _checked_arguments(
         prune_amount, prune_method, slim, calibration_batches, batch_size, repeats, compile, deploy, keep_slower,
@@ -289,8 +313,8 @@ def optimize(
         "bf16": _bf16,
         "int8": lambda m: _int8(m, calibration_data, calibration_batches),
         "int4": lambda m: (
-            quantize_weights_int4(m, group_size=group_size),
-            {"weights": "int4", "group_size": group_size},
+            _int4(m, group_size, int4_algorithm, calibration_data, calibration_batches),
+            {"weights": "int4", "group_size": group_size, "algorithm": int4_algorithm},
         ),
         "prune": lambda m: (m, _prune(m, prune_amount, prune_method, slim, example_inputs)),
         "nf4": _nf4,

@@ -27,7 +27,8 @@ def _correlated_inputs(rows=2048, features=128):
 
 def test_with_a_diagonal_hessian_gptq_is_torchaos_round_to_nearest():
     """No correlation between inputs, no error to move: every weight lands where torchao's fake quantizer
-    puts it, to the bit (ties included)."""
+    puts it, to the bit (ties included). Exact because both run the same float32 operations on the same
+    values: ``round(w * (1 / s)) + z``, clamped, then ``(q - z) * s``."""
     _, layer, quantizer = _frozen_int4_linear()
     hessian = torch.diag(torch.rand(128, dtype=torch.float64) + 0.5)
     rounded = gptq_round(layer.weight, hessian, quantizer.scale, quantizer.zero_point, quant_min=-8, quant_max=7)

@@ -16,6 +16,7 @@ and rounds onto the grids it is given.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -121,9 +122,7 @@ def _hessians(
     seen = 0
     try:
         with eval_mode(model):
-            for batch in batches:
-                if seen >= max_batches:
-                    break
+            for batch in itertools.islice(batches, max_batches):
                 _call(model, _to_device(split_batch(batch)[0], device))
                 seen += 1
     finally:

@@ -113,10 +113,13 @@ def _held_out(data: TextLMDataModule, split: str) -> DataLoader:
 
 
 def _qat_branch(
-    state: dict, data: TextLMDataModule, args: argparse.Namespace, variant: tuple[int, int, int | None, float]
+    state: dict,
+    data: TextLMDataModule,
+    args: argparse.Namespace,
+    variant: tuple[int, int, int | None, float, int | None],
 ) -> dict[str, float]:
     """One QAT branch, trained once and converted with each ``--rounding``: the perplexity of each."""
-    group, start, after, rate = variant
+    group, start, after, rate, refresh = variant
     model = _model(data, args, lr=5e-4)
     model.load_state_dict(state)
     freeze = None if after is None else start + after
@@ -126,6 +129,7 @@ def _qat_branch(
         embeddings=True,
         start_step=start,
         freeze_ranges_step=freeze,
+        refresh_ranges_every=refresh,
         convert_on_fit_end=False,
     )
     _fit(model, data, args.finetune_steps, [qat, _LearnedScales(rate)] if rate else [qat])
@@ -149,19 +153,22 @@ def _one_shuffle(state: dict, data: TextLMDataModule, args: argparse.Namespace, 
     half = args.finetune_steps // 2
     starts = [(32, int(f * args.finetune_steps)) for f in args.starts] + [(g, half) for g in args.groups]
     variants = [
-        (group, start, after, rate)
+        (group, start, after, rate, refresh)
         for group, start in dict.fromkeys(starts)
         for after in args.freeze_after
         for rate in (args.learn_scales if after is not None else [0.0])
+        for refresh in (args.refresh_every if after is not None else [None])
     ]
-    for group, start, after, rate in variants:
+    for group, start, after, rate, refresh in variants:
         name = f"g{group} from step {start}"
         if after is not None:
             name += f", ranges fixed {after} steps later"
+        if refresh is not None:
+            name += f", refreshed every {refresh} steps"
         if rate:
             name += f", scales learned at rate {rate:g}"
         lost = row["ptq"][group] - row["fp32"]
-        for rounding, ppl in _qat_branch(state, data, args, (group, start, after, rate)).items():
+        for rounding, ppl in _qat_branch(state, data, args, (group, start, after, rate, refresh)).items():
             label = name + (", converted with GPTQ rounding" if rounding == "gptq" else "")
             row["qat"][label] = {"ppl": ppl, "recovery": (row["ptq"][group] - ppl) / lost if lost > 0 else None}
             print(json.dumps({"seed": seed, label: row["qat"][label]}), flush=True)
@@ -201,6 +208,14 @@ def main() -> None:
         nargs="+",
         default=[None],
         help="fix the fake-quant ranges N steps after QAT starts (none: never); several: each variant with each",
+    )
+    parser.add_argument(
+        "--refresh-every",
+        type=_steps_or_none,
+        nargs="+",
+        default=[None],
+        help="recompute fixed ranges every N steps (refresh_ranges_every; none: never); several: each fixed-range "
+        "variant with each",
     )
     parser.add_argument(
         "--learn-scales",

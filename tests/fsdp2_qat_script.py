@@ -14,6 +14,7 @@ from tests.conftest import finish_distributed, fsdp2_digits, fsdp2_script_parser
 
 parser = fsdp2_script_parser()
 parser.add_argument("--convert", action="store_true")
+parser.add_argument("--refresh", action="store_true", help="ranges fixed at step 0 and computed again every step")
 args = parser.parse_args()
 
 
@@ -38,7 +39,8 @@ test_set = data.test_dataloader().dataset
 fixed = torch.stack([test_set[i][0] for i in range(64)])  # the same inputs on every rank and in one process
 start = AtStart()
 model = Classifier(DigitsMLP(hidden=(64, 64), dropout=0.0))
-qat = QuantizationAwareTraining(start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert)
+ranges = {"freeze_ranges_step": 0, "refresh_ranges_every": 1} if args.refresh else {}
+qat = QuantizationAwareTraining(start_step=0 if not args.convert else 10, convert_on_fit_end=args.convert, **ranges)
 sharded = args.mode == "fsdp2"
 trainer = pl.Trainer(**fsdp2_trainer_kwargs(args, callbacks=[qat, start]))
 trainer.fit(model, data)
@@ -57,6 +59,9 @@ else:
     result["at_start"] = start.outputs
     result["fake_quantized"] = outputs(model, fixed)
     result["float"] = outputs(model, fixed, fake_quant=False)
+    if args.refresh:  # the fixed ranges, whole on every rank (buffers are not sharded)
+        result["scale"] = model.net.head.weight_fake_quantizer.scale.detach().cpu()
 if trainer.is_global_zero:
-    torch.save(result, args.out / f"qat-{args.mode}{'-converted' if args.convert else ''}.pt")
+    suffix = ("-converted" if args.convert else "") + ("-refreshed" if args.refresh else "")
+    torch.save(result, args.out / f"qat-{args.mode}{suffix}.pt")
 finish_distributed()

@@ -155,6 +155,19 @@ def test_two_process_fsdp2_qat_matches_one_process(tmp_path, accelerator):
     assert torch.allclose(sharded["fake_quantized"], single["fake_quantized"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parity
+def test_two_process_fsdp2_qat_refreshes_fixed_ranges_as_one_process(tmp_path):
+    """Ranges fixed at step 0 and computed again at step 1 from the sharded weights, gathered whole: the
+    same scales and outputs as one process's."""
+    for mode in ("fsdp2", "accumulated"):
+        _run(QAT_SCRIPT, tmp_path, mode, "2", "--refresh")
+    sharded, single = (
+        torch.load(tmp_path / f"qat-{m}-refreshed.pt", weights_only=True) for m in ("fsdp2", "accumulated")
+    )
+    assert torch.allclose(sharded["scale"], single["scale"], atol=1e-7, rtol=0)
+    assert torch.allclose(sharded["fake_quantized"], single["fake_quantized"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parity
 def test_fsdp2_qat_converts_whole_on_rank_zero(tmp_path):

@@ -240,6 +240,8 @@ def test_dequantize_gives_float_weights_back():
         ({"group_size": 0}, r"`group_size`=0 is not valid"),
         ({"start_step": -1}, r"`start_step`=-1 is not valid"),
         ({"freeze_ranges_step": 2.5}, r"`freeze_ranges_step`=2.5 is not valid. It must be an integer >= 0"),
+        ({"freeze_ranges_step": 0, "refresh_ranges_every": 0}, r"`refresh_ranges_every`=0 is not valid"),
+        ({"refresh_ranges_every": 10}, r"`refresh_ranges_every`=10 refreshes fixed ranges; set `freeze_ranges_step`"),
         ({"ignore": "head"}, r"take lists of strings"),
     ],
 )
@@ -328,6 +330,75 @@ def test_ranges_fixed_at_the_start_are_those_of_the_weights_when_fake_quantizati
     fresh(at_start.weight)
     assert torch.equal(quantizer.scale, fresh.scale)
     assert not torch.equal(model.net.head.weight, at_start.weight)  # the weights trained on under fixed ranges
+
+
+def _ranges_of(quantizer, weight):
+    """The ranges a fake quantizer with ranges that follow the weights computes from ``weight``."""
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    dynamic = copy.copy(quantizer.config)
+    dynamic.is_dynamic, dynamic.range_learning = True, False
+    fresh = IntxFakeQuantizer(dynamic)
+    fresh(weight)
+    return fresh.scale
+
+
+def test_refreshed_ranges_are_those_of_the_weights_at_each_refresh(tmp_path):
+    # fixed at step 2, refreshed at steps 5, 8 and 11 of 12
+    model = _mlp()
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only",
+        group_size=16,
+        start_step=2,
+        freeze_ranges_step=0,
+        refresh_ranges_every=3,
+        convert_on_fit_end=False,
+    )
+    at_freeze, at_refresh, after = _WeightsAt(2), _WeightsAt(11), _WeightsAt(10)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=2,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            callbacks=[qat, at_freeze, at_refresh, after],
+        )
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    quantizer = model.net.head.weight_fake_quantizer
+    assert qat.state_dict()["ranges_frozen_step"] == 2 and "scale" in quantizer._buffers
+    assert torch.equal(quantizer.scale, _ranges_of(quantizer, at_refresh.weight))
+    assert not torch.equal(quantizer.scale, _ranges_of(quantizer, at_freeze.weight))
+    assert not torch.equal(quantizer.scale, _ranges_of(quantizer, after.weight))  # step 10 was not a refresh
+    assert not torch.equal(model.net.head.weight, at_refresh.weight)  # trained on under the refreshed ranges
+
+
+def test_refresh_leaves_layers_without_fixed_ranges_alone():
+    from lightning_quantum.quantization.qat import freeze_weight_ranges, refresh_weight_ranges
+
+    net = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+    prepare_qat(net, "int4_weight_only", group_size=8)
+    assert refresh_weight_ranges(net) == 0  # nothing fixed yet
+    net(torch.randn(2, 32))
+    assert freeze_weight_ranges(net) == 2
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    set_fake_quant_enabled(net, False)  # refreshing works with fake quantization off, and leaves it off
+    assert refresh_weight_ranges(net) == 2
+    quantizer = net[0].weight_fake_quantizer
+    assert torch.equal(quantizer.scale, _ranges_of(quantizer, net[0].weight)) and not quantizer.enabled
+    assert quantizer.config.range_learning and not quantizer.config.is_dynamic  # fixed again
+
+
+@pytest.mark.parity
+def test_refreshed_ranges_survive_resume(tmp_path):
+    # fixed at step 8, refreshed at 13 and 18; resumed from step 12, the refresh schedule comes back from the file
+    kwargs = {"start_step": 2, "freeze_ranges_step": 8, "refresh_ranges_every": 5}
+    full, qat = _fit_for_resume(tmp_path / "a", 3, **kwargs)
+    resumed, again = _fit_for_resume(tmp_path / "b", 3, ckpt_path=tmp_path / "a" / "ckpts" / "epoch=1.ckpt", **kwargs)
+    assert again.ranges_frozen_step == qat.ranges_frozen_step == 8
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu_stand_in

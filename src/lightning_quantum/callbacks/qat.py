@@ -28,6 +28,7 @@ from lightning_quantum.quantization.qat import (
     freeze_weight_ranges,
     is_converted,
     prepare_qat,
+    refresh_weight_ranges,
     set_fake_quant_enabled,
 )
 from lightning_quantum.quantization.schemes import QAT_SCHEMES
@@ -69,6 +70,10 @@ class QuantizationAwareTraining(Callback):
             ranges are fixed at the first step >= ``freeze_ranges_step`` with fake quantization on, so
             ``0`` fixes them when fake quantization begins, wherever ``start_step``, ``start_epoch`` or
             ``start_after_pruning`` put that. ``None`` keeps them dynamic to the end.
+        refresh_ranges_every: once the ranges are fixed, compute them again from the weights every this
+            many optimizer steps, and keep them fixed in between (conversion uses the last ones): the grids
+            follow weights that grow or shrink, while the weights train against fixed grids between
+            refreshes. ``None`` keeps the first fixed ranges to the end. Needs ``freeze_ranges_step``.
         convert_on_fit_end: convert to the real quantized model when fit ends.
         names: ``fnmatch`` patterns of the linear layers (and tables) to quantize; all when ``None``.
         ignore: ``fnmatch`` patterns of layers to keep in full precision (the classifier head, say).
@@ -94,6 +99,7 @@ class QuantizationAwareTraining(Callback):
         start_epoch: int | None = None,
         start_after_pruning: bool = False,
         freeze_ranges_step: int | None = None,
+        refresh_ranges_every: int | None = None,
         convert_on_fit_end: bool = True,
         names: Sequence[str] | None = None,
         ignore: Sequence[str] = (),
@@ -111,6 +117,13 @@ class QuantizationAwareTraining(Callback):
         ):
             check_optional_step(label, value, error=err)
         check_name_lists(err, names=names, ignore=ignore)
+        if refresh_ranges_every is not None:
+            check_positive_int("refresh_ranges_every", refresh_ranges_every, error=err)
+            if freeze_ranges_step is None:
+                raise err(
+                    f"`refresh_ranges_every`={refresh_ranges_every} refreshes fixed ranges; set `freeze_ranges_step` "
+                    "(0: fix them when fake quantization begins), or `refresh_ranges_every`=None."
+                )
         if start_after_pruning and (start_step is not None or start_epoch is not None):
             raise err(
                 f"`start_after_pruning`=True takes its start from the Pruning callback; set `start_step`=None and "
@@ -122,6 +135,7 @@ class QuantizationAwareTraining(Callback):
         self.start_step = start_step
         self.start_epoch = start_epoch
         self.freeze_ranges_step = freeze_ranges_step
+        self.refresh_ranges_every = refresh_ranges_every
         self.convert_on_fit_end = convert_on_fit_end
         self.names = list(names) if names is not None else None
         self.ignore = list(ignore)
@@ -129,6 +143,8 @@ class QuantizationAwareTraining(Callback):
         self.phase: Phase = "float"
         self.fake_quant_enabled = False
         self.ranges_frozen = False
+        #: the optimizer step at which the ranges were fixed (refreshes count from it)
+        self.ranges_frozen_step: int | None = None
         self.layers: list[str] = []
         self._resolved_start = 0
         #: a copy of the model with the float weights QAT trained, taken just before conversion
@@ -177,8 +193,11 @@ class QuantizationAwareTraining(Callback):
             and trainer.global_step >= self.freeze_ranges_step
         ):
             frozen = freeze_weight_ranges(pl_module)
-            self.ranges_frozen = True
+            self.ranges_frozen, self.ranges_frozen_step = True, trainer.global_step
             rank_zero_info(f"QAT: weight ranges of {frozen} layers frozen at step {trainer.global_step}")
+        elif self._refresh_due(trainer):
+            refreshed = refresh_weight_ranges(pl_module)
+            log.debug("QAT: weight ranges of %d layers refreshed at step %d", refreshed, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,6 +222,7 @@ class QuantizationAwareTraining(Callback):
             "layers": list(self.layers),
             "embeddings": self.embeddings,
             "ranges_frozen": self.ranges_frozen,
+            "ranges_frozen_step": self.ranges_frozen_step,
         }
 
     @override
@@ -221,6 +241,7 @@ class QuantizationAwareTraining(Callback):
             )
         self.fake_quant_enabled = bool(state_dict.get("fake_quant_enabled", False))
         self.ranges_frozen = bool(state_dict.get("ranges_frozen", False))
+        self.ranges_frozen_step = state_dict.get("ranges_frozen_step")
 
     def report_extra(self, context: ReportContext) -> ReportExtra:
         """Figures for the optimization report."""
@@ -266,6 +287,17 @@ class QuantizationAwareTraining(Callback):
             rank_zero_info(f"QAT: converted {len(self.layers)} layers to {self.scheme}, whole on rank zero: {out}")
         self._skeleton = None
         self.phase = "converted"
+
+    def _refresh_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this step recomputes the fixed ranges: every ``refresh_ranges_every`` steps after the
+        freeze, while fake quantization is on (a checkpoint from before this option refreshes from its
+        resume step)."""
+        if self.refresh_ranges_every is None or not self.ranges_frozen or not self.fake_quant_enabled:
+            return False
+        if self.ranges_frozen_step is None:
+            self.ranges_frozen_step = trainer.global_step
+        elapsed = trainer.global_step - self.ranges_frozen_step
+        return elapsed > 0 and elapsed % self.refresh_ranges_every == 0
 
     def _should_be_enabled(self, trainer: pl.Trainer) -> bool:
         if self.start_epoch is not None:

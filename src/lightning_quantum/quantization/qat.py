@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_quantum._modules import replace_module, select_parameters
 from lightning_quantum._tensors import is_quantized
@@ -49,6 +50,7 @@ __all__ = [
     "dequantize_linears",
     "freeze_ranges_from_state",
     "freeze_weight_ranges",
+    "refresh_weight_ranges",
     "unprepare_qat",
     "SymmetricPerTokenInt8",
 ]
@@ -272,6 +274,41 @@ def freeze_weight_ranges(model: nn.Module) -> int:
             with torch.no_grad():
                 quantizer(module.weight)  # computes the ranges of the current weights
         _freeze_quantizer(quantizer)
+        count += 1
+    return count
+
+
+def refresh_weight_ranges(model: nn.Module) -> int:
+    """Recompute each frozen layer's weight ranges from its current weights, and keep them fixed again.
+
+    The ranges are those a fake quantizer with ranges that follow the weights computes (torchao's), so
+    the weights snap onto grids that fit them as they are now; the weights keep training under these
+    ranges until the next refresh, and :func:`convert_qat` uses the last ones. A sharded (FSDP2) weight is
+    gathered whole first: the ranges are buffers every rank holds whole. Layers whose ranges are not
+    frozen are left alone; return how many were refreshed.
+    """
+    cls = _fake_quantized_linear()
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, cls) or module.weight_fake_quantizer is None:
+            continue
+        quantizer: Any = module.weight_fake_quantizer
+        if not quantizer.config.range_learning or "scale" not in quantizer._buffers:
+            continue
+        weight: Any = module.weight
+        weight = weight.detach()
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        fixed, enabled = quantizer.config, quantizer.enabled
+        live = copy.copy(fixed)
+        live.is_dynamic, live.range_learning = True, False
+        quantizer.config, quantizer.enabled = live, True
+        try:
+            with torch.no_grad():
+                quantizer(weight)  # computes the ranges of the weights as they are now
+        finally:
+            quantizer.config, quantizer.enabled = fixed, enabled
+        _freeze_quantizer(quantizer, quantizer.scale.detach().clone(), quantizer.zero_point.detach().clone())
         count += 1
     return count
 

@@ -310,8 +310,6 @@ class _WeightsAt(Callback):
 
 @pytest.mark.parity
 def test_ranges_fixed_at_the_start_are_those_of_the_weights_when_fake_quantization_begins(tmp_path):
-    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
-
     model = _mlp()
     # start_step=None: half of 2 x 6 steps; freeze_ranges_step=0 fixes the ranges when fake quantization begins
     qat = QuantizationAwareTraining(
@@ -324,11 +322,7 @@ def test_ranges_fixed_at_the_start_are_those_of_the_weights_when_fake_quantizati
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert qat.ranges_frozen and qat.state_dict()["ranges_frozen"] is True
     quantizer = model.net.head.weight_fake_quantizer
-    dynamic = copy.copy(quantizer.config)  # the ranges a fake quantizer computes from the weights at the start
-    dynamic.is_dynamic, dynamic.range_learning = True, False
-    fresh = IntxFakeQuantizer(dynamic)
-    fresh(at_start.weight)
-    assert torch.equal(quantizer.scale, fresh.scale)
+    assert torch.equal(quantizer.scale, _ranges_of(quantizer, at_start.weight))
     assert not torch.equal(model.net.head.weight, at_start.weight)  # the weights trained on under fixed ranges
 
 

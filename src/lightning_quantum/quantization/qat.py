@@ -251,6 +251,14 @@ def _freeze_quantizer(quantizer: Any, scale: Tensor | None = None, zero_point: T
             quantizer.register_buffer(attr, value)
 
 
+def _weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    """Each fake-quantized linear of ``model`` with a weight fake quantizer, and that quantizer."""
+    cls = _fake_quantized_linear()
+    for module in model.modules():
+        if isinstance(module, cls) and module.weight_fake_quantizer is not None:
+            yield module, module.weight_fake_quantizer
+
+
 def freeze_weight_ranges(model: nn.Module) -> int:
     """Fix each prepared layer's weight scales (and zero points) at their current values; return how many.
 
@@ -262,12 +270,8 @@ def freeze_weight_ranges(model: nn.Module) -> int:
     Raises:
         RuntimeError: when a layer has not run a forward pass yet.
     """
-    cls = _fake_quantized_linear()
     count = 0
-    for module in model.modules():
-        if not isinstance(module, cls) or module.weight_fake_quantizer is None:
-            continue
-        quantizer: Any = module.weight_fake_quantizer
+    for module, quantizer in _weight_quantizers(model):
         if quantizer.config.range_learning:
             continue
         if quantizer.scale is None:
@@ -287,12 +291,8 @@ def refresh_weight_ranges(model: nn.Module) -> int:
     gathered whole first: the ranges are buffers every rank holds whole. Layers whose ranges are not
     frozen are left alone; return how many were refreshed.
     """
-    cls = _fake_quantized_linear()
     count = 0
-    for module in model.modules():
-        if not isinstance(module, cls) or module.weight_fake_quantizer is None:
-            continue
-        quantizer: Any = module.weight_fake_quantizer
+    for module, quantizer in _weight_quantizers(model):
         if not quantizer.config.range_learning or "scale" not in quantizer._buffers:
             continue
         weight: Any = module.weight

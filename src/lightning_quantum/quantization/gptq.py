@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_quantum._batches import _call, _to_device, split_batch
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_non_negative, check_positive_int
-from lightning_quantum.quantization.qat import _fake_quantized_linear, freeze_weight_ranges
+from lightning_quantum.quantization.qat import _weight_quantizers, freeze_weight_ranges
 
 __all__ = ["gptq_round", "gptq_round_prepared"]
 
@@ -159,10 +159,7 @@ def gptq_round_prepared(
     from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
     check_positive_int("max_batches", max_batches)
-    cls = _fake_quantized_linear()
-    layers: dict[str, Any] = {
-        n: m for n, m in model.named_modules() if isinstance(m, cls) and m.weight_fake_quantizer is not None
-    }
+    layers: dict[str, Any] = {name: module for name, module, _ in _weight_quantizers(model)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no fake-quantized linear to round: prepare it for QAT first.")
     freeze_weight_ranges(model)

@@ -251,12 +251,30 @@ def _freeze_quantizer(quantizer: Any, scale: Tensor | None = None, zero_point: T
             quantizer.register_buffer(attr, value)
 
 
-def _weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
-    """Each fake-quantized linear of ``model`` with a weight fake quantizer, and that quantizer."""
+def _weight_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any]]:
+    """Each fake-quantized linear of ``model`` with a weight fake quantizer: its name, itself and that quantizer."""
     cls = _fake_quantized_linear()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, cls) and module.weight_fake_quantizer is not None:
-            yield module, module.weight_fake_quantizer
+            yield name, module, module.weight_fake_quantizer
+
+
+@torch.no_grad()
+def _compute_ranges(quantizer: Any, weight: Any) -> None:
+    """Set ``quantizer.scale`` and ``zero_point`` to the ranges torchao computes from ``weight`` as it is now
+    (the quantizer run once with a copy of its config whose ranges follow the weights, on even when it is
+    off); a sharded (FSDP2) weight is gathered whole first, since the ranges are held whole on every rank."""
+    weight = weight.detach()
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    config, enabled = quantizer.config, quantizer.enabled
+    live = copy.copy(config)
+    live.is_dynamic, live.range_learning = True, False
+    quantizer.config, quantizer.enabled = live, True
+    try:
+        quantizer(weight)
+    finally:
+        quantizer.config, quantizer.enabled = config, enabled
 
 
 def freeze_weight_ranges(model: nn.Module) -> int:
@@ -264,19 +282,15 @@ def freeze_weight_ranges(model: nn.Module) -> int:
 
     The weights keep training, but are fake-quantized with the frozen ranges from now on, and
     :func:`convert_qat` quantizes them with those same ranges. The scales and zero points become
-    buffers (``weight_fake_quantizer.scale`` in the ``state_dict``). Each layer must have run a forward pass
-    since it was prepared (the ranges are those of the last one).
-
-    Raises:
-        RuntimeError: when a layer has not run a forward pass yet.
+    buffers (``weight_fake_quantizer.scale`` in the ``state_dict``). The ranges are those of the last
+    forward pass; a layer that has not run one since it was prepared gets those of its current weights.
     """
     count = 0
-    for module, quantizer in _weight_quantizers(model):
+    for _, module, quantizer in _weight_quantizers(model):
         if quantizer.config.range_learning:
             continue
         if quantizer.scale is None:
-            with torch.no_grad():
-                quantizer(module.weight)  # computes the ranges of the current weights
+            _compute_ranges(quantizer, module.weight)
         _freeze_quantizer(quantizer)
         count += 1
     return count
@@ -292,35 +306,21 @@ def refresh_weight_ranges(model: nn.Module) -> int:
     frozen are left alone; return how many were refreshed.
     """
     count = 0
-    for module, quantizer in _weight_quantizers(model):
+    for _, module, quantizer in _weight_quantizers(model):
         if not quantizer.config.range_learning or "scale" not in quantizer._buffers:
             continue
-        weight: Any = module.weight
-        weight = weight.detach()
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-        fixed, enabled = quantizer.config, quantizer.enabled
-        live = copy.copy(fixed)
-        live.is_dynamic, live.range_learning = True, False
-        quantizer.config, quantizer.enabled = live, True
-        try:
-            with torch.no_grad():
-                quantizer(weight)  # computes the ranges of the weights as they are now
-        finally:
-            quantizer.config, quantizer.enabled = fixed, enabled
-        _freeze_quantizer(quantizer, quantizer.scale.detach().clone(), quantizer.zero_point.detach().clone())
+        _compute_ranges(quantizer, module.weight)
+        _freeze_quantizer(quantizer)
         count += 1
     return count
 
 
 def freeze_ranges_from_state(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> int:
     """Freeze the layers whose frozen weight scales a checkpoint holds, so the checkpoint loads into them."""
-    cls = _fake_quantized_linear()
     count = 0
-    for name, module in model.named_modules():
+    for name, module, quantizer in _weight_quantizers(model):
         key = f"{prefix}{name}.weight_fake_quantizer."
-        quantizer: Any = getattr(module, "weight_fake_quantizer", None)
-        if isinstance(module, cls) and key + "scale" in state_dict and not quantizer.config.range_learning:
+        if key + "scale" in state_dict and not quantizer.config.range_learning:
             device: torch.device = module.weight.device  # type: ignore[assignment]  # a checkpoint is read onto the CPU; the layer may be on a GPU
             scale = state_dict[key + "scale"].detach().to(device, copy=True)
             zero = state_dict.get(key + "zero_point")  # absent for symmetric schemes: zeros

@@ -129,6 +129,7 @@ def _int8_mlp():
 
 
 def test_freezing_is_measured_on_the_shapes_of_the_models_int8_linears(monkeypatch):
+    monkeypatch.setattr(compiled, "int8_products_saturate", lambda: False)  # else nothing is timed
     net = _int8_mlp()
     assert compiled._int8_linear_shapes(net, torch.rand(8, 64)) == {(8, 64, 64): 1, (8, 64, 32): 1, (8, 32, 10): 1}
     tokens = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
@@ -146,3 +147,27 @@ def test_freezing_is_measured_on_the_shapes_of_the_models_int8_linears(monkeypat
 
 def test_a_model_without_int8_linears_keeps_freezing():
     assert freezing_pays(nn.Sequential(nn.Linear(4, 4)), torch.rand(2, 4)) == (True, "freezing: no int8 linears")
+
+
+def test_the_saturation_probe_answers_no_where_the_cpu_has_vnni():
+    """oneDNN's u8 x s8 products saturate only without VNNI; where torch reports VNNI the probe must say so."""
+    saturates = compiled.int8_products_saturate()
+    assert isinstance(saturates, bool)
+    if getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
+        assert not saturates
+
+
+def test_int8_activations_compile_without_freezing_where_onednns_kernel_saturates(monkeypatch):
+    """Where oneDNN's int8 linear saturates, a model with int8 activations is compiled without freezing (to the
+    exact ``torch._int_mm``), and ``freezing_pays`` says why without timing anything; float models keep it."""
+    monkeypatch.setattr(compiled, "int8_products_saturate", lambda: True)
+    monkeypatch.setattr(compiled, "_int8_kernel_times", lambda *a: pytest.fail("timed a kernel it cannot use"))
+    net = _int8_mlp()
+    freezing, reason = freezing_pays(net, torch.rand(8, 64))
+    assert not freezing and reason == f"compiled without freezing: {compiled._SATURATES}"
+    assert compile_for_inference(net).freezing is False
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert compile_for_inference(plain).freezing is True
+    assert freezing_pays(plain, torch.rand(2, 4)) == (True, "freezing: no int8 linears")
+    monkeypatch.setattr(compiled, "int8_products_saturate", lambda: False)
+    assert compile_for_inference(net).freezing is True

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["dense_values", "int8_linears", "is_quantized", "plain_tensors"]
+__all__ = ["dense_values", "int8_activation_weights", "int8_linears", "is_quantized", "plain_tensors"]
 
 
 def is_quantized(tensor: Any) -> bool:
@@ -27,6 +27,16 @@ def is_quantized(tensor: Any) -> bool:
 def int8_linears(model: nn.Module) -> list[nn.Linear]:
     """The linears of ``model`` with torchao ``Int8Tensor`` weights (int8 QAT's, or dynamic int8's)."""
     return [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor"]
+
+
+def int8_activation_weights(model: nn.Module) -> list[str]:
+    """The names of ``model``'s torchao ``Int8Tensor`` weights that quantize their inputs to int8 as well (dynamic
+    int8's, int8 QAT's converted form), in a module or in an exported program's graph module."""
+    return [
+        name
+        for name, weight in model.named_parameters()
+        if type(weight).__name__ == "Int8Tensor" and getattr(weight, "act_quant_kwargs", None) is not None
+    ]
 
 
 def dense_values(tensor: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import logging
 import os
 import platform
 import statistics
@@ -25,11 +26,13 @@ from torch import nn
 
 from lightning_quantum._batches import _call
 from lightning_quantum._modules import module_device
-from lightning_quantum._tensors import int8_linears
+from lightning_quantum._tensors import int8_activation_weights, int8_linears
 
 # Imported inside the functions that use them: torch._inductor (Inductor's import takes ~2 s).
 
-__all__ = ["FrozenInference", "compile_for_inference", "freezing_pays"]
+__all__ = ["FrozenInference", "compile_for_inference", "freezing_pays", "int8_products_saturate"]
+
+log = logging.getLogger(__name__)
 
 _COMPILED = itertools.count()
 
@@ -122,6 +125,43 @@ def _check_cpu_isa() -> None:
             cpu_vec_isa.VecISA._probe_load = original  # type: ignore[method-assign]
 
 
+@functools.cache
+def int8_products_saturate() -> bool:
+    """Whether oneDNN's int8 linear (``onednn.qlinear_pointwise``) saturates on this CPU, as measured once a process.
+
+    On x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) oneDNN multiplies unsigned 8-bit activations by
+    signed 8-bit weights with ``vpmaddubsw``, which adds pairs of products into a signed 16-bit lane and saturates
+    there (255 x 127 x 2 > 32767); oneDNN and torchao's ``X86InductorQuantizer`` document it and advise 7-bit
+    activations on such CPUs. Inductor's freezing compiles torchao's dynamic int8 linears (activations quantized
+    per token over the full unsigned range) to that kernel, so on a 2-core AMD EPYC (Zen 3, AVX2) a compiled int8
+    MLP was 0.17 from its eager outputs where the eager int8 model was 0.01 from the float one (session 37).
+    The probe: activations of 255 times weights of 127 over 64 features, which is exact only without saturation.
+    False where this torch has no oneDNN int8 linear (then nothing compiles to it).
+    """
+    try:
+        prepack = torch.ops.onednn.qlinear_prepack
+        qlinear = torch.ops.onednn.qlinear_pointwise.tensor
+    except (AttributeError, RuntimeError):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x = torch.full((1, 64), 255, dtype=torch.uint8)
+    w = torch.full((1, 64), 127, dtype=torch.int8)
+    zero = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        args = (x, torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), prepack(w, [1, 64]), torch.ones(1), zero)
+        out = qlinear(*args, None, 1.0, 0, torch.float32, "none", [None], "")
+    return float(out.item()) != 255.0 * 127 * 64
+
+
+def _saturating_int8(model: nn.Module) -> list[str]:
+    """The weights of ``model`` whose int8 products would saturate if compiled with freezing on this CPU."""
+    if module_device(model).type != "cpu":
+        return []
+    names = int8_activation_weights(model)
+    return names if names and int8_products_saturate() else []
+
+
 def _int8_linear_shapes(model: nn.Module, inputs: Any) -> dict[tuple[int, int, int], int]:
     """``{(M, K, N): count}`` of the int8 linears (torchao ``Int8Tensor`` weights) one call of ``model`` runs on
     ``inputs``: M rows of K features into N outputs."""
@@ -173,6 +213,9 @@ def _int8_kernel_times(
     return prepacked, unpacked
 
 
+_SATURATES = "this CPU has no VNNI, so oneDNN's int8 linear, which freezing compiles them to, saturates"
+
+
 def freezing_pays(model: nn.Module, inputs: Any, *, repeats: int = 15) -> tuple[bool, str]:
     """Whether ``model`` should be compiled with Inductor's freezing, as measured here, and why.
 
@@ -185,7 +228,8 @@ def freezing_pays(model: nn.Module, inputs: Any, *, repeats: int = 15) -> tuple[
     ``inputs`` (milliseconds for the DigitsMLP, 0.2-0.6 s for the MiniLM encoder at batch 32), and freezing is
     kept unless ``_int_mm`` is faster in sum. The kernels stand for the compiled forms (the quantization of the
     activations around them is fused either way). A model without int8 linears, off the CPU or without
-    oneDNN's int8 operators keeps freezing, as :func:`compile_for_inference` does by default. (Compiled without
+    oneDNN's int8 operators keeps freezing, as :func:`compile_for_inference` does by default; int8 linears with
+    int8 activations on a CPU where that kernel saturates (:func:`int8_products_saturate`) never do. (Compiled without
     freezing, a model of an architecture compiled before also skips Inductor's code generation: its FX graph
     cache refuses frozen graphs that hold prepacked weights.)
 
@@ -194,6 +238,8 @@ def freezing_pays(model: nn.Module, inputs: Any, *, repeats: int = 15) -> tuple[
     """
     if module_device(model).type != "cpu" or not torch.backends.mkldnn.is_available():
         return True, "freezing: not a CPU model with oneDNN"
+    if _saturating_int8(model):
+        return False, f"compiled without freezing: {_SATURATES}"
     try:
         prepack = torch.ops.onednn.qlinear_prepack
         qlinear = torch.ops.onednn.qlinear_pointwise.tensor
@@ -216,6 +262,9 @@ class FrozenInference(nn.Module):
     as usual) and calls the compiled version under ``torch._inductor.config.patch(freezing=True, ...)``
     (on the CPU with :data:`REALIZE_OPCOUNT_THRESHOLD`), which leaves the process-wide Inductor settings alone.
 
+    Freezing stays off for a CPU model with int8 activations where oneDNN's int8 linear saturates
+    (:func:`int8_products_saturate`): compiled without it, the int8 linears run ``torch._int_mm``, which is exact.
+
     Each instance compiles a function with a code object of its own. Dynamo keeps compiled code per
     code object, at most ``recompile_limit`` (8) entries: ``torch.compile(model)`` on a ninth model of
     the same class in one process (a service worker, a benchmark, a notebook) silently ran eagerly.
@@ -225,7 +274,10 @@ class FrozenInference(nn.Module):
     def __init__(self, model: nn.Module, freezing: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.freezing = freezing
+        saturating = _saturating_int8(model) if freezing else []
+        if saturating:
+            log.info("Compiling without freezing (%s, for example %s)", _SATURATES, saturating[0])
+        self.freezing = freezing and not saturating
         self.eval()  # for inference: dropout off (a later .train() on this wrapper would switch it back)
         # not a submodule: no duplicate keys
         object.__setattr__(self, "_compiled", torch.compile(_own_code(_caller(model))))

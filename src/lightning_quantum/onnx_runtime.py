@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from lightning_quantum._modules import eval_mode
 from lightning_quantum._validation import check_choice
+from lightning_quantum.compiled import int8_products_saturate
 
 # Imported inside the functions that use them: onnx and onnxruntime (optional: the `onnx` extra).
 
@@ -354,7 +355,8 @@ def _export_dynamo(model: nn.Module, args: tuple[Any, ...], names: list[str] | N
 
 
 def quantize_onnx_int8(model_bytes: bytes, *, per_channel: bool = True) -> bytes:
-    """ONNX Runtime's dynamic int8 quantization of an ONNX model (pre-processed as its docs advise)."""
+    """ONNX Runtime's dynamic int8 quantization of an ONNX model (pre-processed as its docs advise); with 7-bit
+    weights on a CPU whose int8 products saturate (:func:`~lightning_quantum.compiled.int8_products_saturate`)."""
     _require()
     from onnxruntime.quantization import QuantType, quantize_dynamic  # optional: the onnx extra
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -362,11 +364,20 @@ def quantize_onnx_int8(model_bytes: bytes, *, per_channel: bool = True) -> bytes
     with tempfile.TemporaryDirectory() as tmp:
         source, prepared, quantized = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
         source.write_bytes(model_bytes)
+        # 7-bit weights where the CPU's u8 x s8 products saturate (no VNNI), as ONNX Runtime's docs advise: on a
+        # 2-core AMD EPYC (Zen 3) the DigitsMLP's int8 outputs were 19.2 dB from the float ones, 37.9 dB with them
+        reduce_range = int8_products_saturate()
         # symbolic shape inference cannot follow the exporter's dynamic sequence length (Min(512, s)):
         # the ONNX shape inference and graph optimization steps still run
         with _quiet_onnx_logs():
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=per_channel)
+            quantize_dynamic(
+                str(prepared),
+                str(quantized),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+            )
         return quantized.read_bytes()
 
 

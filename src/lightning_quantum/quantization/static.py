@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_quantum._batches import split_batch
 from lightning_quantum._modules import drop_unused_tensors
+from lightning_quantum.compiled import int8_products_saturate
 
 # Imported inside the functions that use them: torchao (slow to import; on a CPU-only machine it
 # prints warnings about its CUDA kernels).
@@ -125,7 +126,9 @@ def quantize_static_int8(
     finally:
         model.train(was_training)
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    # 7-bit activations where oneDNN's int8 kernel saturates (CPUs without VNNI), as torchao advises for them
+    reduce_range = int8_products_saturate()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     try:
         prepared = prepare_pt2e(exported, quantizer)
     except IndexError as error:
@@ -143,7 +146,7 @@ def quantize_static_int8(
     unseen = unobserved_modules(prepared)
     if unseen:
         raise ValueError(f"Observers saw no data during calibration: {unseen}. Calibrate on batches that reach them.")
-    log.info("Static int8: calibrated on %d batches", seen)
+    log.info("Static int8: calibrated on %d batches%s", seen, ", 7-bit activations" if reduce_range else "")
     converted = convert_pt2e(prepared)
     drop_unused_tensors(converted)  # the float weights, once folded to int8
     # Lightning calls .train()/.eval() around validation and test; an exported graph refuses both

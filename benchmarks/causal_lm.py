@@ -49,6 +49,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import lightning.pytorch as pl
 import torch
@@ -66,6 +67,7 @@ from lightning_quantum.models.decoding import decoder_form, generate_exactly, ti
 from lightning_quantum.quantization import (
     convert_qat,
     dequantize_linears,
+    pack_int4_for_cpu,
     quantize_weights_int4,
     set_fake_quant_enabled,
 )
@@ -116,12 +118,22 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, 
     out |= {"bytes": serialized_size_bytes(student.model), "mlp_sparsity": pruning.current_sparsity}
     out |= {f"int4_{k}": v for k, v in _prefill(student, data).items()}
     decoders["ultra int4"] = copy.deepcopy(student)
+    decoders["ultra int4_kernel"] = _kernel_form(student, out, "int4_", test)
     dequantize_linears(student)  # the same weights in fp32 (2:4 zeros kept): the student's float form
     out |= {"float_ppl": evaluate_perplexity(student, test)} | {
         f"float_{k}": v for k, v in _prefill(student, data).items()
     }
     decoders["ultra float"] = student
     return out
+
+
+def _kernel_form(model: CausalLM, figures: dict, prefix: str, test: object) -> CausalLM:
+    """``model``'s int4 weights packed for ATen's CPU int4 kernel (bf16 activations), the decode gate's extra
+    candidate; its perplexity and size go into ``figures`` under ``{prefix}kernel_``."""
+    packed = cast(CausalLM, pack_int4_for_cpu(model))
+    figures[f"{prefix}kernel_ppl"] = evaluate_perplexity(packed, test)
+    figures[f"{prefix}kernel_bytes"] = serialized_size_bytes(packed.model)
+    return packed
 
 
 def _fit(model: pl.LightningModule, data: TextLMDataModule, steps: int, callbacks: list | None = None) -> float:
@@ -232,6 +244,7 @@ def _ptq_against_qat(
     result["qat_int4"]["gptq_ppl"] = other.ppl
     result["qat_int4"] |= _prefill(qat, data)
     decoders["qat_int4"] = qat
+    decoders["qat_int4_kernel"] = _kernel_form(qat, result["qat_int4"], "", test)
 
     fp32, qat_ppl = result["fp32"]["ppl"], result["qat_int4"]["ppl"]
     for peer in ("ptq_int4", "hqq_int4", "gptq_int4"):
@@ -296,7 +309,9 @@ def main() -> None:
     if "qat_int4" in speeds:
         result["qat_int4"] |= speeds["qat_int4"]
         result["qat_int4"] |= _decode_ratios(result["qat_int4"], "", result["basic"])
-    for form in ("int4", "float") if "ultra" in result else ():
+        result["qat_int4"] |= {f"kernel_{k}": v for k, v in speeds["qat_int4_kernel"].items()}
+        result["qat_int4"] |= _decode_ratios(result["qat_int4"], "kernel_", result["basic"])
+    for form in ("int4", "int4_kernel", "float") if "ultra" in result else ():
         result["ultra"] |= {f"{form}_{k}": v for k, v in speeds[f"ultra {form}"].items()}
         result["ultra"] |= _decode_ratios(result["ultra"], f"{form}_", result["basic"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

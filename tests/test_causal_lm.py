@@ -478,19 +478,23 @@ def test_the_decode_gate_keeps_the_perplexity_budget_and_ships_a_decoder_that_re
     decoder, decision = choose_decoder(
         int4, blocks, float_model=worse, forms=["generate"], prompt_tokens=8, new_tokens=8, repeats=1, rounds=1
     )
-    assert decoder is int4 and (decision.weights, decision.form) == ("as trained", "generate")
-    trained, floating = decision.candidates
+    # the int4 weights as trained, or the same packed for ATen's CPU int4 kernel (tests/test_int4_kernel.py)
+    trained, floating, packed = decision.candidates
+    assert decision.form == "generate" and decision.weights in (trained.weights, packed.weights)
+    assert (decoder is int4) is (decision.weights == "as trained")
     assert trained.eligible and not floating.eligible and "over budget" in floating.note
     assert floating.perplexity > trained.perplexity and trained.tokens_per_second > 0
     assert trained.size_bytes < floating.size_bytes / 2  # int4 linears, int8 embedding rows
     rows = decode_table(decision)
-    assert rows[0]["verdict"].startswith("SHIPPED") and not rows[1]["verdict"].startswith("SHIPPED")
+    assert [r["verdict"].startswith("SHIPPED") for r in rows] == [
+        c is not floating and c.weights == decision.weights for c in decision.candidates
+    ]
     paths = save_decoder(decoder, decision, tmp_path)
     assert {p.name for p in paths.values()} == {"decoder.pt", "decoder.json"}
     back = load_decoder(tmp_path)
     prompt = blocks[0][:1, :8]
-    assert torch.equal(back(blocks[0]), int4(blocks[0]))
-    assert torch.equal(back.generate(prompt, max_new_tokens=8), int4.generate(prompt, max_new_tokens=8))
+    assert torch.equal(back(blocks[0]), decoder(blocks[0]))
+    assert torch.equal(back.generate(prompt, max_new_tokens=8), decoder.generate(prompt, max_new_tokens=8))
     with pytest.raises(ValueError, match=r"`prompt_tokens`=40 plus `new_tokens`=64 exceeds the model's context of 48"):
         choose_decoder(lm, blocks, prompt_tokens=40)
     with pytest.raises(ValueError, match=r"`forms`=\['beam'\] is not valid"):
@@ -507,7 +511,7 @@ def test_the_deployment_gate_of_an_int4_lm_runs_the_decode_gate(tmp_path):
     """QUANTUM on the LM: after int4 QAT's conversion, the DeploymentGate also chooses the decode form
     among generate and the compiled static-cache loop, with the int4 and the float weights."""
     from lightning_quantum.callbacks import DeploymentGate, QuantizationAwareTraining
-    from lightning_quantum.models.decoding import load_decoder
+    from lightning_quantum.models.decoding import INT4_KERNEL_WEIGHTS, load_decoder
 
     data = tiny_data(tmp_path)
     torch.manual_seed(0)
@@ -519,7 +523,7 @@ def test_the_deployment_gate_of_an_int4_lm_runs_the_decode_gate(tmp_path):
     assert decision is not None and decision.new_tokens == 8
     forms = ["generate", "static compiled", "static compiled 1 thread"]
     assert [(c.weights, c.form) for c in decision.candidates] == [
-        (w, f) for w in ("as trained", "float") for f in forms
+        (w, f) for w in ("as trained", "float", INT4_KERNEL_WEIGHTS) for f in forms
     ]
     assert all(c.tokens_per_second > 0 for c in decision.candidates)
     assert gate.paths["decoder"].is_file() and gate.paths["decoder_record"].is_file()

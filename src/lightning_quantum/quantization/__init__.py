@@ -9,6 +9,7 @@ from lightning_quantum.quantization.export import (
     load_safetensors,
     save_safetensors,
 )
+from lightning_quantum.quantization.int4_kernel import Int4CpuLinear, pack_int4_for_cpu
 from lightning_quantum.quantization.qat import (
     SymmetricPerTokenInt8,
     convert_qat,
@@ -26,6 +27,7 @@ from lightning_quantum.quantization.weights4bit import BNB_FORMATS, quantize_wei
 __all__ = [
     "BNB_FORMATS",
     "INT4_ALGORITHMS",
+    "Int4CpuLinear",
     "compile_for_inference",
     "QAT_SCHEMES",
     "convert_qat",
@@ -36,6 +38,7 @@ __all__ = [
     "is_prepared",
     "load_program",
     "load_safetensors",
+    "pack_int4_for_cpu",
     "prepare_qat",
     "SymmetricPerTokenInt8",
     "qat_base_config",

@@ -1,6 +1,6 @@
 """The causal LM on CPython's text: BASIC training, then int4 post-training quantization against int4 QAT.
 
-    python benchmarks/causal_lm.py                  # about 10 minutes here; writes benchmarks/results/causal_lm.json
+    python benchmarks/causal_lm.py                  # 10-18 minutes here; writes benchmarks/results/causal_lm.json
     python benchmarks/causal_lm.py --quick          # a smoke run: a tiny model, a few steps
 
 1. **BASIC**: the 6-layer, width-256 ``CausalLM`` (``conf/model/gpt_cpython.yaml``) trained from scratch in
@@ -31,7 +31,9 @@
    once per round over ``--decode-rounds`` alternating rounds (medians), so that the ratios compare
    forms measured side by side. The ``*_vs_basic`` ratios compare each form's deployed loop with BASIC's
    fp32 model through ``generate`` (``static_decode_vs_basic``) and through the same loop
-   (``static_decode_vs_basic_static``).
+   (``static_decode_vs_basic_static``). Each int4 model is also timed with its int4 values packed for ATen's
+   CPU int4 kernel (``pack_int4_for_cpu``, bf16 activations: ``kernel_*`` for QUANTUM, ``int4_kernel_*`` for
+   ULTRA, with the packed model's perplexity and size), a form the decode gate weighs as weights of their own.
 5. **ULTRA** (``--ultra-steps``, 0 to skip): the BASIC model (after its float branch) as the teacher of a
    3-layer student initialised from its embeddings, final norm, output layer and layers 0, 3 and 5;
    distilled with the next-token loss, per-token soft targets (T=2) and the hidden states of those layers

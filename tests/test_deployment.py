@@ -259,6 +259,7 @@ def test_load_deployment_refuses_a_bad_record(tmp_path):
         ({"eval_split": "train"}, r"`eval_split`='train' is not valid"),
         ({"stem": "a/b"}, r"`stem`='a/b' is not valid"),
         ({"max_size_ratio": -0.3}, r"`max_size_ratio`=-0.3 is not valid"),
+        ({"decode_int4_kernel": "yes"}, r"`decode_int4_kernel`='yes' is not valid. Give True or False"),
     ],
 )
 def test_callback_arguments_are_validated(kwargs, match):

@@ -79,6 +79,10 @@ def test_the_decode_gate_measures_the_packed_weights_and_their_file_reloads(tmp_
     assert abs(packed.perplexity - trained.perplexity) < 0.01 * trained.perplexity
     _, float_only = choose_decoder(lm, blocks, forms=["generate"], prompt_tokens=8, new_tokens=8, repeats=1, rounds=1)
     assert [c.weights for c in float_only.candidates] == ["as trained"]  # nothing to pack
+    _, off = choose_decoder(
+        int4, blocks, forms=["generate"], prompt_tokens=8, new_tokens=8, repeats=1, rounds=1, int4_kernel=False
+    )
+    assert [c.weights for c in off.candidates] == ["as trained"]
     fast = pack_int4_for_cpu(int4)
     decision.weights, decision.form = INT4_KERNEL_WEIGHTS, "generate"
     save_decoder(fast, decision, tmp_path)
@@ -88,6 +92,29 @@ def test_the_decode_gate_measures_the_packed_weights_and_their_file_reloads(tmp_
         assert torch.equal(back(blocks[0]), fast(blocks[0]))
         prompt = blocks[0][:1, :8]
         assert torch.equal(back.generate(prompt, max_new_tokens=8), fast.generate(prompt, max_new_tokens=8))
+
+
+def test_a_saved_int4_decoder_loads_in_a_fresh_process(tmp_path):
+    """``torch.load(weights_only=True)`` refuses torchao's tensor classes until torchao has registered them: in a
+    fresh process ``load_decoder`` of an int4 model's decoder failed before it imported torchao first."""
+    import subprocess
+    import sys
+
+    from lightning_quantum.models.decoding import INT4_KERNEL_WEIGHTS, DecodeDecision, load_decoder, save_decoder
+
+    fast = pack_int4_for_cpu(quantize_weights_int4(_random_lm(), group_size=32))
+    decision = DecodeDecision("generate", INT4_KERNEL_WEIGHTS, "set by the test", [], 8, 8, 0.01, 1, 0.0)
+    save_decoder(fast, decision, tmp_path)
+    prompt = torch.randint(1, 300, (1, 8), generator=torch.Generator().manual_seed(1))
+    torch.save(prompt, tmp_path / "prompt.pt")
+    script = (
+        "import sys, torch; from lightning_quantum.models.decoding import load_decoder; "
+        "d = load_decoder(sys.argv[1]); p = torch.load(sys.argv[1] + '/prompt.pt'); "
+        "torch.save(d.generate(p, max_new_tokens=6, min_new_tokens=6), sys.argv[1] + '/tokens.pt')"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True)
+    expected = load_decoder(tmp_path).generate(prompt, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected)
 
 
 @pytest.mark.slow

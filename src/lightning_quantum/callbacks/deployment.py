@@ -117,6 +117,8 @@ class DeploymentGate(Callback):
         decode_prompt_tokens: a language model's decode gate: the prompt, held-out tokens.
         decode_new_tokens: the tokens it generates per timed call (fewer when the model's context is
             shorter than prompt plus new tokens).
+        decode_int4_kernel: also measure an int4 language model's weights packed for ATen's CPU int4 kernel
+            (:func:`~lightning_quantum.quantization.pack_int4_for_cpu`, bf16 activations).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(), DeploymentGate()])  # doctest: +SKIP
@@ -143,6 +145,7 @@ class DeploymentGate(Callback):
         decode_prompt_tokens: int = 16,
         decode_new_tokens: int = 64,
         max_size_ratio: float | None = None,
+        decode_int4_kernel: bool = True,
     ) -> None:
         err = MisconfigurationException
         for label, values, choices in (("numerics", numerics, NUMERICS), ("runners", runners, RUNNERS)):
@@ -188,6 +191,9 @@ class DeploymentGate(Callback):
         check_positive_int("decode_new_tokens", decode_new_tokens, error=err)
         self.decode_prompt_tokens = decode_prompt_tokens
         self.decode_new_tokens = decode_new_tokens
+        if not isinstance(decode_int4_kernel, bool):
+            raise err(f"`decode_int4_kernel`={decode_int4_kernel!r} is not valid. Give True or False.")
+        self.decode_int4_kernel = decode_int4_kernel
         self.decode_decision: DecodeDecision | None = None
         self.module: nn.Module | None = None
         self.decision: DeploymentDecision | None = None
@@ -286,6 +292,7 @@ class DeploymentGate(Callback):
             max_accuracy_drop=self.max_accuracy_drop,
             max_eval_batches=self.max_eval_batches or 8,
             num_threads=threads,
+            int4_kernel=self.decode_int4_kernel,
         )
         rank_zero_info(f"Decoding: {self.decode_decision.reason}")
         if self.export:

@@ -189,6 +189,7 @@ def choose_decoder(
     max_accuracy_drop: float = 0.01,
     max_eval_batches: int | None = 8,
     num_threads: int | None = None,
+    int4_kernel: bool = True,
 ) -> tuple[nn.Module, DecodeDecision]:
     """Measure greedy decoding of ``model`` (and of ``float_model``, its weights before QAT's conversion)
     in each of ``forms`` and return the fastest within the perplexity budget.
@@ -201,7 +202,7 @@ def choose_decoder(
     trained are not chosen (0.01 is about 1% of perplexity). A decode loop does not change the model's
     logits beyond the last bits, so each form is judged by its weights. A CPU model with int4 weights
     is also measured with them packed for ATen's CPU int4 kernel (:data:`INT4_KERNEL_WEIGHTS`: the same
-    int4 values, bf16 activations), judged by its own perplexity.
+    int4 values, bf16 activations), judged by its own perplexity, unless ``int4_kernel`` is False.
 
     Returns:
         ``(decoder, decision)``: the winner, ready to call ``generate`` on, and every candidate.
@@ -220,7 +221,8 @@ def choose_decoder(
     prompt = blocks[0][:1, :prompt_tokens]
     threads = num_threads or torch.get_num_threads()
     weights = {"as trained": model, **({"float": float_model} if float_model is not None else {})}
-    weights.update(_int4_kernel_weights(model))
+    if int4_kernel:
+        weights.update(_int4_kernel_weights(model))
     generate = functools.partial(generate_exactly, prompt=prompt, new_tokens=new_tokens)
     with _threads(threads):
         candidates, decoders = _build(weights, blocks, forms, max_accuracy_drop, generate)
@@ -359,6 +361,8 @@ def load_decoder(directory: str | Path) -> nn.Module:
         raise ValueError(
             f"{record_path}: `weights_file`={record.get('weights_file')!r} must name a .pt file in {root}."
         )
+    import torchao.quantization  # noqa: F401  # registers its tensor classes (int4/int8 weights) as safe to load
+
     content = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(content, dict) or not isinstance(content.get("hyper_parameters"), dict):
         raise ValueError(f"{weights} holds no decoder: save it with save_decoder.")

@@ -218,6 +218,10 @@ def test_the_shipped_form_reloads_in_a_fresh_process_with_identical_outputs(
         "_time_interleaved",
         lambda modules, *a, **k: {f: [0.1 if f == form else 1.0] for f in modules},
     )
+    from lightning_quantum.compiled import int8_products_saturate
+
+    if freezing and form.startswith("int8") and int8_products_saturate():
+        pytest.skip("int8 is never compiled with freezing where its oneDNN kernel saturates (no VNNI)")
     monkeypatch.setattr(deployment, "freezing_pays", lambda model, inputs: (freezing, "set by the test"))
     module, decision = choose_deployment(net, _loader(), float_model=float_net, forms=[form], batch_size=32)
     assert decision.form == form and decision.winner.freezing is freezing

@@ -137,6 +137,7 @@ def test_fsdp2_pruning_resumes_from_a_sharded_mid_schedule_checkpoint(tmp_path):
         assert int(resumed["bad_zeros"]) == 0
 
 
+@pytest.mark.slow  # two processes, 35 s on a 2-core Zen 3: `make test-slow`
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_two_process_fsdp2_qat_matches_one_process(tmp_path, accelerator):
     """QAT prepared before FSDP2 shards the model (torchao's order): before any step the fake-quantized
@@ -155,6 +156,7 @@ def test_two_process_fsdp2_qat_matches_one_process(tmp_path, accelerator):
     assert torch.allclose(sharded["fake_quantized"], single["fake_quantized"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # two processes, 36 s on a 2-core Zen 3: `make test-slow` and `make test-parity`
 @pytest.mark.parity
 def test_two_process_fsdp2_qat_refreshes_fixed_ranges_as_one_process(tmp_path):
     """Ranges fixed at step 0 and computed again at step 1 from the sharded weights, gathered whole: the

@@ -77,8 +77,11 @@ class Int4CpuLinear(nn.Module):
         padding = -rows % 16  # the kernel packs rows in sixteens: rows of zeros, cut off the output
         qdata = nn.functional.pad(qdata, (0, 0, 0, padding))
         scale, zero = nn.functional.pad(scale, (0, 0, 0, padding)), nn.functional.pad(zero, (0, 0, 0, padding))
-        # the kernel's layout: [groups, out_features, 2] of (scale, zero)
-        scale_and_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(activation_dtype)
+        from torchao.quantization.utils import pack_tinygemm_scales_and_zeros  # [groups, rows, (scale, zero)]
+
+        scale_and_zero = pack_tinygemm_scales_and_zeros(
+            scale.to(activation_dtype), zero.to(activation_dtype), activation_dtype
+        )
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(qdata.int() + 8, 1))
         self.register_buffer("scale_and_zero", scale_and_zero)
         self.bias = linear.bias

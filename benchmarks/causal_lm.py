@@ -46,9 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -56,7 +54,7 @@ from typing import cast
 import lightning.pytorch as pl
 import torch
 import yaml
-from _common import quiet_trainer
+from _common import machine_info, quiet_trainer
 from torch import nn
 
 from lightning_quantum.benchmark import serialized_size_bytes
@@ -278,12 +276,7 @@ def main() -> None:
     data.setup()
     test = data.test_dataloader()
     result: dict = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "settings": vars(args) | {"out": str(args.out)},
         "corpus": {
             split: {"documents": len(names), "tokens": int(data.token_ids[split].numel())}

@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate_cost.json"
 VARIANTS = ("without gate", "gate, empty cache", "gate, cached")
@@ -103,7 +104,7 @@ def main() -> None:
     result = {
         "benchmark": f"lq-train level={args.level} wall time in fresh processes, with and without the deployment gate",
         "command": " ".join(["python benchmarks/gate_cost.py", *sys.argv[1:]]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": machine_info(),
         "settings": {"rounds": args.rounds, "level": args.level, "overrides": extra},
         "summary": summary,
         "runs": runs,

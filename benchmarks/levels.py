@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import machine_info  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
@@ -249,14 +249,7 @@ def main() -> None:
     result = {
         "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
         "command": " ".join(["python benchmarks/levels.py", *sys.argv[1:]]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "lightning_quantum": lightning_quantum.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine_info(lightning_quantum=lightning_quantum.__version__),
         "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
         "levels": summary,
         "shipped_side_by_side": side_by_side,

@@ -29,7 +29,6 @@ import copy
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from _common import machine_info  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from levels import DIGITS, MINILM, run_level  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -217,12 +217,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "benchmark": "peers",
         "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_digits:

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from _common import quiet_trainer  # noqa: E402
+from _common import machine_info, quiet_trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
 
 from lightning_quantum.benchmark import benchmark_model  # noqa: E402
@@ -253,7 +253,7 @@ def main() -> None:
         "benchmark": "pruning on digits: ours vs lightning.pytorch.callbacks.ModelPruning",
         "command": f"python benchmarks/pruning.py --epochs {args.epochs} --cnn-epochs {args.cnn_epochs} "
         f"--rounds {args.rounds}",
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "lightning": pl.__version__},
+        "machine": machine_info(),
         "mlp": mlp,
         "cnn": cnn,
     }

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from _common import quiet_trainer  # noqa: E402
+from _common import machine_info, quiet_trainer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_quantum.benchmark import evaluate_accuracy, measure_latency_ms, serialized_size_bytes  # noqa: E402
@@ -189,7 +189,7 @@ def main() -> None:
     result = {
         "benchmark": "quantization: digits MLP and all-MiniLM-L6-v2, ours beside torch.ao quantize_dynamic",
         "command": "python benchmarks/quantization.py",
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine_info(),
         "digits": digits,
         "minilm": minilm,
     }

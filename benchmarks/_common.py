@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from lightning_quantum.deployment import _machine
 from lightning_quantum.precision import cpuinfo_field
 
 #: The CPU flags that decide which matrix kernels run (int8 dot products, bf16, AMX tiles).
@@ -31,18 +31,15 @@ def quiet_trainer(max_epochs: int, **overrides: Any) -> pl.Trainer:
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
-    """The machine a result was measured on, by CPU model and matrix flags: "x86_64" alone can't tell a
-    Zen 3 EPYC (AVX2, no VNNI) from a Xeon with AMX, and their ratios differ."""
+    """The machine a result was measured on: what the deployment gate's cache records (the CPU model, cores,
+    ATen's kernel set, the GPU, library versions), plus the CPU's matrix flags and the threads. "x86_64" alone
+    can't tell a Zen 3 EPYC (AVX2, no VNNI) from a Xeon with AMX, and their ratios differ."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = set(cpuinfo_field("flags").split())
-    info: dict[str, Any] = {
-        "cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
+    return _machine(device) | {
         "cpu_matrix_flags": [flag for flag in _MATRIX_FLAGS if flag in flags],
-        "kernel_set": torch.backends.cpu.get_cpu_capability(),
-        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "lightning": pl.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **extra,
     }
-    return info | extra

@@ -36,7 +36,6 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-import lightning_quantum  # noqa: E402
 import lightning_quantum as lq  # noqa: E402
 from lightning_quantum._batches import _rebatch, split_batch  # noqa: E402
 from lightning_quantum.apps._config import config_dir  # noqa: E402
@@ -249,7 +248,7 @@ def main() -> None:
     result = {
         "benchmark": "levels on digits (DigitsMLP 64-512-512-10; ULTRA: DigitsCNN teacher -> student; seed 42)",
         "command": " ".join(["python benchmarks/levels.py", *sys.argv[1:]]),
-        "machine": machine_info(lightning_quantum=lightning_quantum.__version__),
+        "machine": machine_info(),
         "settings": {"epochs": args.epochs, "rounds": args.rounds, "latency_batch_size": 256, "latency_repeats": 100},
         "levels": summary,
         "shipped_side_by_side": side_by_side,

@@ -37,8 +37,11 @@
 5. **ULTRA** (``--ultra-steps``, 0 to skip): the BASIC model (after its float branch) as the teacher of a
    3-layer student initialised from its embeddings, final norm, output layer and layers 0, 3 and 5;
    distilled with the next-token loss, per-token soft targets (T=2) and the hidden states of those layers
-   (``DistillationModule``), 2:4 pruning of the MLPs' linears from the first step (``Pruning(method="nm")``),
-   and int4 QAT of every linear (int8 embedding rows) from the second half, then converted.
+   (``DistillationModule``), with ULTRA's structured pruning (``conf/level/ultra.yaml``): half the MLP hidden
+   units removed by L2 norm along a cubic schedule over the first half (``Pruning(method="l2_structured",
+   slim=True)``: a unit is a row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``), and int4 QAT of
+   every linear (int8 embedding rows) from the final sparsity on; at fit end the pruned units are removed for
+   real (smaller dense layers) and the model converted.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _model(data: TextLMDataModule, args: argparse.Namespace, lr: float, num_laye
 
 
 def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, decoders: dict) -> dict:
-    """Distil ``teacher`` into 3 layers (or 1 of 2 with ``--quick``) with 2:4 pruning of the MLPs and int4 QAT."""
+    """Distil ``teacher`` into 3 layers (or 1 of 2 with ``--quick``), remove half the MLP units, int4 QAT."""
     n = teacher.model.config.num_hidden_layers
     chosen = [0, n // 2, n - 1] if n >= 3 else [n - 1]
     student = causal_lm_student(teacher, chosen)
@@ -110,16 +113,23 @@ def _ultra(teacher: CausalLM, data: TextLMDataModule, args: argparse.Namespace, 
         optimizer=lambda params: torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1),
     )
     steps = args.ultra_steps
-    pruning = Pruning(method="nm", nm="2:4", names=["*mlp*"], start_step=0, end_step=0, frequency=1)
-    qat = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, embeddings=True, start_step=steps // 2)
+    # ULTRA's pruning (conf/level/ultra.yaml): the MLP hidden units the model declares, half of them by L2 norm
+    # along a cubic schedule over the first half, removed for real at fit end; QAT from the final sparsity on
+    pruning = Pruning(
+        method="l2_structured", final_sparsity=0.5, start_step=0, end_step=steps // 2, frequency=10, slim=True
+    )
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=32, embeddings=True, start_step=None, start_after_pruning=True
+    )
     seconds = _fit(module, data, steps, [pruning, qat])
     test = data.test_dataloader()
     out = {"fit_seconds": seconds, "layers_from_teacher": chosen, "ppl": evaluate_perplexity(student, test)}
-    out |= {"bytes": serialized_size_bytes(student.model), "mlp_sparsity": pruning.current_sparsity}
+    out |= {"bytes": serialized_size_bytes(student.model), "mlp_units_removed": pruning.removed_channels}
+    out["mlp_width"] = student.model.model.layers[0].mlp.gate_proj.out_features
     out |= {f"int4_{k}": v for k, v in _prefill(student, data).items()}
     decoders["ultra int4"] = copy.deepcopy(student)
     decoders["ultra int4_kernel"] = _kernel_form(student, out, "int4_", test)
-    dequantize_linears(student)  # the same weights in fp32 (2:4 zeros kept): the student's float form
+    dequantize_linears(student)  # the same (slimmed) weights in fp32: the student's float form
     out |= {"float_ppl": evaluate_perplexity(student, test)} | {
         f"float_{k}": v for k, v in _prefill(student, data).items()
     }
@@ -255,7 +265,7 @@ def _ptq_against_qat(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="BASIC training steps (batch 16 x 128 tokens)")
+    parser.add_argument("--steps", type=int, default=300, help="BASIC training steps (batch 16 x 128 tokens)")
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each branch after BASIC")
     parser.add_argument("--ultra-steps", type=int, default=300, help="ULTRA's distillation steps (0: skip ULTRA)")
     parser.add_argument("--skip-ptq", action="store_true", help="BASIC and ULTRA only")

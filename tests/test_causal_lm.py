@@ -271,6 +271,45 @@ def test_structured_pruning_of_the_lm_removes_mlp_units_and_leaves_attention_who
         torch.testing.assert_close(model.eval()(ids), keep.masked(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_ultra_on_the_lm_removes_half_the_mlp_units_of_the_student_and_converts_the_slimmed_layers(tmp_path):
+    """The ULTRA of benchmarks/causal_lm.py (and of level=ultra on the LM) in small: a student of the teacher's
+    layers, distilled, with half its MLP hidden units pruned (L2) and removed at fit end, and int4 QAT from the
+    final sparsity on; the slimmed layers are the ones converted, and the converted model keeps the float
+    model's perplexity."""
+    from lightning_quantum.callbacks import Pruning, QuantizationAwareTraining
+    from lightning_quantum.distillation import DistillationModule, causal_lm_student
+
+    data = tiny_data(tmp_path)
+    torch.manual_seed(0)
+    teacher = tiny_lm(data).eval()
+    student = causal_lm_student(teacher, [1])
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        alpha=0.5,
+        beta=0.5,
+        temperature=2.0,
+        feature_pairs={"model.model.layers.0": "model.model.layers.1"},
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+    )
+    pruning = Pruning(method="l2_structured", final_sparsity=0.5, start_step=0, end_step=4, frequency=2, slim=True)
+    qat = QuantizationAwareTraining(
+        scheme="int4_weight_only", group_size=32, embeddings=True, start_step=None, start_after_pruning=True
+    )
+    kwargs = trainer_kwargs(tmp_path, max_steps=8, max_epochs=-1, limit_train_batches=None, limit_val_batches=0)
+    pl.Trainer(**kwargs, callbacks=[pruning, qat]).fit(module, data)
+    assert pruning.removed_channels == {"student.model.model.layers.0.mlp.gate_proj": 32}
+    for model in (student, qat.float_model.student):
+        mlp = model.model.model.layers[0].mlp
+        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (32, 32, 32)
+    assert qat.phase == "converted"
+    assert type(student.model.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    test = data.test_dataloader()
+    assert evaluate_perplexity(student, test) == pytest.approx(
+        evaluate_perplexity(qat.float_model.student, test), rel=0.05
+    )
+
+
 def _trained_tiny_lm(steps=30):
     """A tiny LM trained a little on a repeated pattern, so that its perplexity is well below chance."""
     torch.manual_seed(0)

@@ -165,12 +165,15 @@ def test_compile_for_inference_compiles_every_model_of_a_class_not_only_the_firs
 
 
 @pytest.mark.parametrize("saturates", [False, True])
-def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(tmp_path, monkeypatch, saturates):
+def test_an_int8_program_compiles_to_the_int8_kernel_of_the_module_it_came_from(tmp_path, monkeypatch, saturates):
     """``torch.export`` records an ``_assert_tensor_metadata`` check for each ``.to``; as extra users of the
     int8 matmuls they kept Inductor's freezing passes from prepacking them for oneDNN, so the shipped int8
     program of a transformer ran ``aten._int_mm`` (1.15x slower than the module it came from, compiled).
-    ``load_program`` drops them; the compiled program calls oneDNN's ``qlinear`` and gives the same outputs.
-    Where that kernel saturates (a CPU without VNNI, or told so here), it compiles to ``_int_mm`` instead."""
+    ``load_program`` drops them; the compiled program calls the int8 kernel the module compiles to, and gives
+    the same outputs: oneDNN's ``qlinear`` where torchao multiplies int8 by int8 (a CPU with AMX); ``_int_mm``
+    where torchao shifts the activations to uint8 for VNNI (a CPU with VNNI but no AMX, such as a Zen 4 EPYC),
+    which Inductor's qlinear patterns do not match; ``_int_mm`` also where oneDNN's kernel saturates (a CPU
+    without VNNI, or told so here), which compiles without freezing."""
     from torch._inductor.utils import run_and_get_code
 
     import lightning_quantum.compiled as compiled
@@ -191,7 +194,11 @@ def test_an_int8_program_compiles_to_onednn_qlinear_as_the_module_it_came_from(t
     with torch.inference_mode():
         out, code = run_and_get_code(compiled_program, x)
         expected = model(x)
-    assert ("qlinear" in "".join(code)) is not saturates and ("_int_mm" in "".join(code)) is saturates
+    module_code = "".join(run_and_get_code(compile_for_inference(model), x)[1])
+    kernels = {name: (name in "".join(code), name in module_code) for name in ("qlinear", "_int_mm")}
+    assert all(program == module for program, module in kernels.values()), kernels  # as the module it came from
+    s8s8 = torch.cpu._is_amx_tile_supported() or not torch.cpu._is_vnni_supported()  # torchao's int8 x int8 path
+    assert kernels["qlinear"][0] is (s8s8 and not saturates) and kernels["_int_mm"][0] is not kernels["qlinear"][0]
     # 1.2e-7 apart on the Xeon; on another CPU the last bits may flip one rounding where the hidden layer is
     # re-quantized, which moves an output by about a step times a weight (~2e-3 for these layers). Compiled to
     # the saturating kernel on a 2-core AMD EPYC without VNNI they were 0.17 apart.

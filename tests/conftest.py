@@ -1,7 +1,18 @@
+import getpass
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Inductor's on-disk cache does not key its compiled CPU code on ATEN_CPU_CAPABILITY: a run with other kernels
+# (make test-parity) loaded the code compiled in a run with this CPU's own kernel set, and an int8 program
+# then computed NaN (a Zen 4 EPYC, ATEN_CPU_CAPABILITY=avx2 or default after a plain run). Such a run gets a
+# cache of its own, so its compiled code is built for the kernel set it names.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _capability = os.environ["ATEN_CPU_CAPABILITY"]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_aten_{_capability}"
+    )
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -194,8 +194,9 @@ def test_an_int8_program_compiles_to_the_int8_kernel_of_the_module_it_came_from(
     with torch.inference_mode():
         out, code = run_and_get_code(compiled_program, x)
         expected = model(x)
-    module_code = "".join(run_and_get_code(compile_for_inference(model), x)[1])
-    kernels = {name: (name in "".join(code), name in module_code) for name in ("qlinear", "_int_mm")}
+        _, module_code = run_and_get_code(compile_for_inference(model), x)
+    code, module_code = "".join(code), "".join(module_code)
+    kernels = {name: (name in code, name in module_code) for name in ("qlinear", "_int_mm")}
     assert all(program == module for program, module in kernels.values()), kernels  # as the module it came from
     s8s8 = torch.cpu._is_amx_tile_supported() or not torch.cpu._is_vnni_supported()  # torchao's int8 x int8 path
     assert kernels["qlinear"][0] is (s8s8 and not saturates) and kernels["_int_mm"][0] is not kernels["qlinear"][0]
